@@ -1,0 +1,332 @@
+"""The ``cabinet`` command line: one console script for the daemon, the simulator and technicians.
+
+Errors are one line on stderr and a non-zero exit, never a traceback. Exit codes:
+0 success, 1 error, 2 usage, 3 diagnostics ran but found a problem (a unit silent,
+a config problem) so scripts can tell "could not look" from "looked and saw trouble".
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from cabinet import __version__, log_setup
+from cabinet.config import DEFAULT_CONFIG_PATH, ConfigError, load, load_bus_section
+from drivers.bus_url import BusUrlError, parse_endpoint
+from drivers.modbus_bus import BusError, ModbusBus
+
+EXIT_OK = 0
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+EXIT_PROBLEM = 3
+
+
+class CliError(Exception):
+    """An error whose message is the one line the user sees."""
+
+
+def _print_json(data: Any) -> None:
+    sys.stdout.write(json.dumps(data, indent=2) + "\n")
+
+
+def _table(rows: Sequence[Sequence[object]], headers: Sequence[str]) -> str:
+    cells = [list(map(str, headers))] + [[("-" if c is None else str(c)) for c in r] for r in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    return "\n".join(
+        "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+        for row in cells
+    )
+
+
+# -- bus diagnostics -------------------------------------------------------------------------
+
+
+def _bus_for(args: argparse.Namespace) -> ModbusBus:
+    if args.bus:
+        url, timeout_ms = args.bus, 250
+        isolate_after, reprobe = 3, 5.0
+    else:
+        section = load_bus_section(Path(args.config))
+        url, timeout_ms = section.url, section.timeout_ms
+        isolate_after, reprobe = section.isolate_after, section.reprobe_interval_s
+    if args.timeout_ms is not None:
+        timeout_ms = args.timeout_ms
+    # Direct diagnostics never isolate a unit: the technician asked about it explicitly.
+    return ModbusBus(
+        parse_endpoint(url),
+        timeout_s=timeout_ms / 1000.0,
+        isolate_after=max(isolate_after, 10**6),
+        reprobe_interval_s=reprobe,
+    )
+
+
+def _parse_int(text: str) -> int:
+    try:
+        return int(text, 0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number (decimal or 0x hex)") from None
+
+
+async def _bus_scan(args: argparse.Namespace) -> int:
+    from cabinet.bus_diagnostics import survey  # noqa: PLC0415 - keeps `cabinet --help` fast
+
+    async with _bus_for(args) as bus:
+        reports = await survey(bus)
+    if args.json:
+        _print_json({"units": [r.as_json() for r in reports]})
+    else:
+        rows = [
+            (r.unit, r.name, r.map_version, r.firmware, r.latency_ms, r.health) for r in reports
+        ]
+        print(_table(rows, ["UNIT", "NAME", "MAP", "FIRMWARE", "LATENCY_MS", "HEALTH"]))
+        silent = sum(not r.answered for r in reports)
+        print(f"{len(reports) - silent} of {len(reports)} units answered")
+    return EXIT_OK if all(r.answered and r.health == "ok" for r in reports) else EXIT_PROBLEM
+
+
+async def _bus_read(args: argparse.Namespace) -> int:
+    if not 1 <= args.count <= 125:
+        raise CliError("COUNT is 1-125 registers (the Modbus limit for one read)")
+    async with _bus_for(args) as bus:
+        if args.holding:
+            regs = await bus.read_holding(args.unit, args.address, args.count)
+        else:
+            regs = await bus.read_input(args.unit, args.address, args.count)
+    table = "holding" if args.holding else "input"
+    if args.json:
+        _print_json({"unit": args.unit, "table": table, "address": args.address, "registers": regs})
+    else:
+        rows = [(args.address + i, value, f"0x{value:04x}") for i, value in enumerate(regs)]
+        print(_table(rows, ["ADDRESS", "VALUE", "HEX"]))
+    return EXIT_OK
+
+
+async def _bus_write(args: argparse.Namespace) -> int:
+    if any(not 0 <= v <= 0xFFFF for v in args.values):
+        raise CliError("register values are 0-65535")
+    async with _bus_for(args) as bus:
+        if len(args.values) == 1:
+            await bus.write_register(args.unit, args.address, args.values[0])
+        else:
+            await bus.write_registers(args.unit, args.address, list(args.values))
+    if args.json:
+        _print_json({"unit": args.unit, "address": args.address, "written": args.values})
+    else:
+        print(f"wrote {len(args.values)} register(s) to unit {args.unit} at {args.address}")
+    return EXIT_OK
+
+
+# -- config ------------------------------------------------------------------------------------
+
+
+def _config_check(args: argparse.Namespace) -> int:
+    try:
+        config = load(Path(args.config))
+    except ConfigError as exc:
+        if args.json:
+            _print_json(
+                {"ok": False, "problems": [{"key": k, "message": m} for k, m in exc.problems]}
+            )
+        else:
+            for key, message in exc.problems:
+                print(f"{key}: {message}")
+            print(f"{len(exc.problems)} problem(s) in {args.config}")
+        return EXIT_PROBLEM
+    if args.json:
+        _print_json({"ok": True, "problems": [], "cabinet_id": config.cabinet.id})
+    else:
+        print(f"{args.config}: OK (cabinet {config.cabinet.id})")
+    return EXIT_OK
+
+
+# -- simulator ---------------------------------------------------------------------------------
+
+
+def _sim(args: argparse.Namespace) -> int:
+    from sim.runner import SimOptions, serve  # noqa: PLC0415 - the daemon never imports sim
+
+    given = {
+        key: getattr(args, key)
+        for key in ("bus", "scanner", "control", "baud", "seed", "reply_ms")
+        if getattr(args, key) is not None
+    }
+    options = SimOptions(**given)
+    asyncio.run(serve(options))
+    return EXIT_OK
+
+
+def _sim_ctl(args: argparse.Namespace) -> int:
+    from sim.control import ControlError, call  # noqa: PLC0415
+    from sim.endpoints import parse_listen  # noqa: PLC0415
+    from sim.runner import DEFAULT_CONTROL  # noqa: PLC0415
+
+    spec = parse_listen(args.control or DEFAULT_CONTROL, allow_pty=False)
+    request: dict[str, Any] = {"verb": args.verb}
+    for key in ("text", "bay", "battery", "soc", "temp", "kind", "unit", "rate"):
+        if getattr(args, key, None) is not None:
+            request[key] = getattr(args, key)
+    for flag in ("unplugged", "unidentified"):
+        if getattr(args, flag, False):
+            request[flag] = True
+    try:
+        result = asyncio.run(call(spec.host, spec.port, request))
+    except ControlError as exc:
+        raise CliError(str(exc)) from exc
+    if args.verb == "state" or args.json:
+        _print_json(result)
+    else:
+        print(" ".join(f"{k}={v}" for k, v in result.items()))
+    return EXIT_OK
+
+
+# -- parser ------------------------------------------------------------------------------------
+
+
+def _add_bus_target(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--bus",
+        help="bus URL (tcp://host:port or serial:///dev/...); "
+        "default: bus.url from the config file",
+    )
+    parser.add_argument(
+        "-c", "--config", default=os.environ.get("CABINET_CONFIG", str(DEFAULT_CONFIG_PATH))
+    )
+    parser.add_argument("--timeout-ms", type=int, help="reply timeout per request")
+    parser.add_argument("--json", action="store_true", help="machine-readable output")
+
+
+def _add_sim_parser(commands: Any) -> None:
+    # Defaults live in sim.runner.SimOptions; the parser must not import sim, because the
+    # daemon (`cabinet run`) builds this same parser and never loads the simulator.
+    sim = commands.add_parser("sim", help="run the hardware simulator, or act on one (ctl)")
+    sim.add_argument("--bus", help="tcp://host:port or pty:///path (default tcp://127.0.0.1:5020)")
+    sim.add_argument(
+        "--scanner", help="tcp://host:port or pty:///path (default tcp://127.0.0.1:5022)"
+    )
+    sim.add_argument("--control", help="tcp://host:port (default tcp://127.0.0.1:5021)")
+    sim.add_argument("--baud", type=int, help="modelled line speed (default 19200)")
+    sim.add_argument("--seed", type=int, help="makes the run reproducible (default 0)")
+    sim.add_argument("--reply-ms", type=float, help="modelled slave turnaround (default 2 ms)")
+    sim.set_defaults(handler=_sim)
+    sim_commands = sim.add_subparsers(dest="sim_command", metavar="ctl")
+    ctl = sim_commands.add_parser("ctl", help="act on a running simulator")
+    ctl.add_argument("--control", default=os.environ.get("CABINET_SIM_CONTROL"))
+    ctl.add_argument("--json", action="store_true")
+    ctl.set_defaults(handler=_sim_ctl)
+    verbs = ctl.add_subparsers(dest="verb", required=True, metavar="VERB")
+    verbs.add_parser("scan", help="the scanner reads TEXT").add_argument("text")
+    insert = verbs.add_parser("insert", help="a rider puts a battery into an open bay")
+    insert.add_argument("bay", type=int)
+    insert.add_argument("--battery", required=True)
+    insert.add_argument("--soc", type=float, required=True)
+    insert.add_argument("--temp", type=float)
+    insert.add_argument("--unplugged", action="store_true", help="connector not mated")
+    insert.add_argument("--unidentified", action="store_true", help="BMS reports no id")
+    verbs.add_parser("close", help="a rider shuts a door").add_argument("bay", type=int)
+    verbs.add_parser("take", help="a rider takes the battery").add_argument("bay", type=int)
+    fault = verbs.add_parser("fault", help="inject a fault")
+    fault.add_argument("kind")
+    fault.add_argument("--bay", type=int)
+    fault.add_argument("--unit", type=int)
+    fault.add_argument("--rate", type=float, help="share of replies corrupted (crc)")
+    heal = verbs.add_parser("heal", help="clear faults (all, or one kind)")
+    heal.add_argument("kind", nargs="?")
+    heal.add_argument("--bay", type=int)
+    verbs.add_parser("state", help="print the simulated state as JSON")
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from cabinet.demo import main as demo_main  # noqa: PLC0415 - the demo loads the simulator
+
+    return demo_main(args.duration)
+
+
+def _add_bus_parser(commands: Any) -> None:
+    bus = commands.add_parser("bus", help="raw bus diagnostics").add_subparsers(
+        dest="bus_command", required=True, metavar="SUBCOMMAND"
+    )
+    scan = bus.add_parser("scan", help="find every unit: map/firmware version, health")
+    _add_bus_target(scan)
+    scan.set_defaults(handler=_bus_scan)
+    read = bus.add_parser("read", help="read registers: UNIT ADDR COUNT")
+    read.add_argument("unit", type=_parse_int)
+    read.add_argument("address", type=_parse_int)
+    read.add_argument("count", type=_parse_int)
+    read.add_argument(
+        "--holding",
+        action="store_true",
+        help="holding registers (FC03); default input registers (FC04)",
+    )
+    _add_bus_target(read)
+    read.set_defaults(handler=_bus_read)
+    write = bus.add_parser("write", help="write holding registers: UNIT ADDR VALUE...")
+    write.add_argument("unit", type=_parse_int)
+    write.add_argument("address", type=_parse_int)
+    write.add_argument("values", type=_parse_int, nargs="+", metavar="VALUE")
+    _add_bus_target(write)
+    write.set_defaults(handler=_bus_write)
+
+
+def _add_config_parser(commands: Any) -> None:
+    config = commands.add_parser("config", help="configuration").add_subparsers(
+        dest="config_command", required=True, metavar="SUBCOMMAND"
+    )
+    check = config.add_parser("check", help="validate a config file, every problem with its key")
+    check.add_argument(
+        "-c", "--config", default=os.environ.get("CABINET_CONFIG", str(DEFAULT_CONFIG_PATH))
+    )
+    check.add_argument("--json", action="store_true")
+    check.set_defaults(handler=_config_check)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The whole command tree."""
+    parser = argparse.ArgumentParser(prog="cabinet", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"cabinet {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_sim_parser(commands)
+    demo = commands.add_parser("demo", help="simulator + bus walk-through on this machine")
+    demo.add_argument("--duration", type=float, help="seconds of polling at the end (default 10)")
+    demo.set_defaults(handler=_demo)
+    _add_bus_parser(commands)
+    _add_config_parser(commands)
+    return parser
+
+
+def _run(handler: Callable[[argparse.Namespace], Any], args: argparse.Namespace) -> int:
+    result = handler(args)
+    if asyncio.iscoroutine(result):
+        result = asyncio.run(result)
+    return int(result)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``cabinet`` console script."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    # Diagnostics print their findings; the bus log lines would only repeat them.
+    log_setup.configure("error" if args.command != "sim" else "info")
+    try:
+        return _run(args.handler, args)
+    except KeyboardInterrupt:
+        return EXIT_OK if args.command == "sim" else EXIT_ERROR
+    except ConfigError as exc:
+        for key, message in exc.problems:
+            print(f"cabinet: config {key}: {message}", file=sys.stderr)
+        return EXIT_ERROR
+    except (CliError, BusError, BusUrlError, ValueError, OSError) as exc:
+        print(f"cabinet: error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except Exception as exc:  # noqa: BLE001 - the last line of defence: one line, never a trace
+        print(f"cabinet: internal error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,170 @@
+"""The cabinet's configuration: one TOML file, every key overridable by the environment.
+
+``CABINET_<SECTION>__<KEY>=value`` overrides ``[section] key``; the value is read as
+a TOML value when it parses as one (numbers, booleans, lists) and as a string
+otherwise. Validation reports every problem with its dotted key, so ``cabinet
+config check`` lists them all at once instead of one per run.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from drivers.bus_url import BusUrlError, parse_endpoint
+
+DEFAULT_CONFIG_PATH = Path("/etc/cabinet/cabinet.toml")
+ENV_PREFIX = "CABINET_"
+_ENV_KEY = re.compile(r"^CABINET_([A-Z0-9_]+?)__([A-Z0-9_]+)$")
+
+
+class ConfigError(Exception):
+    """The configuration cannot be used; ``problems`` lists ``(key, message)`` pairs."""
+
+    def __init__(self, problems: list[tuple[str, str]]) -> None:
+        super().__init__("; ".join(f"{key}: {msg}" for key, msg in problems))
+        self.problems = problems
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _endpoint_url(value: str) -> str:
+    try:
+        parse_endpoint(value)
+    except BusUrlError as exc:
+        raise ValueError(str(exc)) from exc
+    return value
+
+
+class CabinetSection(_Section):
+    """``[cabinet]``: who this cabinet is and where it keeps its state."""
+
+    id: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
+    state_dir: Path = Path("/var/lib/cabinet")
+
+
+class BusSection(_Section):
+    """``[bus]``: the RS-485 line (or RTU-over-TCP gateway) and how patient to be with it."""
+
+    url: str
+    timeout_ms: int = Field(default=250, ge=20, le=2000)
+    isolate_after: int = Field(default=3, ge=1, le=100)
+    reprobe_interval_s: float = Field(default=5.0, gt=0, le=600)
+
+    _check_url = field_validator("url")(_endpoint_url)
+
+
+class ScannerSection(_Section):
+    """``[scanner]``: the QR scanner's serial port or TCP stream."""
+
+    url: str | None = None
+
+    @field_validator("url")
+    @classmethod
+    def _check(cls, value: str | None) -> str | None:
+        return None if value is None else _endpoint_url(value)
+
+
+class MqttSection(_Section):
+    """``[mqtt]``: the fleet broker. No default credentials: unset means none are sent."""
+
+    url: str = Field(pattern=r"^mqtts?://[^/\s:]+(:\d{1,5})?/?$")
+    username: str | None = None
+    password: str | None = None
+    ca_file: Path | None = None
+    client_cert: Path | None = None
+    client_key: Path | None = None
+
+
+class AuthSection(_Section):
+    """``[auth]``: public keys whose holders may sign rider QR tokens."""
+
+    public_keys: list[Path] = Field(default_factory=list)
+
+
+class CabinetConfig(_Section):
+    """The whole configuration file."""
+
+    cabinet: CabinetSection
+    bus: BusSection
+    scanner: ScannerSection = ScannerSection()
+    mqtt: MqttSection | None = None
+    auth: AuthSection = AuthSection()
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+
+def _parse_env_value(raw: str) -> Any:
+    try:
+        return tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        return raw
+
+
+def apply_env(data: dict[str, Any], environ: Mapping[str, str]) -> dict[str, Any]:
+    """Overlay ``CABINET_<SECTION>__<KEY>`` variables onto the file's data."""
+    merged: dict[str, Any] = {k: dict(v) if isinstance(v, dict) else v for k, v in data.items()}
+    for name, raw in environ.items():
+        match = _ENV_KEY.match(name)
+        if not match:
+            continue
+        section, key = match.group(1).lower(), match.group(2).lower()
+        target = merged.setdefault(section, {})
+        if isinstance(target, dict):
+            target[key] = _parse_env_value(raw)
+    return merged
+
+
+def read_raw(path: Path, environ: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """Read the TOML file and overlay the environment; raise ConfigError if unreadable."""
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError([("file", f"{path} does not exist")]) from None
+    except PermissionError:
+        raise ConfigError([("file", f"permission denied reading {path}")]) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError([("file", f"{path} is not valid TOML: {exc}")]) from None
+    return apply_env(data, os.environ if environ is None else environ)
+
+
+def _problems(exc: ValidationError) -> list[tuple[str, str]]:
+    problems = []
+    for error in exc.errors():
+        key = ".".join(str(part) for part in error["loc"]) or "file"
+        message = error["msg"].removeprefix("Value error, ")
+        if error["type"] == "extra_forbidden":
+            message = "unknown key"
+        problems.append((key, message))
+    return problems
+
+
+def validate(data: dict[str, Any]) -> CabinetConfig:
+    """Validate raw data into a config, collecting every problem."""
+    try:
+        return CabinetConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_problems(exc)) from None
+
+
+def load(path: Path, environ: Mapping[str, str] | None = None) -> CabinetConfig:
+    """Read, overlay and validate the configuration."""
+    return validate(read_raw(path, environ))
+
+
+def load_bus_section(path: Path, environ: Mapping[str, str] | None = None) -> BusSection:
+    """Only ``[bus]``: bus diagnostics must work even when, say, the MQTT section is wrong."""
+    raw = read_raw(path, environ).get("bus")
+    if not isinstance(raw, dict):
+        raise ConfigError([("bus", "section missing")])
+    try:
+        return BusSection.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError([(f"bus.{key}", msg) for key, msg in _problems(exc)]) from None

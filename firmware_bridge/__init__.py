@@ -1,0 +1,1 @@
+"""Talking to bay-board firmware: versions and updates over the bus (see the firmware issue)."""

@@ -1,0 +1,17 @@
+"""The catalogue of protocol-level errors a technician may see."""
+
+
+class ProtocolError(Exception):
+    """Base for every error raised while interpreting data from the field bus."""
+
+
+class RegisterBlockError(ProtocolError):
+    """A register block has the wrong length or holds values outside the map's ranges.
+
+    Raised instead of returning half-decoded data: a status that cannot be trusted
+    must be marked stale by the caller, never published as fresh.
+    """
+
+
+class UnknownMapVersionError(RegisterBlockError):
+    """A board reports a register-map version this software does not know how to drive."""

@@ -1,0 +1,283 @@
+"""The simulated RS-485 line: every unit as a pymodbus RTU slave, with wire time and bus faults.
+
+Theory of operation: one pymodbus ``ModbusTcpServer`` with the RTU framer (RTU
+over TCP, like an RS-485 gateway) serves a ``SimDevice`` per unit. Each device's
+``action`` hook refreshes the register image from the world before a read, hands
+writes to the world, and holds the reply back for the time the request and reply
+frames would occupy the wire at the configured baud rate plus the slave's reply
+time. A single lock makes the line half-duplex across all TCP connections, as a
+real bus is. ``trace_packet`` on the way out silences units (a dead board, or a
+unit id nobody answers to) and corrupts CRCs, which is where those faults live on
+a real line too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from pymodbus.constants import ExcCodes
+from pymodbus.framer import FramerType
+from pymodbus.server import ModbusTcpServer
+from pymodbus.simulator import DataType, SimData, SimDevice
+
+from protocol import bay_map, cabinet_map, meter_map, rtu_timing
+from protocol.units import ALL_UNITS, BAY_UNITS, CABINET_BOARD_UNIT
+from sim.cabinet_model import SimulatedCabinet, WriteRefusedError
+
+# pymodbus logs every request it cannot serve with a frame dump; the simulator's own
+# counters say the same once, so its chatter is kept to real failures.
+logging.getLogger("pymodbus").setLevel(logging.CRITICAL)
+
+READ_FUNCTIONS = frozenset({3, 4})
+WRITE_SINGLE = 6
+WRITE_MULTIPLE = 16
+# asyncio's timers wake up to ~1 ms late; the last stretch of a modelled delay is slept
+# with a blocking sleep so that 115200-baud transactions (~9 ms) keep their shape.
+PRECISE_TAIL_S = 0.002
+
+
+@dataclass(slots=True)
+class UnitCounters:
+    """What the bus saw of one unit: the figures ``ctl state`` reports per unit."""
+
+    requests: int = 0
+    bytes_in: int = 0
+    bytes_out: int = 0
+    busy_s: float = 0.0
+    dropped: int = 0
+    corrupted: int = 0
+
+    def as_json(self) -> dict[str, Any]:
+        """Render for ``ctl state``."""
+        return {
+            "requests": self.requests,
+            "bytes_in": self.bytes_in,
+            "bytes_out": self.bytes_out,
+            "busy_s": round(self.busy_s, 4),
+            "dropped": self.dropped,
+            "corrupted": self.corrupted,
+        }
+
+
+def _frame_bytes(function_code: int, count: int) -> tuple[int, int]:
+    """Request and reply sizes of a transaction, for the wire-time model."""
+    if function_code in READ_FUNCTIONS:
+        return rtu_timing.READ_REQUEST_BYTES, rtu_timing.read_reply_bytes(count)
+    if function_code == WRITE_MULTIPLE:
+        return rtu_timing.write_multiple_request_bytes(count), rtu_timing.WRITE_SINGLE_BYTES
+    return rtu_timing.WRITE_SINGLE_BYTES, rtu_timing.WRITE_SINGLE_BYTES
+
+
+async def precise_sleep_until(deadline: float) -> None:
+    """Sleep until ``time.perf_counter() >= deadline`` with sub-millisecond accuracy."""
+    remaining = deadline - time.perf_counter()
+    if remaining > PRECISE_TAIL_S:
+        await asyncio.sleep(remaining - PRECISE_TAIL_S)
+    remaining = deadline - time.perf_counter()
+    if remaining > 0:
+        time.sleep(remaining)  # noqa: ASYNC251 - deliberate: the tail must not be late
+
+
+class SimulatedBus:
+    """The line: units, counters, wire timing and the faults that live on the wire."""
+
+    def __init__(
+        self, world: SimulatedCabinet, *, baud: int, reply_delay_s: float, seed: int = 0
+    ) -> None:
+        self.world = world
+        self.baud = baud
+        self.reply_delay_s = reply_delay_s
+        self.counters: dict[int, UnitCounters] = {unit: UnitCounters() for unit in ALL_UNITS}
+        self._line = asyncio.Lock()
+        self._crc_tick = 0
+        self._seed = seed
+        self._server: ModbusTcpServer | None = None
+        self.connections = 0  # masters that connected: a reconnect storm shows here
+        self._last_rx = 0.0  # when the latest request bytes reached the simulator
+        self._line_free_at = 0.0  # when the previous transaction left the wire
+
+    # -- devices ------------------------------------------------------------------------
+
+    def _device(self, unit: int) -> SimDevice:
+        bits = [SimData(0, values=[False] * 16, datatype=DataType.BITS)]
+        if unit in BAY_UNITS:
+            inputs = [
+                SimData(
+                    bay_map.STATUS_START,
+                    count=bay_map.STATUS_COUNT,
+                    values=0,
+                    datatype=DataType.REGISTERS,
+                )
+            ]
+            holding = [
+                SimData(
+                    bay_map.COMMAND_START,
+                    count=bay_map.COMMAND_COUNT,
+                    values=0,
+                    datatype=DataType.REGISTERS,
+                )
+            ]
+        elif unit == CABINET_BOARD_UNIT:
+            inputs = [
+                SimData(
+                    cabinet_map.STATUS_START,
+                    count=cabinet_map.STATUS_COUNT,
+                    values=0,
+                    datatype=DataType.REGISTERS,
+                )
+            ]
+            holding = [
+                SimData(
+                    cabinet_map.COMMAND_START,
+                    count=cabinet_map.COMMAND_COUNT,
+                    values=0,
+                    datatype=DataType.REGISTERS,
+                )
+            ]
+        else:
+            inputs = [
+                SimData(
+                    meter_map.INSTANT_START,
+                    count=meter_map.INSTANT_COUNT,
+                    values=0,
+                    datatype=DataType.REGISTERS,
+                ),
+                SimData(
+                    meter_map.ENERGY_START,
+                    count=meter_map.ENERGY_COUNT,
+                    values=0,
+                    datatype=DataType.REGISTERS,
+                ),
+            ]
+            # the meter's configuration registers are not modelled: read-only placeholders
+            holding = [SimData(0, count=2, values=0, datatype=DataType.REGISTERS, readonly=True)]
+        return SimDevice(
+            id=unit,
+            simdata=(bits, list(bits), holding, inputs),
+            action=functools.partial(self._action, unit),
+        )
+
+    async def _action(  # noqa: PLR0917 - the signature is pymodbus' SimAction
+        self,
+        unit: int,
+        function_code: int,
+        start_address: int,
+        address: int,
+        count: int,
+        registers: list[int],
+        set_values: list[int] | list[bool] | None,
+    ) -> ExcCodes | None:
+        """Serve one transaction for ``unit`` as the board and the wire would."""
+        counters = self.counters[unit]
+        request_bytes, reply_bytes = _frame_bytes(function_code, count)
+        async with self._line:
+            # The request went onto the wire when its bytes arrived, unless the line was
+            # still busy with the previous transaction: the simulator's own processing
+            # time is part of the modelled time, not added on top of it.
+            began = max(self._last_rx, self._line_free_at)
+            counters.requests += 1
+            counters.bytes_in += request_bytes
+            silent = unit in self.world.silent_units
+            result: ExcCodes | None = None
+            if not silent:
+                result = self._serve(
+                    unit, function_code, (start_address, address, count), registers, set_values
+                )
+            wire = rtu_timing.frame_time(request_bytes, self.baud)
+            if not silent:
+                if result is not None:
+                    reply_bytes = rtu_timing.EXCEPTION_REPLY_BYTES
+                wire += self.reply_delay_s + rtu_timing.frame_time(reply_bytes, self.baud)
+                counters.bytes_out += reply_bytes
+            counters.busy_s += wire
+            self._line_free_at = began + wire
+            await precise_sleep_until(self._line_free_at)
+        return result
+
+    def _serve(
+        self,
+        unit: int,
+        function_code: int,
+        window: tuple[int, int, int],
+        registers: list[int],
+        set_values: list[int] | list[bool] | None,
+    ) -> ExcCodes | None:
+        """Apply a write or refresh ``registers`` for a read; ``window`` is (start, addr, count)."""
+        start_address, address, count = window
+        world = self.world
+        world.sync()
+        if set_values is not None and function_code in (WRITE_SINGLE, WRITE_MULTIPLE):
+            try:
+                world.write_holding(unit, address, [int(v) for v in set_values])
+            except WriteRefusedError as refused:
+                return ExcCodes(refused.code)
+            return None
+        image = world.input_image(unit) if function_code == 4 else world.holding_image(unit)
+        for addr in range(address, address + count):
+            if addr in image:
+                registers[addr - start_address] = image[addr]
+        return None
+
+    # -- the wire on the way out -----------------------------------------------------------
+
+    def _trace_packet(self, sending: bool, data: bytes) -> bytes:
+        """Drop replies of silent or unknown units; corrupt replies of units with CRC faults."""
+        if not sending:
+            self._last_rx = time.perf_counter()
+            return data
+        if not data:
+            return data
+        unit = data[0]
+        if unit not in self.counters or unit in self.world.silent_units:
+            if unit in self.counters:
+                self.counters[unit].dropped += 1
+            return b""
+        rate = self.world.crc_units.get(unit)
+        if rate is not None and self._corrupt_now(rate):
+            self.counters[unit].corrupted += 1
+            return data[:-1] + bytes([data[-1] ^ 0xFF])
+        return data
+
+    def _trace_connect(self, connected: bool) -> None:
+        if connected:
+            self.connections += 1
+
+    def _corrupt_now(self, rate: float) -> bool:
+        """Deterministic corruption pattern: every reply at rate 1, a reproducible share below."""
+        self._crc_tick += 1
+        return rate >= 1.0 or ((self._crc_tick * 2654435761 + self._seed) % 1000) < rate * 1000
+
+    # -- lifecycle --------------------------------------------------------------------------
+
+    async def start(self, host: str, port: int) -> int:
+        """Listen for RTU-over-TCP masters; return the bound port (``port`` may be 0)."""
+        # id 0 is pymodbus' catch-all: it serves unit ids nobody has, and _trace_packet then
+        # drops the reply, so a scan of an empty address hears silence as on a real line.
+        nobody = SimDevice(id=0, simdata=[SimData(0, values=0, datatype=DataType.REGISTERS)])
+        self._server = ModbusTcpServer(
+            [self._device(unit) for unit in ALL_UNITS] + [nobody],
+            framer=FramerType.RTU,
+            address=(host, port),
+            trace_packet=self._trace_packet,
+            trace_connect=self._trace_connect,
+        )
+        await self._server.serve_forever(background=True)
+        listener: Any = self._server.transport
+        return int(listener.sockets[0].getsockname()[1])
+
+    async def stop(self) -> None:
+        """Stop listening and drop every connection."""
+        if self._server is not None:
+            await self._server.shutdown()  # type: ignore[no-untyped-call]
+
+    def counters_json(self) -> dict[str, Any]:
+        """Per-unit counters keyed by unit id, and the count of master connections."""
+        return {
+            "connections": self.connections,
+            "units": {str(unit): c.as_json() for unit, c in self.counters.items()},
+        }

@@ -1,0 +1,162 @@
+"""Shared fixtures: an injected clock, the simulator in-process and as a real `cabinet sim`."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from drivers.bus_url import parse_endpoint
+from drivers.modbus_bus import ModbusBus
+from sim.bus_server import SimulatedBus
+from sim.cabinet_model import SimulatedCabinet
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+class FakeClock:
+    """Time that moves only when a test says so (DESIGN.md §3.6: time is injected)."""
+
+    def __init__(self, start: float = 1000.0) -> None:
+        self.t = start
+
+    def __call__(self) -> float:
+        return self.t
+
+    def advance(self, seconds: float) -> None:
+        self.t += seconds
+
+
+@dataclass
+class InProcessSim:
+    world: SimulatedCabinet
+    bus: SimulatedBus
+    url: str
+
+
+@contextlib.asynccontextmanager
+async def running_sim(
+    clock: FakeClock | None = None, *, seed: int = 7, baud: int = 115200, reply_ms: float = 0.0
+) -> AsyncIterator[InProcessSim]:
+    """The simulated bus on a free port of this event loop, over real RTU framing."""
+    world = SimulatedCabinet(clock=clock or time.monotonic, seed=seed)
+    bus = SimulatedBus(world, baud=baud, reply_delay_s=reply_ms / 1000.0, seed=seed)
+    port = await bus.start("127.0.0.1", 0)
+    try:
+        yield InProcessSim(world, bus, f"tcp://127.0.0.1:{port}")
+    finally:
+        await bus.stop()
+
+
+@contextlib.asynccontextmanager
+async def master(url: str, **kwargs: Any) -> AsyncIterator[ModbusBus]:
+    """A connected bus master."""
+    bus = ModbusBus(parse_endpoint(url), **kwargs)
+    await bus.connect()
+    try:
+        yield bus
+    finally:
+        bus.close()
+
+
+def cabinet_cmd(
+    *args: str, timeout: float = 60.0, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Run the real `cabinet` command line as a technician would."""
+    return subprocess.run(
+        [sys.executable, "-m", "cabinet.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=REPO,
+        env={**os.environ, **(env or {})},
+        check=False,
+    )
+
+
+@dataclass
+class SimProcess:
+    proc: subprocess.Popen[str]
+    bus: str
+    scanner: str
+    control: str
+
+    def ctl(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return cabinet_cmd("sim", "ctl", "--control", self.control, *args)
+
+    def state(self) -> dict[str, Any]:
+        result = self.ctl("state")
+        assert result.returncode == 0, result.stderr
+        return json.loads(result.stdout)
+
+
+def start_sim_process(
+    *extra: str, bus: str = "tcp://127.0.0.1:0", scanner: str = "tcp://127.0.0.1:0"
+) -> SimProcess:
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "cabinet.cli",
+            "sim",
+            "--bus",
+            bus,
+            "--scanner",
+            scanner,
+            "--control",
+            "tcp://127.0.0.1:0",
+            *extra,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        cwd=REPO,
+    )
+    assert proc.stdout is not None
+    line = proc.stdout.readline()  # blocks until the simulator listens (or dies)
+    if not line:
+        proc.kill()
+        raise RuntimeError("cabinet sim exited before it was ready")
+    ready = json.loads(line)["ready"]
+    return SimProcess(proc, ready["bus"], ready["scanner"], ready["control"])
+
+
+def stop_sim_process(sim: SimProcess) -> None:
+    sim.proc.terminate()
+    try:
+        sim.proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        sim.proc.kill()
+        sim.proc.wait()
+
+
+@pytest.fixture
+def sim_process() -> Iterator[SimProcess]:
+    """A real `cabinet sim` process on free ports (RTU over TCP)."""
+    sim = start_sim_process("--baud", "115200", "--reply-ms", "0")
+    yield sim
+    stop_sim_process(sim)
+
+
+@pytest.fixture
+def sim_pty(tmp_path: Path) -> Iterator[SimProcess]:
+    """A real `cabinet sim` whose bus and scanner are pseudo-terminals (serial ports)."""
+    sim = start_sim_process(
+        "--baud",
+        "115200",
+        "--reply-ms",
+        "0",
+        bus=f"pty://{tmp_path}/bus",
+        scanner=f"pty://{tmp_path}/scanner",
+    )
+    yield sim
+    stop_sim_process(sim)

@@ -53,8 +53,10 @@ async def run_demo(duration_s: float, say: Callable[[str], None] = print) -> int
     world = SimulatedCabinet(clock=time.monotonic, seed=2026)
     line = SimulatedBus(world, baud=DEMO_BAUD, reply_delay_s=0.002)
     port = await line.start("127.0.0.1", 0)
-    say(f"simulator: 12 bays, cabinet board and meter on tcp://127.0.0.1:{port} "
-        f"(RTU over TCP, {DEMO_BAUD} baud modelled)")
+    say(
+        f"simulator: 12 bays, cabinet board and meter on tcp://127.0.0.1:{port} "
+        f"(RTU over TCP, {DEMO_BAUD} baud modelled)"
+    )
     try:
         async with ModbusBus(parse_endpoint(f"tcp://127.0.0.1:{port}")) as bus:
             say("\n1. bus scan: every unit, its register map and firmware")
@@ -62,13 +64,17 @@ async def run_demo(duration_s: float, say: Callable[[str], None] = print) -> int
 
             empty = next(n for n, bay in world.bays.items() if bay.battery is None)
             board = BayBoard(bus, empty)
-            say(f"\n2. open empty bay {empty}: heartbeat first (boards keep doors locked "
-                "without one), then the unlock pulse")
+            say(
+                f"\n2. open empty bay {empty}: heartbeat first (boards keep doors locked "
+                "without one), then the unlock pulse"
+            )
             await board.heartbeat(1)
             await board.unlock()
             status = await board.read_status()
-            say(f"   bay {empty}: door {'closed' if status.door_closed else 'open'}, "
-                f"latch {'engaged' if status.locked else 'released'}")
+            say(
+                f"   bay {empty}: door {'closed' if status.door_closed else 'open'}, "
+                f"latch {'engaged' if status.locked else 'released'}"
+            )
 
             say("   a rider puts battery BAT-DEMO-0001 (12 %) in and shuts the door")
             world.insert(empty, "BAT-DEMO-0001", 12.0)
@@ -76,11 +82,15 @@ async def run_demo(duration_s: float, say: Callable[[str], None] = print) -> int
             status = await board.read_status()
             battery = status.battery
             assert battery is not None
-            say(f"   bay {empty} reads: {battery.battery_id}, {battery.soc_pct:.0f} % SoC, "
-                f"{battery.pack_voltage_v:.1f} V, {battery.cell_temp_c:.1f} degC")
+            say(
+                f"   bay {empty} reads: {battery.battery_id}, {battery.soc_pct:.0f} % SoC, "
+                f"{battery.pack_voltage_v:.1f} V, {battery.cell_temp_c:.1f} degC"
+            )
 
-            say(f"\n3. bay {DEAD_BAY}'s board dies: it costs one timeout per cycle, then is "
-                "isolated and re-probed every few seconds")
+            say(
+                f"\n3. bay {DEAD_BAY}'s board dies: it costs one timeout per cycle, then is "
+                "isolated and re-probed every few seconds"
+            )
             world.inject(FaultKind.SILENT, bay=DEAD_BAY)
             for cycle in range(1, 5):
                 elapsed, answered = await _poll_cycle(bus)
@@ -90,8 +100,10 @@ async def run_demo(duration_s: float, say: Callable[[str], None] = print) -> int
             healed_at = time.monotonic()
             while bus.is_isolated(DEAD_BAY):
                 await _poll_cycle(bus)
-            say(f"   board repaired: found again by a re-probe "
-                f"{time.monotonic() - healed_at:.1f} s later")
+            say(
+                f"   board repaired: found again by a re-probe "
+                f"{time.monotonic() - healed_at:.1f} s later"
+            )
 
             minimum = len(BAY_UNITS) * rtu_timing.read_transaction_time(
                 bay_map.STATUS_COUNT, DEMO_BAUD, 0.002
@@ -106,8 +118,10 @@ async def run_demo(duration_s: float, say: Callable[[str], None] = print) -> int
         await line.stop()
     if samples:
         mean = statistics.fmean(samples)
-        say(f"\nsummary: {len(samples)} poll cycles, mean {mean * 1000:.0f} ms "
-            f"= {mean / minimum:.3f} x the wire-time minimum")
+        say(
+            f"\nsummary: {len(samples)} poll cycles, mean {mean * 1000:.0f} ms "
+            f"= {mean / minimum:.3f} x the wire-time minimum"
+        )
     return 0
 
 

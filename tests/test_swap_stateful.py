@@ -1,0 +1,381 @@
+"""Hypothesis stateful tests: the swap machine, the bay tracker and the custody ledger together.
+
+A model cabinet (12 bays, doors, batteries, stuck locks, silent boards) and model
+riders act at random; every change of the model is turned into bay snapshots,
+diffed into events by the real tracker and fed to the real machine, whose
+commands act back on the model. Invariants are checked after every step:
+
+* a door opens only on an Unlock the machine issued, for a bay its session uses;
+* only a session's doors are opened while it runs;
+* a battery handed out was dispensable when the session started;
+* every battery the cabinet ever saw has a location, and the ledger never places
+  a battery in a bay that does not hold it;
+* an active session always has a timer running, so it ends within its timeouts;
+* illegal events change nothing.
+
+Long campaign: ``HYPOTHESIS_PROFILE=campaign make unit`` (see tests/conftest.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import hypothesis
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+
+from cabinet.battery_rules import BatteryObs, DispenseRules, dispensable, rank_dispensable
+from cabinet.bay_tracker import BaySnapshot, diff
+from cabinet.custody import CustodyLedger, Where
+from cabinet.swap_machine import (
+    IDLE,
+    TRANSITIONS,
+    Abort,
+    Candidate,
+    CustodyToBay,
+    CustodyToRider,
+    Emit,
+    Mode,
+    Phase,
+    Start,
+    StartTimer,
+    SwapMachine,
+    SwapState,
+    Timer,
+    TimerExpired,
+    Unlock,
+)
+from cabinet.swap_machine import CancelTimer as CancelTimerCmd
+
+BAYS = range(1, 13)
+RULES = DispenseRules()
+
+
+@dataclass
+class ModelBay:
+    door_closed: bool = True
+    battery: BatteryObs | None = None
+    lock_stuck: bool = False
+    online: bool = True
+    jammed: bool = False
+    out_of_service: bool = False
+
+
+batteries = st.builds(
+    BatteryObs,
+    battery_id=st.sampled_from([None])
+    | st.from_regex(r"BAT-[0-9A-F]{4}", fullmatch=True)
+    | st.just("FOREIGN-1"),
+    plugged=st.booleans(),
+    soc_pct=st.floats(0, 100),
+    health_pct=st.floats(50, 100),
+    cell_temp_c=st.floats(-5, 70),
+    faulted=st.booleans(),
+    cycle_count=st.integers(0, 1000),
+)
+good_battery = st.builds(
+    BatteryObs,
+    battery_id=st.from_regex(r"BAT-[0-9A-F]{4}", fullmatch=True),
+    plugged=st.just(True),
+    soc_pct=st.floats(80, 100),
+    health_pct=st.floats(70, 100),
+    cell_temp_c=st.floats(10, 40),
+    faulted=st.just(False),
+    cycle_count=st.integers(0, 1000),
+)
+
+
+class SwapCabinet(RuleBasedStateMachine):
+    """The model world plus the real machine, tracker and ledger."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.machine = SwapMachine()
+        self.state: SwapState = IDLE
+        self.bays: dict[int, ModelBay] = {n: ModelBay() for n in BAYS}
+        self.snapshots: dict[int, BaySnapshot] = {}
+        self.ledger = CustodyLedger()
+        self.timers: set[Timer] = set()
+        self.session_bays: set[int] = set()
+        self.unlocked_by_session: set[int] = set()
+        self.reserved_ok: dict[str, bool] = {}
+        self.rider_hand: dict[str, BatteryObs] = {}  # batteries riders hold, by id
+        self.seen: set[str] = set()
+        self.sessions = 0
+        self.rejections = 0
+
+    # -- plumbing ---------------------------------------------------------------------------
+
+    def snapshot(self, n: int) -> BaySnapshot:
+        b = self.bays[n]
+        if not b.online:
+            return BaySnapshot(online=False)
+        return BaySnapshot(
+            online=True,
+            door_closed=b.door_closed,
+            locked=b.door_closed,
+            battery_present=b.battery is not None,
+            battery=b.battery
+            if b.battery is None or b.battery.plugged
+            else BatteryObs(None, plugged=False),
+            lock_jammed=b.jammed,
+        )
+
+    def poll(self) -> None:
+        """One poll cycle: diff every bay, feed the machine, reconcile the ledger."""
+        for n in BAYS:
+            cur = self.snapshot(n)
+            for event in diff(n, self.snapshots.get(n), cur):
+                self.feed(event)
+            self.snapshots[n] = cur
+            if cur.online:
+                battery_id = cur.battery.battery_id if cur.battery else None
+                self.ledger.observe_bay(n, battery_id, present=cur.battery_present)
+                if battery_id:
+                    self.seen.add(battery_id)
+
+    def feed(self, event: object) -> None:
+        before = self.state
+        result = self.machine.step(self.state, event)  # type: ignore[arg-type]
+        if result.rejected:
+            self.rejections += 1
+            assert result.state == before and result.commands == ()
+            return
+        self.state = result.state
+        for command in result.commands:
+            self.execute(command)
+        if self.state.phase is Phase.IDLE:
+            self.session_bays.clear()
+            self.unlocked_by_session.clear()
+        else:
+            self.session_bays |= {
+                b for b in (self.state.return_bay, self.state.dispense_bay) if b is not None
+            }
+
+    def execute(self, command: object) -> None:
+        if isinstance(command, Unlock):
+            allowed = set(self.state.return_bays) | {c.bay for c in self.state.dispensable}
+            assert command.bay in allowed, f"unlock of bay {command.bay} the session never chose"
+            self.unlocked_by_session.add(command.bay)
+            bay = self.bays[command.bay]
+            if bay.online and not bay.lock_stuck:
+                bay.door_closed = False
+            elif bay.lock_stuck:
+                bay.jammed = True
+        elif isinstance(command, Emit) and command.type in ("swap.completed", "swap.failed"):
+            hypothesis.event(f"{command.type} {command.data.get('reason', '')}".strip())
+        elif isinstance(command, StartTimer):
+            self.timers.add(command.timer)
+        elif isinstance(command, CancelTimerCmd):
+            self.timers.discard(command.timer)
+        elif isinstance(command, CustodyToBay):
+            self.ledger.to_bay(command.battery_id, command.bay)
+        elif isinstance(command, CustodyToRider):
+            if command.battery_id in self.reserved_ok:
+                assert self.reserved_ok[command.battery_id], "handed out a non-dispensable battery"
+            self.ledger.to_rider(command.battery_id, command.rider_id, command.session_id)
+
+    # -- the world's rules ----------------------------------------------------------------
+
+    @initialize(contents=st.lists(st.none() | good_battery | batteries, min_size=12, max_size=12))
+    def fill(self, contents: list[BatteryObs | None]) -> None:
+        used: set[str] = set()
+        for n, drawn in zip(BAYS, contents, strict=True):
+            battery = None if drawn is not None and drawn.battery_id in used else drawn
+            if battery is not None and battery.battery_id:
+                used.add(battery.battery_id)
+            self.bays[n].battery = battery
+        self.poll()
+
+    @precondition(lambda self: self.state.phase is Phase.IDLE)
+    @rule(mode=st.sampled_from(Mode), n=st.integers(0, 10_000))
+    def rider_arrives(self, mode: Mode, n: int) -> None:
+        empty = tuple(
+            b
+            for b in BAYS
+            if self.bays[b].battery is None
+            and self.bays[b].door_closed
+            and self.bays[b].online
+            and not self.bays[b].out_of_service
+        )
+        candidates = [
+            (b, self.snapshots[b].battery)
+            for b in BAYS
+            if self.snapshots.get(b)
+            and self.snapshots[b].online
+            and self.snapshots[b].door_closed
+            and self.snapshots[b].battery
+        ]
+        ranked = rank_dispensable([(b, obs) for b, obs in candidates if obs is not None], RULES)
+        dispensable_now = tuple(
+            Candidate(b, obs.battery_id)
+            for b, obs in ranked
+            if obs.battery_id and not self.bays[b].out_of_service
+        )
+        for c in dispensable_now:
+            obs = self.bays[c.bay].battery
+            self.reserved_ok[c.battery_id] = obs is not None and dispensable(obs, RULES)
+        self.sessions += 1
+        self.feed(Start(f"s{self.sessions}", f"rider{n % 5}", mode, empty, dispensable_now))
+        self.poll()
+
+    def open_empty(self) -> list[int]:
+        return [b for b in BAYS if not self.bays[b].door_closed and self.bays[b].battery is None]
+
+    def open_full(self) -> list[int]:
+        return [b for b in BAYS if not self.bays[b].door_closed and self.bays[b].battery]
+
+    def open_any(self) -> list[int]:
+        return [b for b in BAYS if not self.bays[b].door_closed]
+
+    def put(self, bay: int, battery: BatteryObs) -> None:
+        if battery.battery_id is not None and (
+            battery.battery_id in self.seen and battery.battery_id not in self.rider_hand
+        ):
+            battery = replace(battery, battery_id=None)  # one physical battery per id
+        self.rider_hand.pop(battery.battery_id or "", None)
+        self.bays[bay].battery = battery
+
+    def take(self, bay: int) -> None:
+        battery = self.bays[bay].battery
+        assert battery is not None
+        if battery.battery_id:
+            self.rider_hand[battery.battery_id] = battery
+        self.bays[bay].battery = None
+
+    @precondition(lambda self: self.state.phase is not Phase.IDLE)
+    @rule(battery=good_battery | batteries)
+    def rider_follows_the_prompts(self, battery: BatteryObs) -> None:
+        """A well-behaved rider: does what the cabinet asks, with whatever battery they hold."""
+        st_ = self.state
+        if st_.phase is Phase.AWAITING_DEPOSIT and st_.return_bay in self.open_empty():
+            self.put(st_.return_bay, battery)
+            self.bays[st_.return_bay].door_closed = True
+        elif (
+            st_.phase in (Phase.REJECTING, Phase.GIVING_BACK) and st_.return_bay in self.open_full()
+        ):
+            self.take(st_.return_bay)
+            self.bays[st_.return_bay].door_closed = True
+        elif st_.phase is Phase.AWAITING_PICKUP and st_.dispense_bay in self.open_full():
+            self.take(st_.dispense_bay)
+            self.bays[st_.dispense_bay].door_closed = True
+        self.poll()
+
+    @precondition(lambda self: bool(self.open_empty()))
+    @rule(data=st.data(), battery=batteries)
+    def rider_inserts(self, data: st.DataObject, battery: BatteryObs) -> None:
+        bay = data.draw(st.sampled_from(self.open_empty()))
+        self.put(bay, battery)
+        self.poll()
+
+    @precondition(lambda self: bool(self.open_full()))
+    @rule(data=st.data())
+    def rider_takes(self, data: st.DataObject) -> None:
+        self.take(data.draw(st.sampled_from(self.open_full())))
+        self.poll()
+
+    @precondition(lambda self: bool(self.open_any()))
+    @rule(data=st.data())
+    def rider_closes(self, data: st.DataObject) -> None:
+        self.bays[data.draw(st.sampled_from(self.open_any()))].door_closed = True
+        self.poll()
+
+    @precondition(lambda self: bool(self.timers))
+    @rule(data=st.data())
+    def time_passes(self, data: st.DataObject) -> None:
+        timer = data.draw(st.sampled_from(sorted(self.timers)))
+        self.timers.discard(timer)
+        self.feed(TimerExpired(timer))
+        self.poll()
+
+    @rule(bay=st.sampled_from(list(BAYS)))
+    def lock_sticks(self, bay: int) -> None:
+        self.bays[bay].lock_stuck = True
+
+    @rule(bay=st.sampled_from(list(BAYS)), online=st.booleans())
+    def board_power(self, bay: int, online: bool) -> None:
+        self.bays[bay].online = online
+        self.poll()
+
+    @precondition(lambda self: self.state.phase is not Phase.IDLE)
+    @rule()
+    def smoke(self) -> None:
+        self.feed(Abort("smoke"))
+
+    @rule(event=st.sampled_from([TimerExpired(t) for t in Timer]))
+    def stray_event(self, event: TimerExpired) -> None:
+        if event.timer not in self.timers:
+            before = self.state
+            result = self.machine.step(self.state, event)
+            if result.rejected:
+                assert result.state == before
+            elif result.state.phase is not Phase.IDLE:
+                assert result.state == before  # an unknown timer changes nothing
+
+    # -- invariants -------------------------------------------------------------------------
+
+    @invariant()
+    def only_session_doors_open_during_a_session(self) -> None:
+        if self.state.phase is not Phase.IDLE:
+            for n in self.unlocked_by_session:
+                assert (
+                    n in set(self.state.return_bays) | {c.bay for c in self.state.dispensable}
+                    or n in self.session_bays
+                )
+
+    @invariant()
+    def active_session_has_a_timer(self) -> None:
+        if self.state.phase is not Phase.IDLE:
+            assert self.timers, f"{self.state.phase} with no timer: the session could hang"
+
+    @invariant()
+    def every_battery_is_somewhere(self) -> None:
+        for battery_id in self.seen:
+            location = self.ledger.location(battery_id)
+            assert location is not None, f"{battery_id} is nowhere"
+            if location.where is Where.BAY:
+                assert location.bay is not None
+                held = self.bays[location.bay].battery
+                snap = self.snapshots.get(location.bay)
+                if snap is not None and snap.online:
+                    # the ledger may trail a silent board, never a talking one
+                    # (an unplugged battery hides its id: the ledger keeps the last one it saw)
+                    assert held is not None and (
+                        held.battery_id == battery_id or not held.plugged
+                    ), f"ledger puts {battery_id} in bay {location.bay}, which holds {held}"
+
+    @invariant()
+    def reserved_battery_is_dispensable_or_none(self) -> None:
+        if self.state.phase in (Phase.OPENING_DISPENSE, Phase.AWAITING_PICKUP):
+            reserved = self.state.reserved
+            assert reserved is not None and self.reserved_ok.get(reserved, False)
+
+
+SwapCabinet.TestCase.settings = settings(max_examples=200, stateful_step_count=60, deadline=None)
+TestSwapCabinet = SwapCabinet.TestCase
+
+
+def test_every_phase_is_reachable_and_none_is_a_trap() -> None:
+    """Graph check (after python-statemachine): each phase has a way in and a way out."""
+    phases_in_table = {phase for phase, _ in TRANSITIONS}
+    assert phases_in_table == set(Phase)
+    for phase in set(Phase) - {Phase.IDLE}:
+        assert (phase, TimerExpired) in TRANSITIONS, f"{phase} cannot time out"
+
+
+@given(
+    state_phase=st.sampled_from(Phase),
+    event=st.sampled_from([TimerExpired(t) for t in Timer] + [Abort("test")]),
+)
+def test_illegal_pairs_change_nothing(state_phase: Phase, event: object) -> None:
+    state = SwapState(
+        phase=state_phase,
+        session_id="s",
+        rider_id="r",
+        return_bays=(1,),
+        dispensable=(Candidate(2, "BAT-1"),),
+    )
+    result = SwapMachine().step(state, event)  # type: ignore[arg-type]
+    if (state_phase, type(event)) not in TRANSITIONS:
+        assert result.rejected and result.state == state and result.commands == ()

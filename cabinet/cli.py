@@ -145,6 +145,115 @@ def _config_check(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+# -- daemon, keys, tokens, events ----------------------------------------------------------------
+
+
+def _run_daemon(args: argparse.Namespace) -> int:
+    from cabinet.daemon import run_daemon  # noqa: PLC0415 - only the daemon needs it
+
+    config = load(Path(args.config))
+    log_setup.configure(config.log_level)
+    return asyncio.run(run_daemon(config))
+
+
+def _keys_generate(args: argparse.Namespace) -> int:
+    from cabinet.tokens import KeyFileError, generate_keys  # noqa: PLC0415
+
+    try:
+        pair = generate_keys(args.prefix)
+    except KeyFileError as exc:
+        raise CliError(str(exc)) from exc
+    print(f"wrote {pair.private} (keep secret, mode 0600) and {pair.public}")
+    return EXIT_OK
+
+
+def _token_issue(args: argparse.Namespace) -> int:
+    import time  # noqa: PLC0415
+
+    from cabinet.tokens import KeyFileError, issue, load_private_key  # noqa: PLC0415
+
+    try:
+        key = load_private_key(Path(args.key))
+    except KeyFileError as exc:
+        raise CliError(str(exc)) from exc
+    if args.ttl <= 0:
+        raise CliError("--ttl must be a positive number of seconds")
+    print(
+        issue(
+            key,
+            args.rider,
+            now=int(time.time()),
+            ttl_s=args.ttl,
+            mode=args.mode,
+            cabinet=args.cabinet,
+        )
+    )
+    return EXIT_OK
+
+
+def _token_verify(args: argparse.Namespace) -> int:
+    import time  # noqa: PLC0415
+
+    from cabinet.tokens import (  # noqa: PLC0415
+        KeyFileError,
+        TokenRefusedError,
+        load_public_key,
+        verify,
+    )
+
+    try:
+        keys = [load_public_key(Path(p)) for p in args.pub]
+        claims = verify(args.token, keys, now=int(time.time()), cabinet_id=args.cabinet)
+    except KeyFileError as exc:
+        raise CliError(str(exc)) from exc
+    except TokenRefusedError as exc:
+        if args.json:
+            _print_json({"valid": False, "reason": exc.reason, "message": str(exc)})
+        else:
+            print(f"refused ({exc.reason}): {exc}")
+        return EXIT_PROBLEM
+    if args.json:
+        _print_json({"valid": True, "claims": claims.model_dump(exclude_none=True)})
+    else:
+        print(
+            f"valid: rider {claims.rider}, {claims.mode}, expires in "
+            f"{claims.exp - int(time.time())} s"
+        )
+    return EXIT_OK
+
+
+def _events(args: argparse.Namespace) -> int:
+    import time  # noqa: PLC0415
+
+    from cabinet.daemon import JOURNAL_FILE  # noqa: PLC0415
+    from cabinet.journal import Journal  # noqa: PLC0415
+
+    config = load(Path(args.config))
+    path = Path(config.cabinet.state_dir) / JOURNAL_FILE
+    if not path.exists():
+        raise CliError(f"no journal at {path} (has the daemon run with this config?)")
+    journal = Journal(path)
+    after = args.after
+    try:
+        while True:
+            for event in journal.events(after_seq=after):
+                after = event["seq"]
+                if args.json:
+                    sys.stdout.write(json.dumps(event) + "\n")
+                else:
+                    detail = " ".join(
+                        f"{k}={v}" for k, v in event.items() if k not in {"seq", "id", "type", "ts"}
+                    )
+                    stamp = time.strftime("%H:%M:%S", time.localtime(event["ts"] / 1000))
+                    print(f"{event['seq']:>6}  {stamp}  {event['type']:<24} {detail}")
+            sys.stdout.flush()
+            if not args.follow:
+                return EXIT_OK
+            time.sleep(0.5)
+    finally:
+        journal.close()
+
+
 # -- simulator ---------------------------------------------------------------------------------
 
 
@@ -273,6 +382,49 @@ def _add_bus_parser(commands: Any) -> None:
     write.set_defaults(handler=_bus_write)
 
 
+def _config_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "-c", "--config", default=os.environ.get("CABINET_CONFIG", str(DEFAULT_CONFIG_PATH))
+    )
+
+
+def _add_daemon_parsers(commands: Any) -> None:
+    run = commands.add_parser("run", help="the daemon (what systemd starts)")
+    _config_arg(run)
+    run.set_defaults(handler=_run_daemon)
+
+    events = commands.add_parser("events", help="the cabinet's event log")
+    _config_arg(events)
+    events.add_argument("--json", action="store_true", help="one JSON object per line")
+    events.add_argument("--follow", action="store_true", help="keep printing new events")
+    events.add_argument("--after", type=int, default=0, metavar="SEQ")
+    events.set_defaults(handler=_events)
+
+    keys = commands.add_parser("keys", help="signing keys").add_subparsers(
+        dest="keys_command", required=True, metavar="SUBCOMMAND"
+    )
+    generate = keys.add_parser("generate", help="write PREFIX.key and PREFIX.pub (Ed25519)")
+    generate.add_argument("prefix")
+    generate.set_defaults(handler=_keys_generate)
+
+    token = commands.add_parser("token", help="rider QR tokens").add_subparsers(
+        dest="token_command", required=True, metavar="SUBCOMMAND"
+    )
+    issue = token.add_parser("issue", help="sign a token, as the backend would")
+    issue.add_argument("--key", required=True, help="PREFIX.key")
+    issue.add_argument("--rider", required=True)
+    issue.add_argument("--ttl", type=int, default=300, help="seconds (default 300)")
+    issue.add_argument("--mode", choices=["swap", "pickup", "return"], default="swap")
+    issue.add_argument("--cabinet", help="only this cabinet may honour it")
+    issue.set_defaults(handler=_token_issue)
+    verify = token.add_parser("verify", help="check a token (does not use it up)")
+    verify.add_argument("token")
+    verify.add_argument("--pub", required=True, action="append", help="PREFIX.pub (repeatable)")
+    verify.add_argument("--cabinet", help="check the token's audience against this cabinet id")
+    verify.add_argument("--json", action="store_true")
+    verify.set_defaults(handler=_token_verify)
+
+
 def _add_config_parser(commands: Any) -> None:
     config = commands.add_parser("config", help="configuration").add_subparsers(
         dest="config_command", required=True, metavar="SUBCOMMAND"
@@ -290,6 +442,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cabinet", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"cabinet {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_daemon_parsers(commands)
     _add_sim_parser(commands)
     demo = commands.add_parser("demo", help="simulator + bus walk-through on this machine")
     demo.add_argument("--duration", type=float, help="seconds of polling at the end (default 10)")

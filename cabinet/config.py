@@ -90,6 +90,34 @@ class AuthSection(_Section):
     public_keys: list[Path] = Field(default_factory=list)
 
 
+class SwapSection(_Section):
+    """``[swap]``: what may be handed out, what is accepted, how long riders get."""
+
+    dispense_min_soc_pct: float = Field(default=90.0, ge=50.0, le=100.0)
+    battery_id_pattern: str = r"^BAT-[A-Z0-9-]{1,12}$"
+    unlock_timeout_s: float = Field(default=3.0, ge=0.5, le=30.0)
+    deposit_timeout_s: float = Field(default=90.0, ge=10.0, le=600.0)
+    take_back_timeout_s: float = Field(default=90.0, ge=10.0, le=600.0)
+    pickup_timeout_s: float = Field(default=60.0, ge=10.0, le=600.0)
+    close_timeout_s: float = Field(default=30.0, ge=5.0, le=600.0)
+
+    @field_validator("battery_id_pattern")
+    @classmethod
+    def _compiles(cls, value: str) -> str:
+        try:
+            re.compile(value)
+        except re.error as exc:
+            raise ValueError(f"not a regular expression: {exc}") from exc
+        return value
+
+
+class ChargingSection(_Section):
+    """``[charging]``: the cabinet's power budget and the chargers' limit."""
+
+    max_current_a: float = Field(default=5.0, ge=0.5, le=10.0)
+    power_budget_w: float = Field(default=1500.0, ge=100.0, le=20000.0)
+
+
 class CabinetConfig(_Section):
     """The whole configuration file."""
 
@@ -98,6 +126,8 @@ class CabinetConfig(_Section):
     scanner: ScannerSection = ScannerSection()
     mqtt: MqttSection | None = None
     auth: AuthSection = AuthSection()
+    swap: SwapSection = SwapSection()
+    charging: ChargingSection = ChargingSection()
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
 

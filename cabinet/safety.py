@@ -83,7 +83,7 @@ class SafetyMonitor:
     tripped: dict[int, str] = field(default_factory=dict)
     smoke: bool = False
     mains_lost: bool = False
-    _history: dict[int, deque[tuple[float, float]]] = field(default_factory=dict)
+    _history: dict[tuple[int, str], deque[tuple[float, float]]] = field(default_factory=dict)
 
     @property
     def swaps_allowed(self) -> bool:
@@ -98,35 +98,42 @@ class SafetyMonitor:
         self, bay: int, now: float, cell_temp_c: float | None, bay_temp_c: float
     ) -> list[SafetyAction]:
         """Judge one bay reading; returns the actions for a new trip (none if latched)."""
-        temp = max(bay_temp_c, cell_temp_c if cell_temp_c is not None else bay_temp_c)
-        history = self._history.setdefault(bay, deque())
-        history.append((now, temp))
-        while len(history) > 2 and now - history[1][0] >= self.limits.rise_window_s:
-            history.popleft()
+        rises = [self._rise((bay, "air"), now, bay_temp_c)]
+        if cell_temp_c is not None:
+            rises.append(self._rise((bay, "cell"), now, cell_temp_c))
+        else:
+            self._history.pop((bay, "cell"), None)  # a new battery starts a new history
         if bay in self.tripped:
             return []
         reason = None
+        rate = max(r for r in rises)
         if cell_temp_c is not None and cell_temp_c >= self.limits.cell_max_c:
             reason = f"battery at {cell_temp_c:.1f} degC"
         elif bay_temp_c >= self.limits.bay_max_c:
             reason = f"bay air at {bay_temp_c:.1f} degC"
-        else:
-            t0, temp0 = history[0]
-            span = now - t0
-            if span >= self.limits.rise_window_s and (temp - temp0) / span >= (
-                self.limits.rise_c_per_s
-            ):
-                reason = f"temperature rising {(temp - temp0) / span:.1f} degC/s"
+        elif rate >= self.limits.rise_c_per_s:
+            reason = f"temperature rising {rate:.1f} degC/s"
         if reason is None:
             return []
         self.tripped[bay] = reason
         return [ChargerOff(bay), IsolateBay(bay, reason), Alarm("bay.overtemp", bay, True, reason)]
 
+    def _rise(self, key: tuple[int, str], now: float, temp: float) -> float:
+        """Mean rise rate over the last ``rise_window_s`` (0.0 until the window is full)."""
+        history = self._history.setdefault(key, deque())
+        history.append((now, temp))
+        while len(history) > 2 and now - history[1][0] >= self.limits.rise_window_s:
+            history.popleft()
+        t0, temp0 = history[0]
+        span = now - t0
+        return (temp - temp0) / span if span >= self.limits.rise_window_s else 0.0
+
     def clear_bay(self, bay: int) -> list[SafetyAction]:
         """A technician has checked the bay: lift the trip."""
         if self.tripped.pop(bay, None) is None:
             return []
-        self._history.pop(bay, None)
+        self._history.pop((bay, "air"), None)
+        self._history.pop((bay, "cell"), None)
         return [Alarm("bay.overtemp", bay, False, "cleared by technician")]
 
     def observe_cabinet(self, *, smoke: bool, mains_present: bool) -> list[SafetyAction]:

@@ -99,6 +99,7 @@ class SimulatedBus:
         self._server: ModbusTcpServer | None = None
         self.connections = 0  # masters that connected: a reconnect storm shows here
         self._last_rx = 0.0  # when the latest request bytes reached the simulator
+        self._broadcast = False  # the latest request was addressed to unit 0 (everyone)
         self._line_free_at = 0.0  # when the previous transaction left the wire
 
     # -- devices ------------------------------------------------------------------------
@@ -175,6 +176,14 @@ class SimulatedBus:
         """Serve one transaction for ``unit`` as the board and the wire would."""
         counters = self.counters[unit]
         request_bytes, reply_bytes = _frame_bytes(function_code, count)
+        if self._broadcast:
+            # pymodbus hands a broadcast to every device in turn; the frame crossed the wire
+            # once and nobody replies, so each board just acts on it.
+            if unit not in self.world.silent_units:
+                return self._serve(
+                    unit, function_code, (start_address, address, count), registers, set_values
+                )
+            return None
         async with self._line:
             # The request went onto the wire when its bytes arrived, unless the line was
             # still busy with the previous transaction: the simulator's own processing
@@ -229,6 +238,7 @@ class SimulatedBus:
         """Drop replies of silent or unknown units; corrupt replies of units with CRC faults."""
         if not sending:
             self._last_rx = time.perf_counter()
+            self._broadcast = bool(data) and data[0] == 0
             return data
         if not data:
             return data
@@ -265,6 +275,7 @@ class SimulatedBus:
             address=(host, port),
             trace_packet=self._trace_packet,
             trace_connect=self._trace_connect,
+            broadcast_enable=True,
         )
         await self._server.serve_forever(background=True)
         listener: Any = self._server.transport

@@ -1,0 +1,63 @@
+"""The one bus master task: every transaction, scheduled by priority.
+
+DESIGN.md §3.3: safety actions and door unlocks first, the bay in an active swap
+next, routine polling last. Callers submit one transaction at a time (the poller
+never queues a whole cycle), so an unlock waits at most for the transaction
+already on the wire — never for a poll cycle.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import itertools
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+from drivers.modbus_bus import ModbusBus
+
+T = TypeVar("T")
+
+
+class Priority(enum.IntEnum):
+    """Lower runs first."""
+
+    SAFETY = 0  # chargers off, contactor open
+    UNLOCK = 1  # a rider is waiting for a door
+    ACTIVE = 2  # the bays of the running session, and the heartbeat
+    ROUTINE = 3  # the poll cycle, charger settings, the meter
+
+
+Job = Callable[[ModbusBus], Awaitable[Any]]
+
+
+class BusScheduler:
+    """A priority queue in front of the bus, drained by one worker."""
+
+    def __init__(self, bus: ModbusBus) -> None:
+        self.bus = bus
+        self._queue: asyncio.PriorityQueue[tuple[int, int, Job, asyncio.Future[Any]]] = (
+            asyncio.PriorityQueue()
+        )
+        self._order = itertools.count()
+
+    async def submit(self, priority: Priority, job: Callable[[ModbusBus], Awaitable[T]]) -> T:
+        """Run ``job`` on the bus when its turn comes; return its result or raise its error."""
+        future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        self._queue.put_nowait((priority, next(self._order), job, future))
+        return await future
+
+    async def run(self) -> None:
+        """Drain the queue forever (the supervised bus-master task)."""
+        while True:
+            _priority, _order, job, future = await self._queue.get()
+            if future.done():  # the caller gave up (cancelled) while queued
+                continue
+            try:
+                result = await job(self.bus)
+            except Exception as exc:  # noqa: BLE001 - delivered to the caller, who knows the unit
+                if not future.done():
+                    future.set_exception(exc)
+            else:
+                if not future.done():
+                    future.set_result(result)

@@ -1,0 +1,598 @@
+"""The cabinet controller: the daemon's runtime around the sans-I/O decisions.
+
+Theory of operation: the poller reads one bay at a time through the bus
+scheduler and turns each report into a snapshot; ``bay_tracker.diff`` turns
+snapshot changes into events for the swap machine; the machine's commands are
+committed to the journal in one transaction *with* the new snapshot baseline,
+custody moves and events, and only then carried out (doors unlocked, timers
+armed). Safety interlocks and the charging policy see every reading too.
+
+A reading that fails is stale, not news: the last snapshot stands until the bus
+isolates the unit (a few consecutive failures), and only then is the bay
+reported offline. After a restart, ``recover`` diffs the journaled baseline
+against fresh readings before any door is opened, restarts the session's timers
+in full (the rider waited for the reboot too) and re-sends an unlock whose door
+was never seen to open.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import time
+import uuid
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import structlog
+
+from cabinet import __version__
+from cabinet.battery_rules import DispenseRules, rank_dispensable
+from cabinet.bay_tracker import OFFLINE, BaySnapshot, diff, snapshot_from_status
+from cabinet.bus_scheduler import BusScheduler, Priority
+from cabinet.charging_policy import BayChargeView, ChargingRules, plan
+from cabinet.journal import Journal
+from cabinet.safety import (
+    AbortSession,
+    Alarm,
+    AllChargersOff,
+    ChargerOff,
+    IsolateBay,
+    OpenContactor,
+    SafetyAction,
+    SafetyLimits,
+    SafetyMonitor,
+)
+from cabinet.swap_machine import (
+    IDLE,
+    Abort,
+    CancelTimer,
+    Candidate,
+    Command,
+    CustodyToBay,
+    CustodyToRider,
+    Emit,
+    Event,
+    LockJammed,
+    MarkBayFaulty,
+    Mode,
+    Phase,
+    Prompt,
+    RaiseAlarm,
+    Start,
+    StartTimer,
+    SwapMachine,
+    SwapState,
+    Timer,
+    TimerExpired,
+    Unlock,
+)
+from drivers.boards import BayBoard, CabinetBoard, EnergyMeter
+from drivers.modbus_bus import BusError, ExceptionReplyError, UnitIsolatedError
+from protocol import bay_map
+from protocol.errors import ProtocolError, UnknownMapVersionError
+from protocol.meter_map import MeterReading
+from protocol.units import BAY_UNITS
+
+log = structlog.get_logger("controller")
+
+HOT_BAY_INTERVAL_S = 0.1  # a session's bay is re-read this often: a door seen open within ~0.1 s
+HEARTBEAT_INTERVAL_S = 1.0  # five per board timeout: one lost broadcast never trips a board
+CHARGER_REFRESH_S = 60.0  # re-send unchanged charger settings: a rebooted board forgets them
+METER_INTERVAL_S = 10.0
+
+
+class Clock(Protocol):
+    """Where the controller gets time from (DESIGN.md §3.6)."""
+
+    def monotonic(self) -> float:
+        """Seconds for intervals."""
+        ...
+
+    def wall(self) -> float:
+        """Seconds since the epoch, for deadlines that survive a reboot and for timestamps."""
+        ...
+
+
+class SystemClock:
+    """The real clocks."""
+
+    def monotonic(self) -> float:
+        """``time.monotonic``."""
+        return time.monotonic()
+
+    def wall(self) -> float:
+        """``time.time``."""
+        return time.time()
+
+
+@dataclass(frozen=True, slots=True)
+class ControllerSettings:
+    """The decision rules the controller applies."""
+
+    machine: SwapMachine = field(default_factory=SwapMachine)
+    dispense: DispenseRules = field(default_factory=DispenseRules)
+    charging: ChargingRules = field(default_factory=ChargingRules)
+    safety: SafetyLimits = field(default_factory=SafetyLimits)
+
+
+def _material(snapshot: BaySnapshot) -> tuple[Any, ...]:
+    """The parts of a snapshot whose change is worth a journal write."""
+    return (
+        snapshot.online,
+        snapshot.door_closed,
+        snapshot.locked,
+        snapshot.battery_present,
+        snapshot.battery_id,
+        snapshot.battery.plugged if snapshot.battery else None,
+        snapshot.lock_jammed,
+    )
+
+
+class CabinetController:
+    """Owns the swap session, the bay picture, custody, interlocks and charging."""
+
+    def __init__(
+        self,
+        *,
+        cabinet_id: str,
+        journal: Journal,
+        scheduler: BusScheduler,
+        settings: ControllerSettings | None = None,
+        clock: Clock | None = None,
+    ) -> None:
+        self.cabinet_id = cabinet_id
+        self.journal = journal
+        self.scheduler = scheduler
+        self.settings = settings or ControllerSettings()
+        self.clock: Clock = clock or SystemClock()
+        self.state: SwapState = journal.active_session() or IDLE
+        self.timers: dict[Timer, float] = journal.timers()
+        self.ledger = journal.ledger()
+        self.baseline: dict[int, BaySnapshot] = journal.snapshots()
+        self.snapshots: dict[int, BaySnapshot] = {}
+        self.out_of_service: dict[int, str] = journal.out_of_service()
+        self.safety = SafetyMonitor(self.settings.safety)
+        self.ready = False
+        self.prompt = ""
+        self.boot_id = uuid.uuid4().hex
+        self._timer_wakeup = asyncio.Event()
+        self._last_read: dict[int, float] = {}
+        self._commanded: dict[int, tuple[bool, float, float]] = {}
+        self._last_heartbeat = float("-inf")
+        self._heartbeat_counter = 0
+        self._last_meter = float("-inf")
+        self.meter: MeterReading | None = None
+        self._pending: set[asyncio.Task[None]] = set()
+        self.on_unlock_sent: Callable[[int], None] | None = None  # for latency measurement
+
+    # -- the journal-first step --------------------------------------------------------------
+
+    def _ts_ms(self) -> int:
+        return int(self.clock.wall() * 1000)
+
+    def emit(self, db: sqlite3.Connection, type_: str, payload: dict[str, Any]) -> None:
+        """Append an event to the outbox (inside the caller's transaction)."""
+        event = self.journal.add_event(db, type_, payload, self._ts_ms())
+        log.info("event", **{k: v for k, v in event.items() if k not in {"ts"}})
+
+    def _step(self, db: sqlite3.Connection, event: Event, io: list[Command]) -> None:
+        """Feed one event to the machine and journal everything it decided."""
+        before = self.state
+        result = self.settings.machine.step(before, event)
+        if result.rejected:
+            log.debug("event_not_expected", detail=result.rejected)
+            return
+        now = self.clock.wall()
+        outcome = None
+        for command in result.commands:
+            if isinstance(command, Unlock):
+                io.append(command)
+            elif isinstance(command, StartTimer):
+                self.timers[command.timer] = now + command.seconds
+                self.journal.set_timer(db, command.timer, now + command.seconds)
+            elif isinstance(command, CancelTimer):
+                self.timers.pop(command.timer, None)
+                self.journal.cancel_timer(db, command.timer)
+            elif isinstance(command, Emit):
+                self.emit(db, command.type, command.data)
+                if command.type == "swap.completed":
+                    outcome = "completed"
+                elif command.type == "swap.failed":
+                    outcome = str(command.data.get("reason"))
+            elif isinstance(command, Prompt):
+                self.prompt = command.text
+                log.info("prompt", code=command.code, text=command.text)
+            elif isinstance(command, MarkBayFaulty):
+                self._take_out_of_service(db, command.bay, command.reason)
+            elif isinstance(command, RaiseAlarm):
+                self.emit(
+                    db,
+                    "alarm.raised",
+                    {"kind": command.kind, "bay": command.bay, "detail": command.detail},
+                )
+            elif isinstance(command, CustodyToBay):
+                self._custody(db, self.ledger.to_bay(command.battery_id, command.bay))
+            elif isinstance(command, CustodyToRider):
+                self._custody(
+                    db,
+                    self.ledger.to_rider(command.battery_id, command.rider_id, command.session_id),
+                )
+        self.state = result.state
+        session_id = before.session_id or self.state.session_id
+        if isinstance(event, Start):
+            session_id = event.session_id
+        if self.state.phase is Phase.IDLE:
+            if before.phase is not Phase.IDLE or outcome is not None:
+                if before.phase is Phase.IDLE:  # refused at start: record it as a session
+                    self.journal.put_session(db, _with_id(event), now)
+                self.journal.end_session(db, session_id, outcome or "ended", now)
+                self.timers.clear()
+            structlog.contextvars.unbind_contextvars("session_id")
+        else:
+            self.journal.put_session(db, self.state, now)
+            structlog.contextvars.bind_contextvars(session_id=self.state.session_id)
+        self._timer_wakeup.set()
+
+    def _custody(self, db: sqlite3.Connection, change: Any) -> None:
+        if change is None:
+            return
+        self.journal.put_custody(db, change.battery_id, change.after, self.clock.wall())
+        if change.surprise:
+            self.emit(
+                db,
+                "custody.changed",
+                {
+                    "battery_id": change.battery_id,
+                    "from": change.before.describe() if change.before else None,
+                    "to": change.after.describe(),
+                },
+            )
+            if change.after.where.value == "missing":
+                self.emit(
+                    db,
+                    "alarm.raised",
+                    {
+                        "kind": "battery_missing",
+                        "bay": change.before.bay if change.before else None,
+                        "detail": f"{change.battery_id} left its bay without a session",
+                    },
+                )
+
+    def _take_out_of_service(self, db: sqlite3.Connection, bay: int, reason: str) -> None:
+        if self.out_of_service.get(bay) == reason:
+            return
+        self.out_of_service[bay] = reason
+        self.journal.set_service(db, bay, in_service=False, reason=reason)
+        self.emit(db, "bay.disabled", {"bay": bay, "reason": reason, "by": "controller"})
+
+    def _feed(self, events: Iterable[Event]) -> None:
+        io: list[Command] = []
+        with self.journal.transaction() as db:
+            for event in events:
+                self._step(db, event, io)
+        self._carry_out(io)
+
+    def _carry_out(self, io: list[Command]) -> None:
+        for command in io:
+            if isinstance(command, Unlock):
+                self._spawn(self._unlock(command.bay))
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)
+
+    async def _unlock(self, bay: int) -> None:
+        try:
+            await self.scheduler.submit(Priority.UNLOCK, lambda bus: BayBoard(bus, bay).unlock())
+        except ExceptionReplyError as exc:
+            log.warning("unlock_refused", bay=bay, error=str(exc))
+            self._feed([LockJammed(bay)])
+            return
+        except BusError as exc:
+            log.warning("unlock_failed", bay=bay, error=str(exc))
+            return  # the unlock timer will notice the door never opened
+        if self.on_unlock_sent is not None:
+            self.on_unlock_sent(bay)
+        await self._read_bay(bay, Priority.ACTIVE)
+
+    # -- observations -------------------------------------------------------------------------
+
+    def observe_bay(self, bay: int, snapshot: BaySnapshot) -> None:
+        """Take a fresh reading of ``bay`` through tracker, machine, ledger and interlocks."""
+        prev = self.baseline.get(bay)
+        events = diff(bay, prev, snapshot)
+        io: list[Command] = []
+        safety: list[SafetyAction] = []
+        if snapshot.online:
+            cell = snapshot.battery.cell_temp_c if snapshot.battery else None
+            safety = self.safety.observe_bay(bay, self.clock.monotonic(), cell, snapshot.bay_temp_c)
+        material = prev is None or _material(prev) != _material(snapshot)
+        if events or material or safety:
+            with self.journal.transaction() as db:
+                for event in events:
+                    self._step(db, event, io)
+                if snapshot.online:
+                    for change in self.ledger.observe_bay(
+                        bay, snapshot.battery_id, present=snapshot.battery_present
+                    ):
+                        self._custody(db, change)
+                self.journal.put_snapshot(db, bay, snapshot)
+                self._safety_journal(db, safety)
+        self.baseline[bay] = snapshot
+        self.snapshots[bay] = snapshot
+        self._carry_out(io)
+        self._safety_io(safety)
+
+    def _safety_journal(self, db: sqlite3.Connection, actions: list[SafetyAction]) -> None:
+        for action in actions:
+            if isinstance(action, IsolateBay):
+                self._take_out_of_service(db, action.bay, action.reason)
+            elif isinstance(action, Alarm):
+                self.emit(
+                    db,
+                    "alarm.raised" if action.active else "alarm.cleared",
+                    {"kind": action.kind, "bay": action.bay, "detail": action.detail},
+                )
+
+    def _safety_io(self, actions: list[SafetyAction]) -> None:
+        for action in actions:
+            if isinstance(action, ChargerOff):
+                self._spawn(self._charger(action.bay, 0.0, Priority.SAFETY))
+            elif isinstance(action, AllChargersOff):
+                for bay in BAY_UNITS:
+                    self._spawn(self._charger(bay, 0.0, Priority.SAFETY))
+            elif isinstance(action, OpenContactor):
+                self._spawn(self._contactor(closed=False, priority=Priority.SAFETY))
+            elif isinstance(action, AbortSession) and self.state.phase is not Phase.IDLE:
+                self._feed([Abort(action.reason)])
+
+    async def _read_bay(self, bay: int, priority: Priority) -> None:
+        self._last_read[bay] = self.clock.monotonic()
+        try:
+            status = await self.scheduler.submit(
+                priority, lambda bus: BayBoard(bus, bay).read_status()
+            )
+        except UnitIsolatedError:
+            self.observe_bay(bay, OFFLINE)
+            return
+        except UnknownMapVersionError as exc:
+            with self.journal.transaction() as db:
+                self._take_out_of_service(db, bay, str(exc))
+            return
+        except (BusError, ProtocolError):
+            if self.scheduler.bus.is_isolated(bay):
+                self.observe_bay(bay, OFFLINE)
+            return  # stale: the last snapshot stands until the unit is isolated
+        self.observe_bay(bay, snapshot_from_status(status))
+
+    async def _read_cabinet(self) -> None:
+        try:
+            status = await self.scheduler.submit(
+                Priority.ROUTINE, lambda bus: CabinetBoard(bus).read_status()
+            )
+        except (BusError, ProtocolError):
+            return
+        actions = self.safety.observe_cabinet(
+            smoke=status.smoke, mains_present=status.mains_present
+        )
+        if actions:
+            with self.journal.transaction() as db:
+                self._safety_journal(db, actions)
+            self._safety_io(actions)
+        want_closed = not self.safety.smoke and not self.safety.mains_lost
+        if status.contactor_closed != want_closed:
+            priority = Priority.ROUTINE if want_closed else Priority.SAFETY
+            await self._contactor(closed=want_closed, priority=priority)
+
+    async def _contactor(self, *, closed: bool, priority: Priority) -> None:
+        try:
+            await self.scheduler.submit(
+                priority, lambda bus: CabinetBoard(bus).set_contactor(closed=closed)
+            )
+        except BusError as exc:
+            log.warning("contactor_write_failed", closed=closed, error=str(exc))
+
+    async def _charger(self, bay: int, amps: float, priority: Priority) -> None:
+        enabled = amps > 0.0
+        try:
+            await self.scheduler.submit(
+                priority,
+                lambda bus: BayBoard(bus, bay).set_charger(enabled=enabled, current_limit_a=amps),
+            )
+        except BusError as exc:
+            log.debug("charger_write_failed", bay=bay, error=str(exc))
+            self._commanded.pop(bay, None)
+            return
+        self._commanded[bay] = (enabled, amps, self.clock.monotonic())
+
+    async def _apply_charging(self) -> None:
+        views = {
+            bay: BayChargeView(
+                snap, bay not in self.out_of_service, self.safety.charging_allowed(bay)
+            )
+            for bay, snap in self.snapshots.items()
+            if snap.online
+        }
+        now = self.clock.monotonic()
+        for bay, amps in plan(views, self.settings.charging).items():
+            last = self._commanded.get(bay)
+            if (
+                last is None
+                or (last[0], last[1]) != (amps > 0, amps)
+                or (now - last[2] > CHARGER_REFRESH_S)
+            ):
+                await self._charger(bay, amps, Priority.ROUTINE)
+
+    async def _heartbeat_if_due(self) -> None:
+        now = self.clock.monotonic()
+        if now - self._last_heartbeat < HEARTBEAT_INTERVAL_S:
+            return
+        self._last_heartbeat = now
+        self._heartbeat_counter = (self._heartbeat_counter + 1) & 0xFFFF
+        counter = self._heartbeat_counter
+        try:
+            await self.scheduler.submit(
+                Priority.ACTIVE,
+                lambda bus: bus.broadcast_register(bay_map.CommandReg.HEARTBEAT, counter),
+            )
+        except BusError as exc:
+            log.warning("heartbeat_failed", error=str(exc))
+
+    def _hot_bays(self) -> list[int]:
+        state = self.state
+        if state.phase is Phase.IDLE:
+            return []
+        if state.phase in (Phase.OPENING_DISPENSE, Phase.AWAITING_PICKUP):
+            bay = state.dispense_bay
+        else:
+            bay = state.return_bay
+        return [bay] if bay is not None else []
+
+    async def _read_hot_bays(self) -> None:
+        for bay in self._hot_bays():
+            if self.clock.monotonic() - self._last_read.get(bay, 0.0) >= HOT_BAY_INTERVAL_S:
+                await self._read_bay(bay, Priority.ACTIVE)
+
+    async def _read_meter_if_due(self) -> None:
+        now = self.clock.monotonic()
+        if now - self._last_meter < METER_INTERVAL_S:
+            return
+        self._last_meter = now
+        try:
+            self.meter = await self.scheduler.submit(
+                Priority.ROUTINE, lambda bus: EnergyMeter(bus).read()
+            )
+        except (BusError, ProtocolError):
+            return
+
+    # -- long-running loops ------------------------------------------------------------------
+
+    async def recover(self) -> None:
+        """Rebuild the picture from the boards before any door opens (DESIGN.md §5)."""
+        await self._heartbeat_if_due()
+        await self._read_cabinet()
+        for bay in BAY_UNITS:
+            await self._read_bay(bay, Priority.ACTIVE)
+        resumed = self.state.session_id if self.state.phase is not Phase.IDLE else None
+        io: list[Command] = []
+        with self.journal.transaction() as db:
+            if self.state.phase is not Phase.IDLE:
+                now = self.clock.wall()
+                machine = self.settings.machine
+                for timer in list(self.timers):
+                    self.timers[timer] = now + machine.timeouts.of(timer)
+                    self.journal.set_timer(db, timer, self.timers[timer])
+                door_bay = self._hot_bays()
+                if (
+                    self.state.phase
+                    in (
+                        Phase.OPENING_RETURN,
+                        Phase.OPENING_DISPENSE,
+                        Phase.REJECTING,
+                        Phase.GIVING_BACK,
+                    )
+                    and door_bay
+                ):
+                    snap = self.snapshots.get(door_bay[0])
+                    if snap is not None and snap.door_closed:
+                        io.append(Unlock(door_bay[0]))
+                        self.timers[Timer.UNLOCK] = now + machine.timeouts.unlock
+                        self.journal.set_timer(db, Timer.UNLOCK, self.timers[Timer.UNLOCK])
+            self.emit(
+                db,
+                "cabinet.started",
+                {"version": __version__, "boot_id": self.boot_id, "resumed_session": resumed},
+            )
+        self._carry_out(io)
+        self.ready = True
+        self._timer_wakeup.set()
+
+    async def poll_forever(self) -> None:
+        """The poll cycle: every bay once, the session's bays often, heartbeat, charging."""
+        while True:
+            for bay in BAY_UNITS:
+                await self._read_bay(bay, Priority.ROUTINE)
+                await self._read_hot_bays()
+                await self._heartbeat_if_due()
+            await self._read_cabinet()
+            await self._apply_charging()
+            await self._read_meter_if_due()
+
+    async def timers_forever(self) -> None:
+        """Turn deadlines into ``TimerExpired`` events."""
+        while True:
+            self._timer_wakeup.clear()
+            if self.timers and self.ready:
+                delay = max(0.0, min(self.timers.values()) - self.clock.wall())
+            else:
+                delay = None
+            try:
+                await asyncio.wait_for(self._timer_wakeup.wait(), timeout=delay)
+            except TimeoutError:
+                now = self.clock.wall()
+                due = [t for t, deadline in self.timers.items() if deadline <= now]
+                for timer in due:
+                    self.timers.pop(timer, None)
+                self._feed([TimerExpired(t) for t in due])
+
+    # -- session requests ---------------------------------------------------------------------
+
+    def _start_event(self, rider_id: str, mode: Mode) -> Start:
+        usable = {
+            bay: snap
+            for bay, snap in self.snapshots.items()
+            if snap.online
+            and snap.door_closed
+            and bay not in self.out_of_service
+            and bay not in self.safety.tripped
+        }
+        empty = tuple(sorted(bay for bay, snap in usable.items() if not snap.battery_present))
+        ranked = rank_dispensable(
+            ((bay, snap.battery) for bay, snap in usable.items() if snap.battery is not None),
+            self.settings.dispense,
+        )
+        dispensable = tuple(
+            Candidate(bay, b.battery_id) for bay, b in ranked if b.battery_id is not None
+        )
+        return Start(uuid.uuid4().hex[:12], rider_id, mode, empty, dispensable)
+
+    def request_session(self, rider_id: str, mode: Mode, source: str) -> str | None:
+        """Start a session for an authorised rider; returns why not, or None if started."""
+        refusal = None
+        if not self.ready:
+            refusal = "not_ready"
+        elif self.state.phase is not Phase.IDLE:
+            refusal = "busy"
+        elif not self.safety.swaps_allowed:
+            refusal = "safety_lockout"
+        if refusal is not None:
+            with self.journal.transaction() as db:
+                self.emit(
+                    db, "swap.refused", {"rider_id": rider_id, "reason": refusal, "source": source}
+                )
+            return refusal
+        start = self._start_event(rider_id, mode)
+        log.info("session_requested", rider_id=rider_id, mode=mode.value, source=source)
+        self._feed([start])
+        return None
+
+    def refuse_authorisation(self, reason: str, detail: str, rider_id: str | None) -> None:
+        """Record a refused token or command (forged, expired, replayed, malformed)."""
+        with self.journal.transaction() as db:
+            self.emit(
+                db, "auth.refused", {"reason": reason, "detail": detail, "rider_id": rider_id}
+            )
+
+    async def drain(self) -> None:
+        """Wait for unlocks and safety writes in flight (tests, shutdown)."""
+        while self._pending:
+            await asyncio.gather(*list(self._pending), return_exceptions=True)
+
+
+def _with_id(event: Event) -> SwapState:
+    """A session record for a Start that was refused before any door opened."""
+    assert isinstance(event, Start)
+    return SwapState(session_id=event.session_id, rider_id=event.rider_id, mode=event.mode)

@@ -1,0 +1,198 @@
+"""``cabinet run``: the daemon — bus master, poller, timers and the QR scanner, supervised.
+
+Start-up order matters for safety: journal first (nothing is decided without it),
+then the bus, then ``recover`` (the boards' picture reconciled with the journal),
+and only then the scanner, so no rider can start a session against a stale view.
+Every long-running task is supervised: it is restarted if it dies, its failure
+logged once and its recovery once. The field bus never waits on the cloud link.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import structlog
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from cabinet.battery_rules import DepositRules, DispenseRules
+from cabinet.bus_scheduler import BusScheduler
+from cabinet.charging_policy import ChargingRules
+from cabinet.config import CabinetConfig
+from cabinet.controller import CabinetController, ControllerSettings
+from cabinet.journal import Journal
+from cabinet.swap_machine import Mode, SwapMachine, Timeouts
+from cabinet.tokens import KeyFileError, TokenRefusedError, load_public_key, verify
+from drivers.bus_url import parse_endpoint
+from drivers.modbus_bus import BusUnavailableError, ModbusBus
+from drivers.qr_scanner import Scan, ScanGarbage, ScannerUnavailableError, read_scans
+
+log = structlog.get_logger("daemon")
+
+RESTART_BACKOFF_S = (0.5, 1.0, 2.0, 5.0, 10.0)  # a crash loop must not hammer the bus
+HEALTHY_RUN_S = 60.0  # a task that ran this long before dying had recovered
+JOURNAL_FILE = "journal.db"
+
+
+def settings_from(config: CabinetConfig) -> ControllerSettings:
+    """The decision rules, from the configuration."""
+    swap = config.swap
+    machine = SwapMachine(
+        timeouts=Timeouts(
+            unlock=swap.unlock_timeout_s,
+            deposit=swap.deposit_timeout_s,
+            take_back=swap.take_back_timeout_s,
+            pickup=swap.pickup_timeout_s,
+            close=swap.close_timeout_s,
+        ),
+        rules=DepositRules(id_pattern=swap.battery_id_pattern),
+    )
+    return ControllerSettings(
+        machine=machine,
+        dispense=DispenseRules(min_soc_pct=swap.dispense_min_soc_pct),
+        charging=ChargingRules(
+            max_current_a=config.charging.max_current_a,
+            power_budget_w=config.charging.power_budget_w,
+            ready_soc_pct=swap.dispense_min_soc_pct,
+        ),
+    )
+
+
+async def supervise(name: str, task: Callable[[], Awaitable[None]]) -> None:
+    """Run ``task`` forever: restart it when it dies, with backoff, logging each state once."""
+    failures = 0
+    while True:
+        started = time.monotonic()
+        try:
+            await task()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - a supervisor's whole job
+            if time.monotonic() - started > HEALTHY_RUN_S:
+                failures = 0  # it had recovered: this is a new failure, worth a log line
+            delay = RESTART_BACKOFF_S[min(failures, len(RESTART_BACKOFF_S) - 1)]
+            if failures == 0:
+                log.error("task_failed", task=name, error=f"{type(exc).__name__}: {exc}")
+            elif failures == 1:
+                log.error("task_failing_repeatedly", task=name, restart_delay_s=delay)
+            failures += 1
+            await asyncio.sleep(delay)
+        else:
+            return
+
+
+async def _connect_bus(bus: ModbusBus) -> None:
+    failures = 0
+    while True:
+        try:
+            await bus.connect()
+        except BusUnavailableError as exc:
+            if failures == 0:
+                log.error("bus_unavailable", error=str(exc))
+            failures += 1
+            await asyncio.sleep(RESTART_BACKOFF_S[min(failures, len(RESTART_BACKOFF_S) - 1)])
+        else:
+            if failures:
+                log.info("bus_available", after_attempts=failures)
+            return
+
+
+async def scanner_loop(config: CabinetConfig, controller: CabinetController) -> None:
+    """Read scans forever; verify each token offline and start a session for its rider."""
+    url = config.scanner.url
+    if url is None:
+        return
+    keys = [load_public_key(path) for path in config.auth.public_keys]
+    failures = 0
+    while True:
+        try:
+            async for item in read_scans(url):
+                failures = 0
+                if isinstance(item, ScanGarbage):
+                    log.info("scan_garbage", reason=item.reason)
+                    continue
+                handle_scan(item, keys, config.cabinet.id, controller)
+        except ScannerUnavailableError as exc:
+            if failures == 0:
+                log.warning("scanner_unavailable", error=str(exc))
+            failures += 1
+            await asyncio.sleep(RESTART_BACKOFF_S[min(failures, len(RESTART_BACKOFF_S) - 1)])
+
+
+def handle_scan(
+    scan: Scan,
+    keys: list[Ed25519PublicKey],
+    cabinet_id: str,
+    controller: CabinetController,
+) -> None:
+    """Verify a scanned token and start the session it authorises, or record the refusal."""
+    now = int(time.time())
+    try:
+        claims = verify(scan.text, keys, now=now, cabinet_id=cabinet_id)
+    except TokenRefusedError as exc:
+        log.info("token_refused", reason=exc.reason, detail=str(exc))
+        controller.refuse_authorisation(exc.reason, str(exc), None)
+        return
+    if not controller.journal.use_token(claims.nonce, claims.exp, now):
+        controller.refuse_authorisation("replayed", "token was already used", claims.rider)
+        return
+    controller.request_session(claims.rider, Mode(claims.mode), "qr")
+
+
+async def run_daemon(config: CabinetConfig) -> int:
+    """Run until SIGTERM/SIGINT; return the exit code."""
+    structlog.contextvars.bind_contextvars(cabinet_id=config.cabinet.id)
+    try:
+        for path in config.auth.public_keys:
+            load_public_key(path)
+    except KeyFileError as exc:
+        log.error("config_problem", error=str(exc))
+        return 1
+    journal = Journal(Path(config.cabinet.state_dir) / JOURNAL_FILE)
+    bus = ModbusBus(
+        parse_endpoint(config.bus.url),
+        timeout_s=config.bus.timeout_ms / 1000.0,
+        isolate_after=config.bus.isolate_after,
+        reprobe_interval_s=config.bus.reprobe_interval_s,
+    )
+    scheduler = BusScheduler(bus)
+    controller = CabinetController(
+        cabinet_id=config.cabinet.id,
+        journal=journal,
+        scheduler=scheduler,
+        settings=settings_from(config),
+    )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    tasks: list[asyncio.Task[None]] = []
+    try:
+        await _connect_bus(bus)
+        tasks.append(asyncio.create_task(supervise("bus_master", scheduler.run)))
+        await controller.recover()
+        log.info(
+            "ready",
+            bays_known=len(controller.snapshots),
+            resumed_session=controller.state.session_id or None,
+        )
+        tasks += [
+            asyncio.create_task(supervise("poller", controller.poll_forever)),
+            asyncio.create_task(supervise("timers", controller.timers_forever)),
+            asyncio.create_task(supervise("scanner", lambda: scanner_loop(config, controller))),
+        ]
+        await stop.wait()
+    finally:
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        bus.close()
+        journal.close()
+    log.info("stopped")
+    return 0

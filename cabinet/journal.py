@@ -1,0 +1,269 @@
+"""The journal: what the cabinet must not forget, in SQLite (WAL) in ``cabinet.state_dir``.
+
+Theory of operation: every swap-machine step is committed in one transaction —
+the machine's new state, its timers' deadlines, custody moves, bay service flags
+and the events it emitted — *before* any door is unlocked. A ``kill -9`` or power
+cut therefore leaves either the step before or the step after, never half of one;
+on restart the daemon reloads the active session and reconciles it with what the
+bays report. The ``events`` table is the outbox: every event gets a gap-free
+``seq`` (it survives restarts) and a unique ``id``, and stays until the fleet link
+has it acknowledged. Used token nonces are kept until their expiry so a token
+cannot be replayed across a reboot.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from cabinet.battery_rules import BatteryObs
+from cabinet.bay_tracker import BaySnapshot
+from cabinet.custody import CustodyLedger, Location, Where
+from cabinet.swap_machine import Candidate, Mode, Phase, SwapState, Timer
+
+SCHEMA_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS sessions (
+    id TEXT PRIMARY KEY, rider_id TEXT NOT NULL, mode TEXT NOT NULL,
+    state TEXT NOT NULL, started_at REAL NOT NULL, ended_at REAL, outcome TEXT
+);
+CREATE TABLE IF NOT EXISTS timers (name TEXT PRIMARY KEY, deadline REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS custody (
+    battery_id TEXT PRIMARY KEY, location TEXT NOT NULL, bay INTEGER,
+    rider_id TEXT, session_id TEXT, updated_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS bay_snapshots (bay INTEGER PRIMARY KEY, snapshot TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS bay_service (
+    bay INTEGER PRIMARY KEY, in_service INTEGER NOT NULL, reason TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS events (
+    seq INTEGER PRIMARY KEY, id TEXT NOT NULL UNIQUE, type TEXT NOT NULL,
+    ts INTEGER NOT NULL, payload TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS used_tokens (nonce TEXT PRIMARY KEY, expires INTEGER NOT NULL);
+"""
+
+
+class JournalError(Exception):
+    """The journal cannot be opened or written (disk full, permissions, corruption)."""
+
+
+def state_to_json(state: SwapState) -> str:
+    """Serialise the machine state for the journal."""
+    return json.dumps(asdict(state))
+
+
+def state_from_json(text: str) -> SwapState:
+    """Rebuild a machine state written by ``state_to_json``."""
+    raw = json.loads(text)
+    obs = raw["in_return_bay"]
+    return SwapState(
+        phase=Phase(raw["phase"]),
+        session_id=raw["session_id"],
+        rider_id=raw["rider_id"],
+        mode=Mode(raw["mode"]),
+        return_bays=tuple(raw["return_bays"]),
+        dispensable=tuple(Candidate(**c) for c in raw["dispensable"]),
+        in_return_bay=BatteryObs(**obs) if obs is not None else None,
+        deposited=raw["deposited"],
+        dispensed=raw["dispensed"],
+        taken_back=raw["taken_back"],
+    )
+
+
+def snapshot_to_json(snapshot: BaySnapshot) -> str:
+    """Serialise a bay snapshot."""
+    return json.dumps(asdict(snapshot))
+
+
+def snapshot_from_json(text: str) -> BaySnapshot:
+    """Rebuild a bay snapshot."""
+    raw = json.loads(text)
+    battery = raw.pop("battery")
+    return BaySnapshot(**raw, battery=BatteryObs(**battery) if battery is not None else None)
+
+
+class Journal:
+    """One SQLite database in WAL mode; every write method commits atomically."""
+
+    def __init__(self, path: Path) -> None:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")  # a confirmed deposit survives power loss
+            self._db.executescript(_SCHEMA)
+            self._db.execute(
+                "INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),)
+            )
+        except (sqlite3.Error, OSError) as exc:
+            raise JournalError(f"cannot open the journal at {path}: {exc}") from exc
+        self.path = path
+
+    def close(self) -> None:
+        """Close the database."""
+        self._db.close()
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """One atomic unit: all of it is on disk, or none of it."""
+        try:
+            self._db.execute("BEGIN IMMEDIATE")
+        except sqlite3.Error as exc:
+            raise JournalError(f"journal unavailable: {exc}") from exc
+        try:
+            yield self._db
+            self._db.execute("COMMIT")
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+
+    # -- writes (inside a transaction) ------------------------------------------------------
+
+    @staticmethod
+    def put_session(db: sqlite3.Connection, state: SwapState, now: float) -> None:
+        """Record the active session's state (started on first sight)."""
+        db.execute(
+            "INSERT INTO sessions (id, rider_id, mode, state, started_at) VALUES (?,?,?,?,?) "
+            "ON CONFLICT(id) DO UPDATE SET state = excluded.state",
+            (state.session_id, state.rider_id, state.mode.value, state_to_json(state), now),
+        )
+
+    @staticmethod
+    def end_session(db: sqlite3.Connection, session_id: str, outcome: str, now: float) -> None:
+        """Mark a session finished with its outcome (``completed`` or the failure reason)."""
+        db.execute(
+            "UPDATE sessions SET ended_at = ?, outcome = ? WHERE id = ? AND ended_at IS NULL",
+            (now, outcome, session_id),
+        )
+        db.execute("DELETE FROM timers")
+
+    @staticmethod
+    def set_timer(db: sqlite3.Connection, timer: Timer, deadline: float) -> None:
+        """Record a running timer's wall-clock deadline."""
+        db.execute("INSERT OR REPLACE INTO timers VALUES (?, ?)", (timer.value, deadline))
+
+    @staticmethod
+    def cancel_timer(db: sqlite3.Connection, timer: Timer) -> None:
+        """Forget a timer."""
+        db.execute("DELETE FROM timers WHERE name = ?", (timer.value,))
+
+    @staticmethod
+    def put_custody(db: sqlite3.Connection, battery_id: str, loc: Location, now: float) -> None:
+        """Record where a battery is."""
+        db.execute(
+            "INSERT OR REPLACE INTO custody VALUES (?,?,?,?,?,?)",
+            (battery_id, loc.where.value, loc.bay, loc.rider_id, loc.session_id, now),
+        )
+
+    @staticmethod
+    def put_snapshot(db: sqlite3.Connection, bay: int, snapshot: BaySnapshot) -> None:
+        """Record the last bay state acted upon (the reconciliation baseline)."""
+        db.execute(
+            "INSERT OR REPLACE INTO bay_snapshots VALUES (?, ?)", (bay, snapshot_to_json(snapshot))
+        )
+
+    @staticmethod
+    def set_service(db: sqlite3.Connection, bay: int, *, in_service: bool, reason: str) -> None:
+        """Take a bay out of service or put it back."""
+        db.execute(
+            "INSERT OR REPLACE INTO bay_service VALUES (?,?,?)", (bay, int(in_service), reason)
+        )
+
+    @staticmethod
+    def add_event(
+        db: sqlite3.Connection, type_: str, payload: dict[str, Any], ts_ms: int
+    ) -> dict[str, Any]:
+        """Append an event to the outbox with the next ``seq`` and a fresh ``id``."""
+        (last,) = db.execute("SELECT COALESCE(MAX(seq), 0) FROM events").fetchone()
+        stored = db.execute("SELECT value FROM meta WHERE key = 'last_seq'").fetchone()
+        seq = max(int(last), int(stored[0]) if stored else 0) + 1
+        event_id = str(uuid.uuid4())
+        db.execute(
+            "INSERT INTO events VALUES (?,?,?,?,?)",
+            (seq, event_id, type_, ts_ms, json.dumps(payload)),
+        )
+        db.execute("INSERT OR REPLACE INTO meta VALUES ('last_seq', ?)", (str(seq),))
+        return {"seq": seq, "id": event_id, "type": type_, "ts": ts_ms, **payload}
+
+    # -- token replay cache -----------------------------------------------------------------
+
+    def use_token(self, nonce: str, expires: int, now: int) -> bool:
+        """Record a token's nonce; False if it was already used (a replay)."""
+        with self.transaction() as db:
+            db.execute("DELETE FROM used_tokens WHERE expires < ?", (now,))
+            try:
+                db.execute("INSERT INTO used_tokens VALUES (?, ?)", (nonce, expires))
+            except sqlite3.IntegrityError:
+                return False
+        return True
+
+    # -- reads ------------------------------------------------------------------------------
+
+    def active_session(self) -> SwapState | None:
+        """The session that was running when the daemon stopped, if any."""
+        row = self._db.execute(
+            "SELECT state FROM sessions WHERE ended_at IS NULL ORDER BY started_at DESC LIMIT 1"
+        ).fetchone()
+        return state_from_json(row[0]) if row else None
+
+    def timers(self) -> dict[Timer, float]:
+        """Running timers and their deadlines."""
+        return {Timer(n): d for n, d in self._db.execute("SELECT name, deadline FROM timers")}
+
+    def ledger(self) -> CustodyLedger:
+        """The custody ledger as last committed."""
+        rows = self._db.execute(
+            "SELECT battery_id, location, bay, rider_id, session_id FROM custody"
+        )
+        return CustodyLedger(
+            {
+                battery_id: Location(Where(where), bay=bay, rider_id=rider, session_id=session)
+                for battery_id, where, bay, rider, session in rows
+            }
+        )
+
+    def snapshots(self) -> dict[int, BaySnapshot]:
+        """The last bay states acted upon."""
+        return {
+            bay: snapshot_from_json(s)
+            for bay, s in self._db.execute("SELECT bay, snapshot FROM bay_snapshots")
+        }
+
+    def out_of_service(self) -> dict[int, str]:
+        """Bays out of service, with the reason."""
+        return {
+            bay: reason
+            for bay, in_service, reason in self._db.execute(
+                "SELECT bay, in_service, reason FROM bay_service"
+            )
+            if not in_service
+        }
+
+    def events(self, after_seq: int = 0, limit: int = 1000) -> list[dict[str, Any]]:
+        """Events with ``seq`` greater than ``after_seq``, oldest first."""
+        rows = self._db.execute(
+            "SELECT seq, id, type, ts, payload FROM events WHERE seq > ? ORDER BY seq LIMIT ?",
+            (after_seq, limit),
+        )
+        return [
+            {"seq": seq, "id": id_, "type": type_, "ts": ts, **json.loads(payload)}
+            for seq, id_, type_, ts, payload in rows
+        ]
+
+    def sessions(self) -> list[dict[str, Any]]:
+        """Every session with its outcome (None while running)."""
+        rows = self._db.execute(
+            "SELECT id, rider_id, mode, started_at, ended_at, outcome FROM sessions "
+            "ORDER BY started_at"
+        )
+        keys = ("id", "rider_id", "mode", "started_at", "ended_at", "outcome")
+        return [dict(zip(keys, row, strict=True)) for row in rows]

@@ -96,10 +96,10 @@ class SwapSection(_Section):
     dispense_min_soc_pct: float = Field(default=90.0, ge=50.0, le=100.0)
     battery_id_pattern: str = r"^BAT-[A-Z0-9-]{1,12}$"
     unlock_timeout_s: float = Field(default=3.0, ge=0.5, le=30.0)
-    deposit_timeout_s: float = Field(default=90.0, ge=10.0, le=600.0)
-    take_back_timeout_s: float = Field(default=90.0, ge=10.0, le=600.0)
-    pickup_timeout_s: float = Field(default=60.0, ge=10.0, le=600.0)
-    close_timeout_s: float = Field(default=30.0, ge=5.0, le=600.0)
+    deposit_timeout_s: float = Field(default=90.0, ge=1.0, le=600.0)
+    take_back_timeout_s: float = Field(default=90.0, ge=1.0, le=600.0)
+    pickup_timeout_s: float = Field(default=60.0, ge=1.0, le=600.0)
+    close_timeout_s: float = Field(default=30.0, ge=1.0, le=600.0)
 
     @field_validator("battery_id_pattern")
     @classmethod

@@ -506,10 +506,17 @@ def _deposit_inserted(_m: SwapMachine, state: SwapState, ev: BatteryInserted) ->
     return Transition(replace(state, in_return_bay=ev.battery))
 
 
+def _back_to_rider(state: SwapState, battery_id: str | None) -> tuple[Command, ...]:
+    """The rider took their own battery back out of the return bay."""
+    if battery_id is None:
+        return ()
+    return (CustodyToRider(battery_id, state.rider_id, state.session_id),)
+
+
 def _deposit_removed(_m: SwapMachine, state: SwapState, ev: BatteryRemoved) -> Transition:
     if ev.bay != state.return_bay:
         return Transition(state)
-    return Transition(replace(state, in_return_bay=None))
+    return Transition(replace(state, in_return_bay=None), _back_to_rider(state, ev.battery_id))
 
 
 def _deposit_door_closed(m: SwapMachine, state: SwapState, ev: DoorClosed) -> Transition:
@@ -591,7 +598,9 @@ def _session_bay_offline(_m: SwapMachine, state: SwapState, ev: BayOffline) -> T
 def _reject_removed(_m: SwapMachine, state: SwapState, ev: BatteryRemoved) -> Transition:
     if ev.bay != state.return_bay:
         return Transition(state)
-    return Transition(replace(state, in_return_bay=None, taken_back=True))
+    return Transition(
+        replace(state, in_return_bay=None, taken_back=True), _back_to_rider(state, ev.battery_id)
+    )
 
 
 def _reject_inserted(_m: SwapMachine, state: SwapState, ev: BatteryInserted) -> Transition:
@@ -722,10 +731,7 @@ def _giveback_door_opened(_m: SwapMachine, state: SwapState, ev: DoorOpened) -> 
 def _giveback_removed(_m: SwapMachine, state: SwapState, ev: BatteryRemoved) -> Transition:
     if ev.bay != state.return_bay or state.deposited is None or state.taken_back:
         return Transition(state)
-    return Transition(
-        replace(state, taken_back=True),
-        (CustodyToRider(state.deposited, state.rider_id, state.session_id),),
-    )
+    return Transition(replace(state, taken_back=True), _back_to_rider(state, state.deposited))
 
 
 def _giveback_door_closed(_m: SwapMachine, state: SwapState, ev: DoorClosed) -> Transition:

@@ -9,6 +9,7 @@ stops all charging and all swaps.
 
 from __future__ import annotations
 
+import os
 from dataclasses import replace
 
 from hypothesis import given, settings
@@ -175,8 +176,9 @@ class ChargingCabinet(RuleBasedStateMachine):
                 assert bay in self.safety.tripped
 
 
+EXAMPLES = int(os.environ.get("CABINET_CAMPAIGN_EXAMPLES", "150"))  # long campaign: 20000
 ChargingCabinet.TestCase.settings = settings(
-    max_examples=150, stateful_step_count=50, deadline=None
+    max_examples=EXAMPLES, stateful_step_count=50, deadline=None
 )
 TestChargingCabinet = ChargingCabinet.TestCase
 

@@ -13,11 +13,12 @@ commands act back on the model. Invariants are checked after every step:
 * an active session always has a timer running, so it ends within its timeouts;
 * illegal events change nothing.
 
-Long campaign: ``HYPOTHESIS_PROFILE=campaign make unit`` (see tests/conftest.py).
+Long campaign: ``CABINET_CAMPAIGN_EXAMPLES=20000 .venv/bin/pytest tests/test_swap_stateful.py``.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, replace
 
 import hypothesis
@@ -352,7 +353,11 @@ class SwapCabinet(RuleBasedStateMachine):
             assert reserved is not None and self.reserved_ok.get(reserved, False)
 
 
-SwapCabinet.TestCase.settings = settings(max_examples=200, stateful_step_count=60, deadline=None)
+# CI runs a few hundred stories; a long campaign: CABINET_CAMPAIGN_EXAMPLES=20000
+EXAMPLES = int(os.environ.get("CABINET_CAMPAIGN_EXAMPLES", "200"))
+SwapCabinet.TestCase.settings = settings(
+    max_examples=EXAMPLES, stateful_step_count=60, deadline=None
+)
 TestSwapCabinet = SwapCabinet.TestCase
 
 

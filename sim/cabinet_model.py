@@ -13,6 +13,8 @@ while in heartbeat fail-safe.
 from __future__ import annotations
 
 import random
+import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,6 +31,7 @@ MAINS_VOLTAGE_V = 230.0
 CHARGER_EFFICIENCY = 0.92
 BASE_LOAD_W = 12.0  # boards, scanner, screen
 FAN_LOAD_W = 15.0
+TIMELINE_LENGTH = 500
 MAX_STEP_S = 0.5  # physics sub-step: small against every thermal time constant we model
 DEFAULT_CURRENT_LIMIT_A = 5.0
 
@@ -100,6 +103,9 @@ class SimulatedCabinet:
         self.silent_units: set[int] = set()
         self.crc_units: dict[int, float] = {}
         self.energy_kwh = 0.0
+        # What happened when (wall clock, so other processes can line it up with their own
+        # timestamps): the swap-latency benchmark reads it, technicians can too.
+        self.timeline: deque[dict[str, Any]] = deque(maxlen=TIMELINE_LENGTH)
         if populate:
             self._populate()
 
@@ -314,7 +320,12 @@ class SimulatedCabinet:
         else:
             raise WriteRefusedError(ILLEGAL_ADDRESS, f"no writable register {address}")
 
+    def note(self, what: str, bay: int | None = None) -> None:
+        """Record a moment on the timeline."""
+        self.timeline.append({"t": time.time(), "what": what, "bay": bay})
+
     def _unlock(self, bay: SimBay) -> None:
+        self.note("unlock", bay.number)
         if FaultKind.LOCK_STUCK in bay.faults:
             bay.lock_jammed_latched = True
             return
@@ -372,6 +383,7 @@ class SimulatedCabinet:
             identified=identified,
             cycle_count=self._rng.randint(20, 400),
         )
+        self.note("insert", number)
 
     def close(self, number: int) -> None:
         """A rider shuts a bay's door; the latch engages as it closes."""
@@ -379,6 +391,7 @@ class SimulatedCabinet:
         bay = self._bay(number)
         bay.door_closed = True
         bay.locked = True
+        self.note("close", number)
 
     def take(self, number: int) -> Battery:
         """A rider takes the battery out of an open bay."""
@@ -390,6 +403,7 @@ class SimulatedCabinet:
             raise SimCommandError(f"bay {number} is empty")
         battery, bay.battery = bay.battery, None
         bay.charger_current_a = 0.0
+        self.note("take", number)
         return battery
 
     # -- fate -----------------------------------------------------------------------------
@@ -526,6 +540,7 @@ class SimulatedCabinet:
                 "power_w": round(meter.power_w, 1),
                 "energy_kwh": round(meter.energy_kwh, 6),
             },
+            "timeline": list(self.timeline),
             "faults": {
                 "cabinet": sorted(self.cabinet_faults),
                 "silent_units": sorted(self.silent_units),

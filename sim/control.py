@@ -117,6 +117,7 @@ class ControlServer:
             text = request.get("text")
             if not isinstance(text, str) or "\n" in text or "\r" in text:
                 raise SimCommandError("scan needs one line of text")
+            world.note("scan")
             return {"delivered_to": self._scanner.emit(text.encode("utf-8", "replace") + b"\r\n")}
         if verb == "insert":
             battery_id = request.get("battery")

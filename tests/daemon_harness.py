@@ -105,8 +105,14 @@ class Cabinet:
         return result.stdout.strip()
 
     def scan(self, text: str) -> None:
-        result = self.sim.ctl("scan", text)
-        assert result.returncode == 0, result.stderr
+        """Scan once the daemon's scanner reader is connected (a line nobody reads is lost)."""
+
+        def delivered() -> bool:
+            result = self.sim.ctl("--json", "scan", text)
+            assert result.returncode == 0, result.stderr
+            return bool(json.loads(result.stdout)["delivered_to"])
+
+        wait_until("the daemon to read the scanner", delivered)
 
     def ctl(self, *args: str) -> None:
         result = self.sim.ctl(*args)

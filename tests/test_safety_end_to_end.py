@@ -1,0 +1,67 @@
+"""Charging and the safety interlocks, end to end: `cabinet run` against `cabinet sim`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tests.daemon_harness import running_cabinet, wait_until
+
+
+def charging_bays(state: dict) -> set[int]:  # type: ignore[type-arg]
+    return {b["bay"] for b in state["bays"] if b["charger"]["on"]}
+
+
+def test_the_daemon_closes_the_contactor_and_charges_within_the_budget(tmp_path: Path) -> None:
+    with running_cabinet(tmp_path, extra={"charging": {"power_budget_w": 700.0}}) as cab:
+        on = wait_until("chargers to run", lambda: charging_bays(cab.state()))
+        state = cab.state()
+        assert state["cabinet"]["contactor_closed"]
+        for bay in on:
+            battery = cab.bay(bay)["battery"]
+            assert battery is not None and battery["soc_pct"] < 100
+        assert state["meter"]["power_w"] <= 700.0 + 12.0 + 15.0  # budget + base and fan load
+
+
+def test_thermal_runaway_cuts_the_charger_isolates_the_bay_and_alarms(tmp_path: Path) -> None:
+    with running_cabinet(tmp_path) as cab:
+        bay = wait_until("a charging bay", lambda: sorted(charging_bays(cab.state())))[0]
+        cab.ctl("fault", "thermal_runaway", "--bay", str(bay))
+        alarm = cab.wait_event("alarm.raised", kind="bay.overtemp", bay=bay)
+        assert "rising" in alarm["detail"] or "degC" in alarm["detail"]
+        cab.wait_event("bay.disabled", bay=bay)
+        wait_until("the charger to stop", lambda: not cab.bay(bay)["charger"]["enabled"])
+        # the isolated bay is never offered to a rider
+        started = cab.swap_begins("R-1")
+        assert bay not in (started["return_bay"], started["dispense_bay"])
+
+
+def test_smoke_stops_charging_aborts_the_session_and_refuses_swaps(tmp_path: Path) -> None:
+    with running_cabinet(tmp_path) as cab:
+        started = cab.swap_begins("R-2")
+        cab.ctl("fault", "smoke")
+        cab.wait_event("alarm.raised", kind="smoke")
+        failed = cab.wait_event("swap.failed", session_id=started["session_id"])
+        assert failed["reason"] == "smoke"
+        wait_until("the contactor to open", lambda: not cab.state()["cabinet"]["contactor_closed"])
+        wait_until("every charger off", lambda: not charging_bays(cab.state()))
+        cab.scan(cab.token("R-3"))
+        refused = cab.wait_event("swap.refused", rider_id="R-3")
+        assert refused["reason"] == "safety_lockout"
+        cab.ctl("heal", "smoke")
+        cab.wait_event("alarm.cleared", kind="smoke")
+        wait_until("the contactor to close", lambda: cab.state()["cabinet"]["contactor_closed"])
+
+
+def test_boards_fail_safe_when_the_daemon_dies(tmp_path: Path) -> None:
+    with running_cabinet(tmp_path) as cab:
+        wait_until("chargers to run", lambda: charging_bays(cab.state()))
+        assert all(b["heartbeat_ok"] for b in cab.state()["bays"])
+        cab.kill9()
+        wait_until(
+            "boards to stop charging without a heartbeat",
+            lambda: not charging_bays(cab.state()),
+            timeout=15,
+        )
+        assert not any(b["heartbeat_ok"] for b in cab.state()["bays"])
+        cab.start()
+        wait_until("charging to resume", lambda: charging_bays(cab.state()))

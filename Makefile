@@ -29,9 +29,10 @@ typecheck: $(STAMP)
 unit: $(STAMP)
 	$(BIN)/pytest -q
 
-## bench: bus cycle time against the wire-time minimum
+## bench: bus cycle vs the wire-time minimum, and swap latency
 bench: $(STAMP)
 	$(BIN)/python bench/bus_cycle.py
+	$(BIN)/python bench/swap_latency.py --swaps 20
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache .hypothesis

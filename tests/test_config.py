@@ -97,3 +97,9 @@ def test_environment_overrides_any_key(tmp_path: Path) -> None:
 def test_env_overlay_leaves_unrelated_variables_alone() -> None:
     merged = apply_env({"bus": {"url": "tcp://a:1"}}, {"CABINET_CONFIG": "/x", "HOME": "/root"})
     assert merged == {"bus": {"url": "tcp://a:1"}}
+
+
+def test_the_documented_example_config_is_valid() -> None:
+    example = Path(__file__).resolve().parent.parent / "docs" / "cabinet.example.toml"
+    result = cabinet_cmd("config", "check", "-c", str(example))
+    assert result.returncode == 0, result.stdout

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
 import statistics
 import subprocess
 import sys
@@ -27,36 +26,14 @@ from drivers.bus_url import parse_endpoint
 from drivers.modbus_bus import ModbusBus, UnitNoAnswerError
 from protocol import bay_map, rtu_timing
 from protocol.units import BAY_UNITS
+from sim.launcher import start_simulator, stop_process
 
 REPO = Path(__file__).resolve().parent.parent
 BAUDS = (9600, 19200, 115200)
 
 
 def start_sim(baud: int, bus: str) -> tuple[subprocess.Popen[str], dict[str, str]]:
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "cabinet.cli",
-            "sim",
-            "--baud",
-            str(baud),
-            "--reply-ms",
-            "0",
-            "--bus",
-            bus,
-            "--scanner",
-            "tcp://127.0.0.1:0",
-            "--control",
-            "tcp://127.0.0.1:0",
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-        cwd=REPO,
-    )
-    assert proc.stdout is not None
-    return proc, json.loads(proc.stdout.readline())["ready"]
+    return start_simulator("--baud", str(baud), "--reply-ms", "0", bus=bus, cwd=REPO)
 
 
 async def poll_cycle(bus: ModbusBus) -> float:
@@ -103,8 +80,7 @@ def main() -> None:
                 try:
                     samples = asyncio.run(measure(ready["bus"], args.cycles, 0.25))
                 finally:
-                    proc.terminate()
-                    proc.wait()
+                    stop_process(proc)
             minimum = len(BAY_UNITS) * rtu_timing.read_transaction_time(bay_map.STATUS_COUNT, baud)
             mean = statistics.fmean(samples)
             worst = max(worst, mean / minimum)
@@ -121,8 +97,7 @@ def main() -> None:
         ctl(ready["control"], "fault", "silent", "--bay", "5")
         samples = asyncio.run(measure(ready["bus"], 6, 0.25))
     finally:
-        proc.terminate()
-        proc.wait()
+        stop_process(proc)
     minimum = len(BAY_UNITS) * rtu_timing.read_transaction_time(bay_map.STATUS_COUNT, 19200)
     for i, sample in enumerate(samples, start=2):  # cycle 1 was the warm-up
         print(f"| {i} | {sample * 1000:.1f} | {(sample - minimum) * 1000:.1f} |")

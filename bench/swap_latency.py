@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import statistics
 import subprocess
 import sys
@@ -32,6 +31,7 @@ from cabinet.journal import Journal
 from cabinet.tokens import generate_keys, issue, load_private_key
 from protocol import bay_map, rtu_timing
 from sim.control import call
+from sim.launcher import start_simulator, stop_process
 
 REPO = Path(__file__).resolve().parent.parent
 BAUD = 19200
@@ -101,30 +101,7 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp_dir:
         tmp = Path(tmp_dir)
-        sim = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "cabinet.cli",
-                "sim",
-                "--baud",
-                str(BAUD),
-                "--seed",
-                "11",
-                "--bus",
-                "tcp://127.0.0.1:0",
-                "--scanner",
-                "tcp://127.0.0.1:0",
-                "--control",
-                "tcp://127.0.0.1:0",
-            ],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL,
-            text=True,
-            cwd=REPO,
-        )
-        assert sim.stdout is not None
-        ready = json.loads(sim.stdout.readline())["ready"]
+        sim, ready = start_simulator("--baud", str(BAUD), "--seed", "11", cwd=REPO)
         keys = generate_keys(str(tmp / "backend"))
         config = tmp / "cabinet.toml"
         config.write_text(
@@ -148,10 +125,8 @@ def main() -> None:
             for n in range(1, args.swaps + 1):
                 results.append(asyncio.run(one_swap(control, keys.private, journal, n)))
         finally:
-            daemon.terminate()
-            daemon.wait()
-            sim.terminate()
-            sim.wait()
+            stop_process(daemon)
+            stop_process(sim)
     transaction = rtu_timing.read_transaction_time(bay_map.STATUS_COUNT, BAUD, 0.002)
     print(f"{len(results)} swaps at {BAUD} baud; one bus transaction = {transaction * 1000:.1f} ms")
     print("| measure | p50 ms | p99 ms | max ms | goal |")

@@ -19,6 +19,7 @@ from drivers.bus_url import parse_endpoint
 from drivers.modbus_bus import ModbusBus
 from sim.bus_server import SimulatedBus
 from sim.cabinet_model import SimulatedCabinet
+from sim.launcher import FREE, start_simulator, stop_process
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -99,44 +100,13 @@ class SimProcess:
         return json.loads(result.stdout)
 
 
-def start_sim_process(
-    *extra: str, bus: str = "tcp://127.0.0.1:0", scanner: str = "tcp://127.0.0.1:0"
-) -> SimProcess:
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "cabinet.cli",
-            "sim",
-            "--bus",
-            bus,
-            "--scanner",
-            scanner,
-            "--control",
-            "tcp://127.0.0.1:0",
-            *extra,
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-        cwd=REPO,
-    )
-    assert proc.stdout is not None
-    line = proc.stdout.readline()  # blocks until the simulator listens (or dies)
-    if not line:
-        proc.kill()
-        raise RuntimeError("cabinet sim exited before it was ready")
-    ready = json.loads(line)["ready"]
+def start_sim_process(*extra: str, bus: str = FREE, scanner: str = FREE) -> SimProcess:
+    proc, ready = start_simulator(*extra, bus=bus, scanner=scanner, cwd=REPO)
     return SimProcess(proc, ready["bus"], ready["scanner"], ready["control"])
 
 
 def stop_sim_process(sim: SimProcess) -> None:
-    sim.proc.terminate()
-    try:
-        sim.proc.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        sim.proc.kill()
-        sim.proc.wait()
+    stop_process(sim.proc)
 
 
 @pytest.fixture

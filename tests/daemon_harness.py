@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from cabinet.journal import Journal
+from sim.launcher import stop_process
 from tests.conftest import REPO, SimProcess, cabinet_cmd, start_sim_process, stop_sim_process
 
 WAIT_S = 20.0
@@ -65,12 +66,7 @@ class Cabinet:
 
     def stop(self) -> None:
         if self.daemon is not None:
-            self.daemon.terminate()
-            try:
-                self.daemon.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.daemon.kill()
-                self.daemon.wait()
+            stop_process(self.daemon)
             self.daemon = None
 
     # -- what the backend would see ------------------------------------------------------------

@@ -45,6 +45,7 @@ from cabinet.safety import (
     SafetyMonitor,
 )
 from cabinet.swap_machine import (
+    BOARD_SILENT,
     IDLE,
     Abort,
     CancelTimer,
@@ -310,7 +311,8 @@ class CabinetController:
             cell = snapshot.battery.cell_temp_c if snapshot.battery else None
             safety = self.safety.observe_bay(bay, self.clock.monotonic(), cell, snapshot.bay_temp_c)
         material = prev is None or _material(prev) != _material(snapshot)
-        if events or material or safety:
+        back = snapshot.online and self.out_of_service.get(bay) == BOARD_SILENT
+        if events or material or safety or back:
             with self.journal.transaction() as db:
                 for event in events:
                     self._step(db, event, io)
@@ -321,6 +323,14 @@ class CabinetController:
                         self._custody(db, change)
                 self.journal.put_snapshot(db, bay, snapshot)
                 self._safety_journal(db, safety)
+                if back:
+                    del self.out_of_service[bay]
+                    self.journal.set_service(db, bay, in_service=True, reason="")
+                    self.emit(
+                        db,
+                        "bay.enabled",
+                        {"bay": bay, "by": "controller", "reason": "board answering again"},
+                    )
         self.baseline[bay] = snapshot
         self.snapshots[bay] = snapshot
         self._carry_out(io)

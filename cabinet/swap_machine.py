@@ -42,6 +42,10 @@ class Phase(enum.StrEnum):
 
 ACTIVE_PHASES = frozenset(Phase) - {Phase.IDLE}
 
+#: Why a bay whose board went silent is out of service. Unlike a jammed lock or an
+#: overheat, this clears itself: the bay returns to service when its board answers again.
+BOARD_SILENT = "board stopped answering"
+
 
 class Mode(enum.StrEnum):
     """What the authorisation allows."""
@@ -478,7 +482,7 @@ def _opening_failure(m: SwapMachine, state: SwapState, ev: Any) -> Transition:
         return _door_failed(m, state, bay, "door did not open after unlock")
     if ev.bay != bay:
         return Transition(state)
-    reason = "lock jammed" if isinstance(ev, LockJammed) else "board stopped answering"
+    reason = "lock jammed" if isinstance(ev, LockJammed) else BOARD_SILENT
     return _door_failed(m, state, bay, reason)
 
 
@@ -590,7 +594,7 @@ def _session_bay_offline(_m: SwapMachine, state: SwapState, ev: BayOffline) -> T
     return _fail(
         state,
         "bay_offline",
-        MarkBayFaulty(ev.bay, "board stopped answering"),
+        MarkBayFaulty(ev.bay, BOARD_SILENT),
         prompt="sorry, this bay stopped responding",
     )
 

@@ -152,7 +152,7 @@ def test_a_bay_that_goes_silent_mid_session_ends_it_cleanly(tmp_path: Path) -> N
         assert failed["reason"] == "bay_offline"
         cab.wait_event("bay.disabled", bay=ret)
         cab.ctl("heal")
-        # the next rider is served by another bay
+        cab.wait_event("bay.enabled", bay=ret)  # back in service once its board answers
+        # a door left open is shut by the next person passing; the bay serves riders again
         cab.ctl("close", str(ret))
-        nxt = cab.swap_begins("R-12")
-        assert nxt["return_bay"] != ret
+        assert cab.swap_begins("R-12")["return_bay"] is not None

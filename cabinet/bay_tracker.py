@@ -91,12 +91,14 @@ def diff(bay: int, prev: BaySnapshot | None, cur: BaySnapshot) -> list[Event]:
         or (prev.battery_id is not None and cur.battery_id not in (None, prev.battery_id))
     )
     inserted = cur.battery_present and (removed or not prev.battery_present)
+    # the same battery now reads differently (identified, unplugged, re-plugged): the
+    # machine judges a deposit on the latest reading, so it must hear of the change
     identified_later = (
         not removed
         and not inserted
-        and cur.battery_present
-        and cur.battery != prev.battery
-        and prev.battery_id is None
+        and cur.battery is not None
+        and prev.battery is not None
+        and (cur.battery_id, cur.battery.plugged) != (prev.battery_id, prev.battery.plugged)
     )
     opened = not prev.door_closed or not cur.door_closed or removed or inserted
     if prev.door_closed and opened:

@@ -18,10 +18,12 @@ was never seen to open.
 from __future__ import annotations
 
 import asyncio
+import copy
 import sqlite3
 import time
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -70,7 +72,7 @@ from cabinet.swap_machine import (
     Unlock,
 )
 from drivers.boards import BayBoard, CabinetBoard, EnergyMeter
-from drivers.modbus_bus import BusError, ExceptionReplyError, UnitIsolatedError
+from drivers.modbus_bus import BusError, ExceptionReplyError, ModbusBus, UnitIsolatedError
 from protocol import bay_map
 from protocol.errors import ProtocolError, UnknownMapVersionError
 from protocol.meter_map import MeterReading
@@ -78,6 +80,7 @@ from protocol.units import BAY_UNITS
 
 log = structlog.get_logger("controller")
 
+HEARTBEAT_FAILSAFE_CODE = 4  # bay board refuses an unlock with 0x04 while in fail-safe
 HOT_BAY_INTERVAL_S = 0.1  # a session's bay is re-read this often: a door seen open within ~0.1 s
 HEARTBEAT_INTERVAL_S = 1.0  # five per board timeout: one lost broadcast never trips a board
 CHARGER_REFRESH_S = 60.0  # re-send unchanged charger settings: a rebooted board forgets them
@@ -149,7 +152,12 @@ class CabinetController:
         self.settings = settings or ControllerSettings()
         self.clock: Clock = clock or SystemClock()
         self.state: SwapState = journal.active_session() or IDLE
-        self.timers: dict[Timer, float] = journal.timers()
+        # deadlines on the monotonic clock (a wall-clock step must not fire or stall them);
+        # the journal keeps wall-clock deadlines for people, and recover() re-arms them
+        self.timers: dict[Timer, float] = {
+            timer: self.clock.monotonic() + max(0.0, deadline - self.clock.wall())
+            for timer, deadline in journal.timers().items()
+        }
         self.ledger = journal.ledger()
         self.baseline: dict[int, BaySnapshot] = journal.snapshots()
         self.snapshots: dict[int, BaySnapshot] = {}
@@ -161,7 +169,6 @@ class CabinetController:
         self._timer_wakeup = asyncio.Event()
         self._last_read: dict[int, float] = {}
         self._commanded: dict[int, tuple[bool, float, float]] = {}
-        self._last_heartbeat = float("-inf")
         self._heartbeat_counter = 0
         self._last_meter = float("-inf")
         self.meter: MeterReading | None = None
@@ -178,8 +185,45 @@ class CabinetController:
         event = self.journal.add_event(db, type_, payload, self._ts_ms())
         log.info("event", **{k: v for k, v in event.items() if k not in {"ts"}})
 
+    @contextmanager
+    def _committing(self) -> Iterator[sqlite3.Connection]:
+        """A journal transaction whose in-memory twin is rolled back with it.
+
+        Decisions change memory first and the journal in the same breath; if the commit
+        fails (disk full, database locked) memory goes back to what the journal holds,
+        so the daemon never acts on something it has not recorded.
+        """
+        saved = (
+            self.state,
+            dict(self.timers),
+            copy.deepcopy(self.ledger),
+            dict(self.out_of_service),
+            copy.deepcopy(self.safety),
+            dict(self.baseline),
+        )
+        try:
+            with self.journal.transaction() as db:
+                yield db
+        except BaseException:
+            (
+                self.state,
+                self.timers,
+                self.ledger,
+                self.out_of_service,
+                self.safety,
+                self.baseline,
+            ) = saved
+            raise
+
+    def _arm(self, db: sqlite3.Connection, timer: Timer, seconds: float) -> None:
+        self.timers[timer] = self.clock.monotonic() + seconds
+        self.journal.set_timer(db, timer, self.clock.wall() + seconds)
+
     def _step(self, db: sqlite3.Connection, event: Event, io: list[Command]) -> None:
         """Feed one event to the machine and journal everything it decided."""
+        if isinstance(event, TimerExpired):
+            self.timers.pop(event.timer, None)  # spent, whatever the machine makes of it
+            self.journal.cancel_timer(db, event.timer)
         before = self.state
         result = self.settings.machine.step(before, event)
         if result.rejected:
@@ -191,8 +235,7 @@ class CabinetController:
             if isinstance(command, Unlock):
                 io.append(command)
             elif isinstance(command, StartTimer):
-                self.timers[command.timer] = now + command.seconds
-                self.journal.set_timer(db, command.timer, now + command.seconds)
+                self._arm(db, command.timer, command.seconds)
             elif isinstance(command, CancelTimer):
                 self.timers.pop(command.timer, None)
                 self.journal.cancel_timer(db, command.timer)
@@ -262,15 +305,16 @@ class CabinetController:
                 )
 
     def _take_out_of_service(self, db: sqlite3.Connection, bay: int, reason: str) -> None:
-        if self.out_of_service.get(bay) == reason:
-            return
+        current = self.out_of_service.get(bay)
+        if current is not None and (current == reason or current != BOARD_SILENT):
+            return  # keep the first real reason: only a silent board clears itself
         self.out_of_service[bay] = reason
         self.journal.set_service(db, bay, in_service=False, reason=reason)
         self.emit(db, "bay.disabled", {"bay": bay, "reason": reason, "by": "controller"})
 
     def _feed(self, events: Iterable[Event]) -> None:
         io: list[Command] = []
-        with self.journal.transaction() as db:
+        with self._committing() as db:
             for event in events:
                 self._step(db, event, io)
         self._carry_out(io)
@@ -283,18 +327,45 @@ class CabinetController:
     def _spawn(self, coro: Any) -> None:
         task = asyncio.get_running_loop().create_task(coro)
         self._pending.add(task)
-        task.add_done_callback(self._pending.discard)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        self._pending.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            exc = task.exception()
+            log.error("background_action_failed", error=f"{type(exc).__name__}: {exc}")
 
     async def _unlock(self, bay: int) -> None:
+        session_id = self.state.session_id
+
+        async def unlock_if_still_wanted(bus: ModbusBus) -> bool:
+            # Checked when the frame is about to go out, not when it was queued: a session
+            # aborted meanwhile (smoke) must not have a door open after the fact.
+            if self.state.session_id != session_id or bay not in self._hot_bays():
+                return False
+            await BayBoard(bus, bay).unlock()
+            return True
+
         try:
-            await self.scheduler.submit(Priority.UNLOCK, lambda bus: BayBoard(bus, bay).unlock())
+            try:
+                sent = await self.scheduler.submit(Priority.UNLOCK, unlock_if_still_wanted)
+            except ExceptionReplyError as exc:
+                if exc.code != HEARTBEAT_FAILSAFE_CODE:
+                    raise
+                # the board is in heartbeat fail-safe, not jammed: heartbeat, then once more
+                await self._heartbeat(Priority.UNLOCK)
+                sent = await self.scheduler.submit(Priority.UNLOCK, unlock_if_still_wanted)
         except ExceptionReplyError as exc:
             log.warning("unlock_refused", bay=bay, error=str(exc))
-            self._feed([LockJammed(bay)])
+            if exc.code != HEARTBEAT_FAILSAFE_CODE:
+                self._feed([LockJammed(bay)])
             return
         except BusError as exc:
             log.warning("unlock_failed", bay=bay, error=str(exc))
             return  # the unlock timer will notice the door never opened
+        if not sent:
+            log.info("unlock_dropped", bay=bay, reason="session no longer wants this door")
+            return
         if self.on_unlock_sent is not None:
             self.on_unlock_sent(bay)
         await self._read_bay(bay, Priority.ACTIVE)
@@ -313,12 +384,20 @@ class CabinetController:
         material = prev is None or _material(prev) != _material(snapshot)
         back = snapshot.online and self.out_of_service.get(bay) == BOARD_SILENT
         if events or material or safety or back:
-            with self.journal.transaction() as db:
+            with self._committing() as db:
                 for event in events:
                     self._step(db, event, io)
                 if snapshot.online:
+                    expected = bay == self.state.return_bay and self.state.phase in (
+                        Phase.AWAITING_DEPOSIT,
+                        Phase.REJECTING,
+                        Phase.GIVING_BACK,
+                    )
                     for change in self.ledger.observe_bay(
-                        bay, snapshot.battery_id, present=snapshot.battery_present
+                        bay,
+                        snapshot.battery_id,
+                        present=snapshot.battery_present,
+                        expected=expected,
                     ):
                         self._custody(db, change)
                 self.journal.put_snapshot(db, bay, snapshot)
@@ -369,7 +448,7 @@ class CabinetController:
             self.observe_bay(bay, OFFLINE)
             return
         except UnknownMapVersionError as exc:
-            with self.journal.transaction() as db:
+            with self._committing() as db:
                 self._take_out_of_service(db, bay, str(exc))
             return
         except (BusError, ProtocolError):
@@ -389,7 +468,7 @@ class CabinetController:
             smoke=status.smoke, mains_present=status.mains_present
         )
         if actions:
-            with self.journal.transaction() as db:
+            with self._committing() as db:
                 self._safety_journal(db, actions)
             self._safety_io(actions)
         want_closed = not self.safety.smoke and not self.safety.mains_lost
@@ -436,20 +515,22 @@ class CabinetController:
             ):
                 await self._charger(bay, amps, Priority.ROUTINE)
 
-    async def _heartbeat_if_due(self) -> None:
-        now = self.clock.monotonic()
-        if now - self._last_heartbeat < HEARTBEAT_INTERVAL_S:
-            return
-        self._last_heartbeat = now
+    async def _heartbeat(self, priority: Priority = Priority.ACTIVE) -> None:
         self._heartbeat_counter = (self._heartbeat_counter + 1) & 0xFFFF
         counter = self._heartbeat_counter
         try:
             await self.scheduler.submit(
-                Priority.ACTIVE,
+                priority,
                 lambda bus: bus.broadcast_register(bay_map.CommandReg.HEARTBEAT, counter),
             )
         except BusError as exc:
             log.warning("heartbeat_failed", error=str(exc))
+
+    async def heartbeat_forever(self) -> None:
+        """Tell the boards we are alive, in a task of its own so a poller crash cannot stop it."""
+        while True:
+            await self._heartbeat()
+            await asyncio.sleep(HEARTBEAT_INTERVAL_S)
 
     def _hot_bays(self) -> list[int]:
         state = self.state
@@ -482,19 +563,17 @@ class CabinetController:
 
     async def recover(self) -> None:
         """Rebuild the picture from the boards before any door opens (DESIGN.md §5)."""
-        await self._heartbeat_if_due()
+        await self._heartbeat()
         await self._read_cabinet()
         for bay in BAY_UNITS:
             await self._read_bay(bay, Priority.ACTIVE)
         resumed = self.state.session_id if self.state.phase is not Phase.IDLE else None
         io: list[Command] = []
-        with self.journal.transaction() as db:
+        with self._committing() as db:
             if self.state.phase is not Phase.IDLE:
-                now = self.clock.wall()
                 machine = self.settings.machine
                 for timer in list(self.timers):
-                    self.timers[timer] = now + machine.timeouts.of(timer)
-                    self.journal.set_timer(db, timer, self.timers[timer])
+                    self._arm(db, timer, machine.timeouts.of(timer))
                 door_bay = self._hot_bays()
                 if (
                     self.state.phase
@@ -509,8 +588,7 @@ class CabinetController:
                     snap = self.snapshots.get(door_bay[0])
                     if snap is not None and snap.door_closed:
                         io.append(Unlock(door_bay[0]))
-                        self.timers[Timer.UNLOCK] = now + machine.timeouts.unlock
-                        self.journal.set_timer(db, Timer.UNLOCK, self.timers[Timer.UNLOCK])
+                        self._arm(db, Timer.UNLOCK, machine.timeouts.unlock)
             self.emit(
                 db,
                 "cabinet.started",
@@ -526,7 +604,6 @@ class CabinetController:
             for bay in BAY_UNITS:
                 await self._read_bay(bay, Priority.ROUTINE)
                 await self._read_hot_bays()
-                await self._heartbeat_if_due()
             await self._read_cabinet()
             await self._apply_charging()
             await self._read_meter_if_due()
@@ -536,16 +613,14 @@ class CabinetController:
         while True:
             self._timer_wakeup.clear()
             if self.timers and self.ready:
-                delay = max(0.0, min(self.timers.values()) - self.clock.wall())
+                delay = max(0.0, min(self.timers.values()) - self.clock.monotonic())
             else:
                 delay = None
             try:
                 await asyncio.wait_for(self._timer_wakeup.wait(), timeout=delay)
             except TimeoutError:
-                now = self.clock.wall()
+                now = self.clock.monotonic()
                 due = [t for t, deadline in self.timers.items() if deadline <= now]
-                for timer in due:
-                    self.timers.pop(timer, None)
                 self._feed([TimerExpired(t) for t in due])
 
     # -- session requests ---------------------------------------------------------------------
@@ -569,20 +644,28 @@ class CabinetController:
         )
         return Start(uuid.uuid4().hex[:12], rider_id, mode, empty, dispensable)
 
+    def refusal(self) -> str | None:
+        """Why no session can start now, or None."""
+        if not self.ready:
+            return "not_ready"
+        if self.state.phase is not Phase.IDLE:
+            return "busy"
+        if not self.safety.swaps_allowed:
+            return "safety_lockout"
+        return None
+
+    def refuse_session(self, rider_id: str, reason: str, source: str) -> None:
+        """Record that a rider was turned away before any door opened."""
+        with self._committing() as db:
+            self.emit(
+                db, "swap.refused", {"rider_id": rider_id, "reason": reason, "source": source}
+            )
+
     def request_session(self, rider_id: str, mode: Mode, source: str) -> str | None:
         """Start a session for an authorised rider; returns why not, or None if started."""
-        refusal = None
-        if not self.ready:
-            refusal = "not_ready"
-        elif self.state.phase is not Phase.IDLE:
-            refusal = "busy"
-        elif not self.safety.swaps_allowed:
-            refusal = "safety_lockout"
+        refusal = self.refusal()
         if refusal is not None:
-            with self.journal.transaction() as db:
-                self.emit(
-                    db, "swap.refused", {"rider_id": rider_id, "reason": refusal, "source": source}
-                )
+            self.refuse_session(rider_id, refusal, source)
             return refusal
         start = self._start_event(rider_id, mode)
         log.info("session_requested", rider_id=rider_id, mode=mode.value, source=source)
@@ -591,7 +674,7 @@ class CabinetController:
 
     def refuse_authorisation(self, reason: str, detail: str, rider_id: str | None) -> None:
         """Record a refused token or command (forged, expired, replayed, malformed)."""
-        with self.journal.transaction() as db:
+        with self._committing() as db:
             self.emit(
                 db, "auth.refused", {"reason": reason, "detail": detail, "rider_id": rider_id}
             )

@@ -93,7 +93,7 @@ class CustodyLedger:
         )
 
     def observe_bay(
-        self, bay: int, battery_id: str | None, *, present: bool
+        self, bay: int, battery_id: str | None, *, present: bool, expected: bool = False
     ) -> list[CustodyChange]:
         """Reconcile the ledger with what ``bay`` reports now.
 
@@ -101,11 +101,12 @@ class CustodyLedger:
         ledger already said so). A battery the ledger placed here that is gone, with
         no session having handed it over, becomes missing. An unidentified battery
         (``present`` without an id) leaves recorded batteries where they are: the
-        BMS may simply not have answered yet.
+        BMS may simply not have answered yet. ``expected`` marks a bay a session has
+        open for a battery (the return bay): an arrival there is no surprise.
         """
         changes: list[CustodyChange] = []
         if battery_id is not None:
-            change = self._move(battery_id, Location(Where.BAY, bay=bay), surprise=True)
+            change = self._move(battery_id, Location(Where.BAY, bay=bay), surprise=not expected)
             if change is not None:
                 changes.append(change)
         for other in self.in_bay(bay):

@@ -137,6 +137,10 @@ def handle_scan(
         log.info("token_refused", reason=exc.reason, detail=str(exc))
         controller.refuse_authorisation(exc.reason, str(exc), None)
         return
+    refusal = controller.refusal()
+    if refusal is not None:  # the token stays good: the rider can scan again in a moment
+        controller.refuse_session(claims.rider, refusal, "qr")
+        return
     if not controller.journal.use_token(claims.nonce, claims.exp, now):
         controller.refuse_authorisation("replayed", "token was already used", claims.rider)
         return
@@ -174,6 +178,7 @@ async def run_daemon(config: CabinetConfig) -> int:
     try:
         await _connect_bus(bus)
         tasks.append(asyncio.create_task(supervise("bus_master", scheduler.run)))
+        tasks.append(asyncio.create_task(supervise("heartbeat", controller.heartbeat_forever)))
         await controller.recover()
         log.info(
             "ready",

@@ -76,6 +76,7 @@ def state_from_json(text: str) -> SwapState:
         deposited=raw["deposited"],
         dispensed=raw["dispensed"],
         taken_back=raw["taken_back"],
+        return_battery_id=raw.get("return_battery_id"),
     )
 
 

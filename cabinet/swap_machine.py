@@ -273,6 +273,9 @@ class SwapState:
     return_bays: tuple[int, ...] = ()  # candidates; the first is the one in use
     dispensable: tuple[Candidate, ...] = ()  # candidates; the first is reserved
     in_return_bay: BatteryObs | None = None  # what sits in the open return bay now
+    # the id the rider's battery last showed: an unplugged battery hides it, and custody
+    # must still follow the battery back to the rider
+    return_battery_id: str | None = None
     deposited: str | None = None  # confirmed deposit (battery id)
     dispensed: str | None = None  # battery taken by the rider
     taken_back: bool = False
@@ -482,6 +485,18 @@ def _opening_failure(m: SwapMachine, state: SwapState, ev: Any) -> Transition:
         return _door_failed(m, state, bay, "door did not open after unlock")
     if ev.bay != bay:
         return Transition(state)
+    if isinstance(ev, BayOffline) and state.phase is Phase.OPENING_DISPENSE:
+        # The unlock may have landed before the board went silent: its door may be open.
+        # Opening a second full bay could hand out two batteries, so the session ends here.
+        extra: tuple[Command, ...] = (
+            MarkBayFaulty(bay, BOARD_SILENT),
+            RaiseAlarm(
+                "dispense_uncertain",
+                bay,
+                "dispense bay went silent after its unlock: check the bay",
+            ),
+        )
+        return _fail(state, "bay_offline", *extra, prompt="sorry, this bay stopped responding")
     reason = "lock jammed" if isinstance(ev, LockJammed) else BOARD_SILENT
     return _door_failed(m, state, bay, reason)
 
@@ -507,7 +522,13 @@ def _return_door_opened(m: SwapMachine, state: SwapState, ev: DoorOpened) -> Tra
 def _deposit_inserted(_m: SwapMachine, state: SwapState, ev: BatteryInserted) -> Transition:
     if ev.bay != state.return_bay:
         return Transition(state)
-    return Transition(replace(state, in_return_bay=ev.battery))
+    return Transition(
+        replace(
+            state,
+            in_return_bay=ev.battery,
+            return_battery_id=ev.battery.battery_id or state.return_battery_id,
+        )
+    )
 
 
 def _back_to_rider(state: SwapState, battery_id: str | None) -> tuple[Command, ...]:
@@ -520,7 +541,10 @@ def _back_to_rider(state: SwapState, battery_id: str | None) -> tuple[Command, .
 def _deposit_removed(_m: SwapMachine, state: SwapState, ev: BatteryRemoved) -> Transition:
     if ev.bay != state.return_bay:
         return Transition(state)
-    return Transition(replace(state, in_return_bay=None), _back_to_rider(state, ev.battery_id))
+    return Transition(
+        replace(state, in_return_bay=None, return_battery_id=None),
+        _back_to_rider(state, ev.battery_id or state.return_battery_id),
+    )
 
 
 def _deposit_door_closed(m: SwapMachine, state: SwapState, ev: DoorClosed) -> Transition:
@@ -603,14 +627,22 @@ def _reject_removed(_m: SwapMachine, state: SwapState, ev: BatteryRemoved) -> Tr
     if ev.bay != state.return_bay:
         return Transition(state)
     return Transition(
-        replace(state, in_return_bay=None, taken_back=True), _back_to_rider(state, ev.battery_id)
+        replace(state, in_return_bay=None, taken_back=True, return_battery_id=None),
+        _back_to_rider(state, ev.battery_id or state.return_battery_id),
     )
 
 
 def _reject_inserted(_m: SwapMachine, state: SwapState, ev: BatteryInserted) -> Transition:
     if ev.bay != state.return_bay:
         return Transition(state)
-    return Transition(replace(state, in_return_bay=ev.battery, taken_back=False))
+    return Transition(
+        replace(
+            state,
+            in_return_bay=ev.battery,
+            taken_back=False,
+            return_battery_id=ev.battery.battery_id or state.return_battery_id,
+        )
+    )
 
 
 def _reject_door_opened(_m: SwapMachine, state: SwapState, ev: DoorOpened) -> Transition:

@@ -43,6 +43,7 @@ DEFAULT_TIMEOUT_S = 0.25  # ~4x a 23-register read at 9600 baud; seconds would s
 DEFAULT_ISOLATE_AFTER = 3  # consecutive failures: one bad frame is noise, three is a dead board
 DEFAULT_REPROBE_INTERVAL_S = 5.0  # a few poll cycles: recovery noticed fast, silence cheap
 BROADCAST_TURNAROUND_S = 0.01  # boards act on a broadcast within 10 ms (our firmware's spec)
+CONNECT_ATTEMPTS = 3
 NEVER_DISCONNECT = 2**31  # pymodbus closes a connection after this many silent requests
 
 
@@ -193,10 +194,14 @@ class ModbusBus:
         if isinstance(self.endpoint, SerialEndpoint):
             _check_serial_port(self.endpoint.path)
         self._client = self._make_client()
-        if not await self._client.connect():
-            self._client.close()
-            self._client = None
-            raise BusUnavailableError(f"cannot connect to the bus at {self.endpoint}")
+        # pymodbus uses the (short) reply timeout for the TCP connect as well: give a
+        # gateway a few tries before calling it unreachable.
+        for _ in range(CONNECT_ATTEMPTS):
+            if await self._client.connect():
+                return
+        self._client.close()
+        self._client = None
+        raise BusUnavailableError(f"cannot connect to the bus at {self.endpoint}")
 
     def close(self) -> None:
         """Release the port."""

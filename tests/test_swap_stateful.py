@@ -271,6 +271,15 @@ class SwapCabinet(RuleBasedStateMachine):
         self.poll()
 
     @precondition(lambda self: bool(self.open_full()))
+    @rule(data=st.data(), plugged=st.booleans())
+    def rider_fiddles_with_the_plug(self, data: st.DataObject, plugged: bool) -> None:
+        bay = data.draw(st.sampled_from(self.open_full()))
+        battery = self.bays[bay].battery
+        assert battery is not None
+        self.bays[bay].battery = replace(battery, plugged=plugged)
+        self.poll()
+
+    @precondition(lambda self: bool(self.open_full()))
     @rule(data=st.data())
     def rider_takes(self, data: st.DataObject) -> None:
         self.take(data.draw(st.sampled_from(self.open_full())))

@@ -1,0 +1,76 @@
+"""Single stories of the swap machine that the stateful test reaches only rarely."""
+
+from __future__ import annotations
+
+from cabinet.battery_rules import BatteryObs
+from cabinet.bay_tracker import BaySnapshot, diff
+from cabinet.swap_machine import (
+    IDLE,
+    BatteryInserted,
+    BatteryRemoved,
+    BayOffline,
+    Candidate,
+    CustodyToRider,
+    DoorClosed,
+    DoorOpened,
+    Emit,
+    Mode,
+    Phase,
+    RaiseAlarm,
+    Start,
+    SwapMachine,
+    Unlock,
+)
+
+M = SwapMachine()
+GOOD = BatteryObs("BAT-R1", plugged=True, soc_pct=10, health_pct=90, cell_temp_c=25)
+
+
+def run(*events: object):
+    state, commands = IDLE, []
+    for event in events:
+        result = M.step(state, event)  # type: ignore[arg-type]
+        state = result.state
+        commands += list(result.commands)
+    return state, commands
+
+
+START = Start("s1", "R", Mode.SWAP, (1, 2), (Candidate(5, "BAT-F5"), Candidate(6, "BAT-F6")))
+
+
+def test_a_silent_dispense_bay_ends_the_session_without_opening_another_full_bay() -> None:
+    state, commands = run(
+        START, DoorOpened(1), BatteryInserted(1, GOOD), DoorClosed(1), BayOffline(5)
+    )
+    assert state.phase is Phase.IDLE
+    assert [c.bay for c in commands if isinstance(c, Unlock)] == [1, 5]  # never bay 6
+    assert any(isinstance(c, RaiseAlarm) and c.kind == "dispense_uncertain" for c in commands)
+    failed = [c for c in commands if isinstance(c, Emit) and c.type == "swap.failed"]
+    assert failed[0].data["reason"] == "bay_offline"
+
+
+def test_unplugging_before_shutting_the_door_is_judged_on_the_latest_reading() -> None:
+    prev = BaySnapshot(online=True, door_closed=False, battery_present=True, battery=GOOD)
+    unplugged = BaySnapshot(
+        online=True,
+        door_closed=False,
+        battery_present=True,
+        battery=BatteryObs(None, plugged=False),
+    )
+    events = diff(1, prev, unplugged)
+    assert events == [BatteryInserted(1, BatteryObs(None, plugged=False))]
+    state, commands = run(START, DoorOpened(1), BatteryInserted(1, GOOD), *events, DoorClosed(1))
+    rejected = [c for c in commands if isinstance(c, Emit) and c.type == "swap.deposit_rejected"]
+    assert rejected and rejected[0].data["reason"] == "not_plugged"
+    assert state.phase is Phase.REJECTING
+
+
+def test_a_battery_taken_back_unplugged_still_goes_back_to_its_rider() -> None:
+    _, commands = run(
+        START,
+        DoorOpened(1),
+        BatteryInserted(1, GOOD),
+        BatteryInserted(1, BatteryObs(None, plugged=False)),
+        BatteryRemoved(1, None),
+    )
+    assert CustodyToRider("BAT-R1", "R", "s1") in commands

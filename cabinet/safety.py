@@ -116,7 +116,7 @@ class SafetyMonitor:
         if reason is None:
             return []
         self.tripped[bay] = reason
-        return [ChargerOff(bay), IsolateBay(bay, reason), Alarm("bay.overtemp", bay, True, reason)]
+        return [ChargerOff(bay), IsolateBay(bay, reason), Alarm("bay_overtemp", bay, True, reason)]
 
     def _rise(self, key: tuple[int, str], now: float, temp: float) -> float:
         """Mean rise rate over the last ``rise_window_s`` (0.0 until the window is full)."""
@@ -134,7 +134,7 @@ class SafetyMonitor:
             return []
         self._history.pop((bay, "air"), None)
         self._history.pop((bay, "cell"), None)
-        return [Alarm("bay.overtemp", bay, False, "cleared by technician")]
+        return [Alarm("bay_overtemp", bay, False, "cleared by technician")]
 
     def observe_cabinet(self, *, smoke: bool, mains_present: bool) -> list[SafetyAction]:
         """Judge the cabinet board's reading."""

@@ -320,6 +320,10 @@ class SwapMachine:
         bay = getattr(event, "bay", None)
         if bay is not None and state.phase is not Phase.IDLE and bay not in _session_bays(state):
             return Transition(state)  # another bay's business: legal, and none of ours
+        if isinstance(event, BayOffline) and bay != _door_bay(state):
+            # e.g. the reserved bay while the rider deposits: its unlock, when it comes, will
+            # fail and the next candidate is tried; nothing is lost by waiting till then
+            return Transition(state)
         handler = TRANSITIONS.get((state.phase, type(event)))
         if handler is None:
             return Transition(state, (), f"{type(event).__name__} is not expected in {state.phase}")
@@ -335,6 +339,16 @@ class SwapMachine:
 
 def _session_bays(state: SwapState) -> tuple[int, ...]:
     return tuple(b for b in (state.return_bay, state.dispense_bay) if b is not None)
+
+
+RETURN_PHASES = frozenset(
+    {Phase.OPENING_RETURN, Phase.AWAITING_DEPOSIT, Phase.REJECTING, Phase.GIVING_BACK}
+)
+
+
+def _door_bay(state: SwapState) -> int | None:
+    """The bay whose door the session is using now (the only one whose silence matters)."""
+    return state.return_bay if state.phase in RETURN_PHASES else state.dispense_bay
 
 
 def _ids(state: SwapState) -> dict[str, Any]:
@@ -422,6 +436,8 @@ def _start(m: SwapMachine, state: SwapState, ev: Start) -> Transition:
         return _fail(session, "no_empty_bay", prompt="no free bay for your battery")
     if not needs_dispense:
         session = replace(session, dispensable=())
+    if not needs_return:
+        session = replace(session, return_bays=())
     started = Emit(
         "swap.started",
         {
@@ -732,6 +748,26 @@ def _pickup_removed(m: SwapMachine, state: SwapState, ev: BatteryRemoved) -> Tra
     )
 
 
+def _pickup_put_back(m: SwapMachine, state: SwapState, ev: BatteryInserted) -> Transition:
+    """The rider put the battery back before shutting the door: it was not dispensed."""
+    if ev.bay != state.dispense_bay or state.dispensed is None:
+        return Transition(state)
+    if ev.battery.battery_id != state.dispensed:
+        return Transition(state)  # something else: the ledger records the surprise
+    battery_id = state.dispensed
+    return Transition(
+        replace(state, dispensed=None),
+        (
+            CancelTimer(Timer.CLOSE),
+            m.timer(Timer.PICKUP),
+            CustodyToBay(battery_id, ev.bay),
+            Emit(
+                "swap.dispense_returned", {**_ids(state), "bay": ev.bay, "battery_id": battery_id}
+            ),
+        ),
+    )
+
+
 def _pickup_door_closed(_m: SwapMachine, state: SwapState, ev: DoorClosed) -> Transition:
     if ev.bay != state.dispense_bay:
         return Transition(state)
@@ -790,11 +826,15 @@ def _giveback_problem(_m: SwapMachine, state: SwapState, ev: Any) -> Transition:
             return Transition(state)
     elif ev.bay != bay:
         return Transition(state)
+    faulty: tuple[Command, ...] = ()
+    if isinstance(ev, LockJammed | BayOffline):
+        faulty = (MarkBayFaulty(ev.bay, "door did not reopen"),)
     if state.taken_back:
-        return _fail(state, "dispense_failed")
+        return _fail(state, "dispense_failed", *faulty)
     return _fail(
         state,
         "dispense_failed",
+        *faulty,
         RaiseAlarm("rider_stranded", bay, "could not hand the rider's battery back"),
         prompt="sorry: please contact support",
     )
@@ -841,6 +881,7 @@ TRANSITIONS: dict[tuple[Phase, type], Handler] = {
     (Phase.OPENING_DISPENSE, LockJammed): _opening_failure,
     (Phase.OPENING_DISPENSE, BayOffline): _opening_failure,
     (Phase.AWAITING_PICKUP, BatteryRemoved): _pickup_removed,
+    (Phase.AWAITING_PICKUP, BatteryInserted): _pickup_put_back,
     (Phase.AWAITING_PICKUP, DoorClosed): _pickup_door_closed,
     (Phase.AWAITING_PICKUP, TimerExpired): _pickup_timeout,
     (Phase.AWAITING_PICKUP, BayOffline): _session_bay_offline,

@@ -26,7 +26,7 @@ def test_thermal_runaway_cuts_the_charger_isolates_the_bay_and_alarms(tmp_path: 
     with running_cabinet(tmp_path) as cab:
         bay = wait_until("a charging bay", lambda: sorted(charging_bays(cab.state())))[0]
         cab.ctl("fault", "thermal_runaway", "--bay", str(bay))
-        alarm = cab.wait_event("alarm.raised", kind="bay.overtemp", bay=bay)
+        alarm = cab.wait_event("alarm.raised", kind="bay_overtemp", bay=bay)
         assert "rising" in alarm["detail"] or "degC" in alarm["detail"]
         cab.wait_event("bay.disabled", bay=bay)
         wait_until("the charger to stop", lambda: not cab.bay(bay)["charger"]["enabled"])

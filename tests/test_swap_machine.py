@@ -74,3 +74,28 @@ def test_a_battery_taken_back_unplugged_still_goes_back_to_its_rider() -> None:
         BatteryRemoved(1, None),
     )
     assert CustodyToRider("BAT-R1", "R", "s1") in commands
+
+
+def test_a_battery_put_back_before_the_door_shuts_was_not_dispensed() -> None:
+    state, commands = run(
+        START,
+        DoorOpened(1),
+        BatteryInserted(1, GOOD),
+        DoorClosed(1),
+        DoorOpened(5),
+        BatteryRemoved(5, "BAT-F5"),
+        BatteryInserted(5, BatteryObs("BAT-F5", plugged=True)),
+        DoorClosed(5),
+    )
+    types = [c.type for c in commands if isinstance(c, Emit)]
+    assert "swap.dispense_returned" in types
+    assert types[-1] == "swap.failed"  # not collected after all
+    assert state.phase is Phase.IDLE
+
+
+def test_a_first_pickup_uses_no_return_bay() -> None:
+    state, commands = run(Start("s2", "R", Mode.PICKUP, (1, 2), (Candidate(5, "BAT-F5"),)))
+    assert state.phase is Phase.OPENING_DISPENSE and state.return_bay is None
+    assert [c.bay for c in commands if isinstance(c, Unlock)] == [5]
+    # a silent empty bay is none of this session's business
+    assert M.step(state, BayOffline(1)).state == state

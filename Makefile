@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck unit bench clean
+.PHONY: demo test lint typecheck unit bench schemas clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,10 @@ unit: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python bench/bus_cycle.py
 	$(BIN)/python bench/swap_latency.py --swaps 20
+
+## schemas: regenerate protocol/schemas/*.json from the message models
+schemas: $(STAMP)
+	$(BIN)/python tools/gen_schemas.py
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache .hypothesis

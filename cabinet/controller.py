@@ -167,6 +167,7 @@ class CabinetController:
         self.prompt = ""
         self.boot_id = uuid.uuid4().hex
         self._timer_wakeup = asyncio.Event()
+        self.changed = asyncio.Event()  # an event was journaled: the fleet link drains it
         self._last_read: dict[int, float] = {}
         self._commanded: dict[int, tuple[bool, float, float]] = {}
         self._heartbeat_counter = 0
@@ -183,6 +184,7 @@ class CabinetController:
     def emit(self, db: sqlite3.Connection, type_: str, payload: dict[str, Any]) -> None:
         """Append an event to the outbox (inside the caller's transaction)."""
         event = self.journal.add_event(db, type_, payload, self._ts_ms())
+        self.changed.set()
         log.info("event", **{k: v for k, v in event.items() if k not in {"ts"}})
 
     @contextmanager
@@ -643,6 +645,23 @@ class CabinetController:
             Candidate(bay, b.battery_id) for bay, b in ranked if b.battery_id is not None
         )
         return Start(uuid.uuid4().hex[:12], rider_id, mode, empty, dispensable)
+
+    def set_bay_service(self, bay: int, *, in_service: bool, reason: str, by: str) -> None:
+        """An operator or technician takes a bay out of service or puts it back.
+
+        Putting a bay back also lifts a latched over-temperature trip: a person has
+        looked at it.
+        """
+        with self._committing() as db:
+            if in_service:
+                self.out_of_service.pop(bay, None)
+                self.journal.set_service(db, bay, in_service=True, reason="")
+                self._safety_journal(db, self.safety.clear_bay(bay))
+                self.emit(db, "bay.enabled", {"bay": bay, "by": by, "reason": reason})
+            else:
+                self.out_of_service[bay] = reason
+                self.journal.set_service(db, bay, in_service=False, reason=reason)
+                self.emit(db, "bay.disabled", {"bay": bay, "reason": reason, "by": by})
 
     def refusal(self) -> str | None:
         """Why no session can start now, or None."""

@@ -15,6 +15,7 @@ import signal
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import structlog
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
@@ -24,11 +25,13 @@ from cabinet.bus_scheduler import BusScheduler
 from cabinet.charging_policy import ChargingRules
 from cabinet.config import CabinetConfig
 from cabinet.controller import CabinetController, ControllerSettings
+from cabinet.fleet_link import FleetLink
 from cabinet.journal import Journal
 from cabinet.swap_machine import Mode, SwapMachine, Timeouts
 from cabinet.tokens import KeyFileError, TokenRefusedError, load_public_key, verify
 from drivers.bus_url import parse_endpoint
 from drivers.modbus_bus import BusUnavailableError, ModbusBus
+from drivers.mqtt_link import MqttLink, TlsFiles
 from drivers.qr_scanner import Scan, ScanGarbage, ScannerUnavailableError, read_scans
 
 log = structlog.get_logger("daemon")
@@ -147,6 +150,20 @@ def handle_scan(
     controller.request_session(claims.rider, Mode(claims.mode), "qr")
 
 
+def mqtt_link_for(config: CabinetConfig, **callbacks: Any) -> MqttLink:
+    """The broker connection described by ``[mqtt]``."""
+    mqtt = config.mqtt
+    assert mqtt is not None
+    return MqttLink(
+        mqtt.url,
+        client_id=f"cabinet-{config.cabinet.id}",
+        username=mqtt.username,
+        password=mqtt.password,
+        tls=TlsFiles(mqtt.ca_file, mqtt.client_cert, mqtt.client_key),
+        **callbacks,
+    )
+
+
 async def run_daemon(config: CabinetConfig) -> int:
     """Run until SIGTERM/SIGINT; return the exit code."""
     structlog.contextvars.bind_contextvars(cabinet_id=config.cabinet.id)
@@ -190,6 +207,9 @@ async def run_daemon(config: CabinetConfig) -> int:
             asyncio.create_task(supervise("timers", controller.timers_forever)),
             asyncio.create_task(supervise("scanner", lambda: scanner_loop(config, controller))),
         ]
+        if config.mqtt is not None:
+            fleet = FleetLink(controller, lambda **kw: mqtt_link_for(config, **kw))
+            tasks.append(asyncio.create_task(supervise("fleet_link", fleet.run)))
         await stop.wait()
     finally:
         for task in tasks:

@@ -28,6 +28,7 @@ from cabinet.custody import CustodyLedger, Location, Where
 from cabinet.swap_machine import Candidate, Mode, Phase, SwapState, Timer
 
 SCHEMA_VERSION = 1
+EVENT_HISTORY = 10_000  # published events kept for `cabinet events`; unpublished are never pruned
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -49,6 +50,10 @@ CREATE TABLE IF NOT EXISTS events (
     ts INTEGER NOT NULL, payload TEXT NOT NULL
 );
 CREATE TABLE IF NOT EXISTS used_tokens (nonce TEXT PRIMARY KEY, expires INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS published (seq INTEGER PRIMARY KEY);
+CREATE TABLE IF NOT EXISTS commands (
+    request_id TEXT PRIMARY KEY, reply TEXT NOT NULL, at REAL NOT NULL
+);
 """
 
 
@@ -194,6 +199,65 @@ class Journal:
         )
         db.execute("INSERT OR REPLACE INTO meta VALUES ('last_seq', ?)", (str(seq),))
         return {"seq": seq, "id": event_id, "type": type_, "ts": ts_ms, **payload}
+
+    # -- the outbox ---------------------------------------------------------------------------
+
+    def unpublished(self, limit: int) -> list[dict[str, Any]]:
+        """Events the broker has not acknowledged yet, oldest first."""
+        rows = self._db.execute(
+            "SELECT seq, id, type, ts, payload FROM events WHERE seq NOT IN "
+            "(SELECT seq FROM published) ORDER BY seq LIMIT ?",
+            (limit,),
+        )
+        return [
+            {"seq": seq, "id": id_, "type": type_, "ts": ts, **json.loads(payload)}
+            for seq, id_, type_, ts, payload in rows
+        ]
+
+    def mark_published(self, seqs: list[int]) -> None:
+        """The broker acknowledged these (PUBACK): they leave the outbox.
+
+        Published events are kept (``cabinet events`` shows history) up to
+        ``EVENT_HISTORY`` rows; older published ones are pruned. Unpublished events are
+        never pruned here.
+        """
+        with self.transaction() as db:
+            db.executemany("INSERT OR IGNORE INTO published VALUES (?)", [(s,) for s in seqs])
+            (count,) = db.execute("SELECT COUNT(*) FROM published").fetchone()
+            if count > EVENT_HISTORY:
+                cutoff = db.execute(
+                    "SELECT seq FROM published ORDER BY seq DESC LIMIT 1 OFFSET ?", (EVENT_HISTORY,)
+                ).fetchone()[0]
+                db.execute(
+                    "DELETE FROM events WHERE seq <= ? AND seq IN (SELECT seq FROM published)",
+                    (cutoff,),
+                )
+                db.execute("DELETE FROM published WHERE seq <= ?", (cutoff,))
+
+    def outbox_depth(self) -> int:
+        """How many events wait for the broker."""
+        (depth,) = self._db.execute(
+            "SELECT COUNT(*) FROM events WHERE seq NOT IN (SELECT seq FROM published)"
+        ).fetchone()
+        return int(depth)
+
+    # -- commands (idempotent by request_id) ---------------------------------------------------
+
+    def command_reply(self, request_id: str) -> dict[str, Any] | None:
+        """The reply already sent for ``request_id``, if it was handled before."""
+        row = self._db.execute(
+            "SELECT reply FROM commands WHERE request_id = ?", (request_id,)
+        ).fetchone()
+        return json.loads(row[0]) if row else None
+
+    @staticmethod
+    def put_command_reply(
+        db: sqlite3.Connection, request_id: str, reply: dict[str, Any], now: float
+    ) -> None:
+        """Remember the reply to ``request_id`` (inside the command's transaction)."""
+        db.execute(
+            "INSERT OR REPLACE INTO commands VALUES (?, ?, ?)", (request_id, json.dumps(reply), now)
+        )
 
     # -- token replay cache -----------------------------------------------------------------
 

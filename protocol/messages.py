@@ -1,0 +1,146 @@
+"""MQTT payloads (DESIGN.md §4.3) as pydantic models; JSON Schemas are generated from these.
+
+Every payload carries ``v`` (this schema version) and ``ts`` (UTC, milliseconds).
+Commands are validated strictly: an unknown field is an error, so a backend typo is
+answered with a precise reply instead of being silently ignored.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+SCHEMA_VERSION = 1
+
+
+class _Message(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    v: int = SCHEMA_VERSION
+    ts: int = Field(description="UTC milliseconds")
+
+
+class Status(_Message):
+    """``status`` (retained, also the last will): is the cabinet's daemon connected."""
+
+    online: bool
+    version: str | None = None
+    boot_id: str | None = None
+
+
+class BayView(BaseModel):
+    """One bay in the ``state`` snapshot."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    bay: int = Field(ge=1, le=12)
+    online: bool
+    door: Literal["open", "closed"] | None
+    locked: bool | None
+    battery_id: str | None
+    battery_present: bool | None
+    soc_pct: float | None
+    health_pct: float | None
+    cell_temp_c: float | None
+    bay_temp_c: float | None
+    charging: bool | None
+    in_service: bool
+    out_of_service_reason: str | None = None
+
+
+class CabinetView(BaseModel):
+    """Cabinet-wide sensors in the ``state`` snapshot."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    smoke: bool | None
+    mains_present: bool | None
+    swaps_allowed: bool
+
+
+class SessionView(BaseModel):
+    """The running swap session, if any."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    session_id: str
+    rider_id: str
+    mode: str
+    phase: str
+    return_bay: int | None
+    dispense_bay: int | None
+
+
+class State(_Message):
+    """``state`` (retained): the full snapshot an operator's dashboard shows."""
+
+    cabinet_id: str
+    cabinet: CabinetView
+    bays: list[BayView]
+    session: SessionView | None
+
+
+class Event(_Message):
+    """``events``: one entry of the outbox. ``seq`` is gap-free per cabinet; ``id`` is unique."""
+
+    cabinet_id: str
+    seq: int = Field(ge=1)
+    id: str
+    type: str
+    data: dict[str, Any]
+
+
+class Command(BaseModel):
+    """A command on ``cmd/<name>``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    request_id: str = Field(min_length=1, max_length=64)
+    cabinet_id: str | None = Field(default=None, description="if given, must be this cabinet")
+    args: dict[str, Any] = Field(default_factory=dict)
+
+
+class SwapStartArgs(BaseModel):
+    """``cmd/swap.start``: the backend authorises a swap for a rider (online path)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    rider_id: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._:-]+$")
+    mode: Literal["swap", "pickup", "return"] = "swap"
+
+
+class NoArgs(BaseModel):
+    """Commands that take no arguments (``state.get``)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ReplyError(BaseModel):
+    """Why a command failed: a stable ``code`` for programs, a ``message`` for people."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    code: str
+    message: str
+
+
+class Reply(_Message):
+    """The answer to a command (to the MQTT 5 response topic, else ``reply``)."""
+
+    request_id: str | None
+    command: str | None
+    ok: bool
+    result: Any = None
+    error: ReplyError | None = None
+
+
+#: Every message with a generated schema under protocol/schemas/.
+SCHEMAS: dict[str, type[BaseModel]] = {
+    "status": Status,
+    "state": State,
+    "event": Event,
+    "command": Command,
+    "cmd.swap.start.args": SwapStartArgs,
+    "reply": Reply,
+}

@@ -1,0 +1,125 @@
+"""A stand-in for the fleet backend: records every cabinet's events and sends commands.
+
+Used by the tests and the demo the way a real backend would use the broker: it
+subscribes to ``cabinets/+/#``, keeps every event (de-duplicated by ``id``, with
+gap detection by ``seq``), remembers retained status/state, and sends commands
+with an MQTT 5 response topic and correlation data.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import uuid
+from collections import defaultdict
+from typing import Any
+
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from protocol import topics
+
+
+class Backend:
+    """Subscribes to the whole fleet; thread-safe accessors for what it has seen."""
+
+    def __init__(self, host: str, port: int, *, client_id: str = "backend") -> None:
+        self._lock = threading.Lock()
+        self.events: dict[str, list[dict[str, Any]]] = defaultdict(list)  # in arrival order
+        self.duplicates: dict[str, int] = defaultdict(int)
+        self._seen_ids: set[str] = set()
+        self.status: dict[str, dict[str, Any]] = {}
+        self.state: dict[str, dict[str, Any]] = {}
+        self.replies: dict[str, dict[str, Any]] = {}
+        self._reply_topic = f"backend/{uuid.uuid4().hex}/reply"
+        self._client = paho.Client(
+            CallbackAPIVersion.VERSION2, client_id=client_id, protocol=paho.MQTTv5
+        )
+        self._client.on_connect = self._connected
+        self._client.on_message = self._message
+        self._connected_event = threading.Event()
+        self._client.connect(host, port, 30)
+        self._client.loop_start()
+        if not self._connected_event.wait(10):
+            raise ConnectionError(f"backend could not connect to {host}:{port}")
+
+    def close(self) -> None:
+        """Disconnect."""
+        self._client.disconnect()
+        self._client.loop_stop()
+
+    def _connected(self, client: Any, _u: Any, _f: Any, _reason: Any, _p: Any) -> None:
+        client.subscribe(f"{topics.ROOT}/+/#", qos=1)
+        client.subscribe(self._reply_topic, qos=1)
+        self._connected_event.set()
+
+    def _message(self, _c: Any, _u: Any, msg: paho.MQTTMessage) -> None:
+        try:
+            payload = json.loads(msg.payload)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            return
+        parts = msg.topic.split("/")
+        with self._lock:
+            if msg.topic == self._reply_topic or (len(parts) == 3 and parts[2] == "reply"):
+                self.replies[str(payload.get("request_id"))] = payload
+                return
+            if len(parts) != 3 or parts[0] != topics.ROOT:
+                return
+            cabinet, kind = parts[1], parts[2]
+            if kind == "events":
+                if payload["id"] in self._seen_ids:
+                    self.duplicates[cabinet] += 1
+                    return
+                self._seen_ids.add(payload["id"])
+                self.events[cabinet].append(payload)
+            elif kind == "status":
+                self.status[cabinet] = payload
+            elif kind == "state":
+                self.state[cabinet] = payload
+
+    def event_list(self, cabinet_id: str) -> list[dict[str, Any]]:
+        """Unique events of one cabinet, sorted by seq."""
+        with self._lock:
+            return sorted(self.events[cabinet_id], key=lambda e: e["seq"])
+
+    def gaps(self, cabinet_id: str) -> list[int]:
+        """Missing seq numbers between the first and the last seen."""
+        seqs = [e["seq"] for e in self.event_list(cabinet_id)]
+        return sorted(set(range(seqs[0], seqs[-1] + 1)) - set(seqs)) if seqs else []
+
+    def command(
+        self,
+        cabinet_id: str,
+        name: str,
+        payload: bytes | dict[str, Any],
+        *,
+        timeout_s: float = 10.0,
+    ) -> dict[str, Any]:
+        """Send a command and wait for its reply (matched by request_id or correlation)."""
+        body = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
+        request_id = payload.get("request_id") if isinstance(payload, dict) else None
+        key = str(request_id) if request_id is not None else "None"
+        with self._lock:
+            self.replies.pop(key, None)
+        props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+        props.ResponseTopic = self._reply_topic
+        props.CorrelationData = key.encode()
+        self._client.publish(topics.command(cabinet_id, name), body, qos=1, properties=props)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            with self._lock:
+                if key in self.replies:
+                    return self.replies.pop(key)
+            time.sleep(0.02)
+        raise TimeoutError(f"no reply to {name} ({key})")
+
+    def authorise_swap(self, cabinet_id: str, rider_id: str, mode: str = "swap") -> dict[str, Any]:
+        """The online path: the rider scanned the cabinet's QR with the app."""
+        return self.command(
+            cabinet_id,
+            "swap.start",
+            {"request_id": uuid.uuid4().hex, "args": {"rider_id": rider_id, "mode": mode}},
+        )

@@ -1,0 +1,185 @@
+"""The fleet link against a real mosquitto: events, retained status/state, commands, outages."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from sim.backend import Backend
+from tests.daemon_harness import running_cabinet, wait_until
+from tests.mqtt_broker import Mosquitto
+from tests.test_swap_end_to_end import SWAP_STEPS, collect, deposit
+
+CAB = "cab-test"
+
+
+@pytest.fixture
+def broker(tmp_path: Path) -> Iterator[Mosquitto]:
+    mosquitto = Mosquitto(tmp_path)
+    mosquitto.start()
+    yield mosquitto
+    mosquitto.stop()
+
+
+@pytest.fixture
+def backend(broker: Mosquitto) -> Iterator[Backend]:
+    client = Backend("127.0.0.1", broker.port)
+    yield client
+    client.close()
+
+
+def mqtt(broker: Mosquitto) -> dict[str, dict[str, str]]:
+    return {"mqtt": {"url": broker.url}}
+
+
+def session_types(backend: Backend, session_id: str) -> list[str]:
+    return [e["type"] for e in backend.event_list(CAB) if e["data"].get("session_id") == session_id]
+
+
+def test_a_swap_reaches_the_backend_as_the_documented_events(
+    tmp_path: Path, broker: Mosquitto, backend: Backend
+) -> None:
+    with running_cabinet(tmp_path, extra=mqtt(broker)) as cab:
+        wait_until("status online", lambda: backend.status.get(CAB, {}).get("online"))
+        started = cab.swap_begins("R-1")
+        deposit(cab, started["return_bay"], "BAT-M1")
+        collect(cab, started["dispense_bay"])
+        wait_until(
+            "swap.completed on MQTT",
+            lambda: session_types(backend, started["session_id"]) == SWAP_STEPS,
+        )
+        events = backend.event_list(CAB)
+        assert backend.gaps(CAB) == [] and events[0]["seq"] == 1
+        assert all(e["v"] == 1 and e["cabinet_id"] == CAB and e["ts"] > 0 for e in events)
+        state = wait_until("a retained state", lambda: backend.state.get(CAB))
+        assert len(state["bays"]) == 12
+    # a clean stop says offline itself (no last will is sent for a clean disconnect)
+    wait_until("status offline", lambda: backend.status.get(CAB, {}).get("online") is False)
+
+
+def test_the_last_will_says_offline_when_the_daemon_dies(
+    tmp_path: Path, broker: Mosquitto, backend: Backend
+) -> None:
+    with running_cabinet(tmp_path, extra=mqtt(broker)) as cab:
+        wait_until("status online", lambda: backend.status.get(CAB, {}).get("online"))
+        cab.kill9()
+        # the broker notices the dead TCP connection at once (RST) and publishes the will
+        wait_until("the last will", lambda: backend.status.get(CAB, {}).get("online") is False)
+
+
+def test_a_broker_outage_loses_nothing_and_leaves_no_gap(
+    tmp_path: Path, broker: Mosquitto, backend: Backend
+) -> None:
+    with running_cabinet(tmp_path, extra=mqtt(broker)) as cab:
+        wait_until("status online", lambda: backend.status.get(CAB, {}).get("online"))
+        backend.close()
+        broker.stop()
+        started = cab.swap_begins("R-2")  # swaps go on without the cloud
+        deposit(cab, started["return_bay"], "BAT-M2")
+        collect(cab, started["dispense_bay"])
+        cab.wait_event("swap.completed", session_id=started["session_id"])
+        broker.start()
+        fresh = Backend("127.0.0.1", broker.port, client_id="backend-2")
+        try:
+            wait_until(
+                "the backlog to drain",
+                lambda: session_types(fresh, started["session_id"]) == SWAP_STEPS,
+                timeout=40,
+            )
+            journal_seqs = [e["seq"] for e in cab.events()]
+            got = [e["seq"] for e in fresh.event_list(CAB)]
+            # everything the journal holds after the outage began arrived, in seq order
+            assert got == journal_seqs[journal_seqs.index(got[0]) :]
+        finally:
+            fresh.close()
+
+
+def test_kill9_with_a_backlog_then_restart_delivers_everything(
+    tmp_path: Path, broker: Mosquitto, backend: Backend
+) -> None:
+    with running_cabinet(tmp_path, extra=mqtt(broker)) as cab:
+        wait_until("status online", lambda: backend.status.get(CAB, {}).get("online"))
+        broker.stop()
+        started = cab.swap_begins("R-3")
+        deposit(cab, started["return_bay"], "BAT-M3")
+        cab.wait_event("swap.battery_deposited", session_id=started["session_id"])
+        cab.kill9()
+        broker.start()
+        fresh = Backend("127.0.0.1", broker.port, client_id="backend-3")
+        try:
+            cab.start()
+            collect(cab, started["dispense_bay"])
+            wait_until(
+                "every step on MQTT",
+                lambda: session_types(fresh, started["session_id"]) == SWAP_STEPS,
+                timeout=40,
+            )
+            assert fresh.gaps(CAB) == []
+            assert [e["seq"] for e in fresh.event_list(CAB)][-1] == cab.events()[-1]["seq"]
+        finally:
+            fresh.close()
+
+
+def test_the_backend_starts_a_swap_online(
+    tmp_path: Path, broker: Mosquitto, backend: Backend
+) -> None:
+    with running_cabinet(tmp_path, extra=mqtt(broker)) as cab:
+        wait_until("status online", lambda: backend.status.get(CAB, {}).get("online"))
+        reply = backend.authorise_swap(CAB, "R-online")
+        assert reply["ok"] is True, reply
+        session = reply["result"]["session_id"]
+        cab.wait_event("swap.door_opened", session_id=session)
+        busy = backend.authorise_swap(CAB, "R-other")
+        assert busy["ok"] is False and busy["error"]["code"] == "busy"
+
+
+@pytest.mark.parametrize(
+    ("name", "payload", "code"),
+    [
+        ("state.get", b"{not json", "malformed_json"),
+        ("launch.rockets", {"request_id": "r1"}, "unknown_command"),
+        ("swap.start", {"request_id": "r2", "args": {"rider_id": 42}}, "invalid_args"),
+        ("swap.start", {"request_id": "r3", "args": {"rider_id": "R", "x": 1}}, "invalid_args"),
+        ("bay.disable", {"request_id": "r4", "args": {"bay": 13, "reason": "x"}}, "invalid_args"),
+        ("bay.disable", {"request_id": "r5", "args": {"bay": 3}}, "invalid_args"),
+        ("state.get", {"request_id": "r6", "cabinet_id": "cab-other"}, "wrong_cabinet"),
+        ("state.get", {"requestid": "r7"}, "invalid_command"),
+    ],
+)
+def test_every_malformed_command_gets_a_precise_error_reply(
+    tmp_path: Path,
+    broker: Mosquitto,
+    backend: Backend,
+    name: str,
+    payload: bytes | dict[str, object],
+    code: str,
+) -> None:
+    with running_cabinet(tmp_path, extra=mqtt(broker)) as cab:
+        wait_until("status online", lambda: backend.status.get(CAB, {}).get("online"))
+        reply = backend.command(CAB, name, payload)
+        assert reply["ok"] is False and reply["error"]["code"] == code, reply
+        assert reply["error"]["message"]
+        handled = cab.wait_event("command.handled", command=name)
+        assert handled["error"] == code
+
+
+def test_commands_are_idempotent_by_request_id(
+    tmp_path: Path, broker: Mosquitto, backend: Backend
+) -> None:
+    with running_cabinet(tmp_path, extra=mqtt(broker)) as cab:
+        wait_until("status online", lambda: backend.status.get(CAB, {}).get("online"))
+        command = {"request_id": "dis-1", "args": {"bay": 4, "reason": "cleaning"}}
+        first = backend.command(CAB, "bay.disable", command)
+        assert first["ok"] is True
+        again = backend.command(CAB, "bay.disable", command)
+        assert again["ok"] is False and again["error"]["code"] == "duplicate_request"
+        assert len(cab.events("bay.disabled")) == 1
+        state = backend.command(CAB, "state.get", {"request_id": "st-1"})["result"]
+        assert state["bays"][3]["in_service"] is False
+        assert state["bays"][3]["out_of_service_reason"] == "cleaning"
+        enabled = backend.command(CAB, "bay.enable", {"request_id": "en-1", "args": {"bay": 4}})
+        assert enabled["ok"] is True
+        assert json.dumps(enabled["result"]) == '{"bay": 4, "in_service": true}'

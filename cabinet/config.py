@@ -82,6 +82,7 @@ class MqttSection(_Section):
     ca_file: Path | None = None
     client_cert: Path | None = None
     client_key: Path | None = None
+    telemetry_interval_s: float = Field(default=60.0, ge=5.0, le=3600.0)
 
 
 class AuthSection(_Section):

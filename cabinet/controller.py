@@ -24,7 +24,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 import structlog
@@ -74,6 +74,7 @@ from cabinet.swap_machine import (
 from drivers.boards import BayBoard, CabinetBoard, EnergyMeter
 from drivers.modbus_bus import BusError, ExceptionReplyError, ModbusBus, UnitIsolatedError
 from protocol import bay_map
+from protocol.cabinet_map import CabinetStatus
 from protocol.errors import ProtocolError, UnknownMapVersionError
 from protocol.meter_map import MeterReading
 from protocol.units import BAY_UNITS
@@ -150,6 +151,13 @@ class CabinetController:
         self.journal = journal
         self.scheduler = scheduler
         self.settings = settings or ControllerSettings()
+        stored = journal.setting("dispense_min_soc_pct")
+        if isinstance(stored, int | float):  # a backend's runtime change outlives a restart
+            self.settings = replace(
+                self.settings,
+                dispense=replace(self.settings.dispense, min_soc_pct=float(stored)),
+                charging=replace(self.settings.charging, ready_soc_pct=float(stored)),
+            )
         self.clock: Clock = clock or SystemClock()
         self.state: SwapState = journal.active_session() or IDLE
         # deadlines on the monotonic clock (a wall-clock step must not fire or stall them);
@@ -173,6 +181,7 @@ class CabinetController:
         self._heartbeat_counter = 0
         self._last_meter = float("-inf")
         self.meter: MeterReading | None = None
+        self.cabinet_status: CabinetStatus | None = None
         self._pending: set[asyncio.Task[None]] = set()
         self.on_unlock_sent: Callable[[int], None] | None = None  # for latency measurement
 
@@ -466,6 +475,7 @@ class CabinetController:
             )
         except (BusError, ProtocolError):
             return
+        self.cabinet_status = status
         actions = self.safety.observe_cabinet(
             smoke=status.smoke, mains_present=status.mains_present
         )
@@ -662,6 +672,32 @@ class CabinetController:
                 self.out_of_service[bay] = reason
                 self.journal.set_service(db, bay, in_service=False, reason=reason)
                 self.emit(db, "bay.disabled", {"bay": bay, "reason": reason, "by": by})
+
+    def open_bay(self, bay: int, by: str) -> str | None:
+        """Open a bay for an operator or technician, outside any session; or say why not."""
+        refusal = self.refusal()
+        if refusal is not None:
+            return refusal
+        with self._committing() as db:
+            self.emit(db, "bay.opened", {"bay": bay, "by": by})
+        self._spawn(self._operator_unlock(bay))
+        return None
+
+    async def _operator_unlock(self, bay: int) -> None:
+        try:
+            await self.scheduler.submit(Priority.UNLOCK, lambda bus: BayBoard(bus, bay).unlock())
+        except BusError as exc:
+            with self._committing() as db:
+                self.emit(db, "bay.fault", {"bay": bay, "reason": f"remote open failed: {exc}"})
+
+    def set_dispense_threshold(self, min_soc_pct: float, by: str) -> None:
+        """Change the dispensing SoC threshold at runtime (persisted in the journal)."""
+        dispense = replace(self.settings.dispense, min_soc_pct=min_soc_pct)
+        charging = replace(self.settings.charging, ready_soc_pct=min_soc_pct)
+        self.settings = replace(self.settings, dispense=dispense, charging=charging)
+        with self._committing() as db:
+            self.journal.put_setting(db, "dispense_min_soc_pct", min_soc_pct)
+            self.emit(db, "settings.changed", {"dispense_min_soc_pct": min_soc_pct, "by": by})
 
     def refusal(self) -> str | None:
         """Why no session can start now, or None."""

@@ -208,7 +208,11 @@ async def run_daemon(config: CabinetConfig) -> int:
             asyncio.create_task(supervise("scanner", lambda: scanner_loop(config, controller))),
         ]
         if config.mqtt is not None:
-            fleet = FleetLink(controller, lambda **kw: mqtt_link_for(config, **kw))
+            fleet = FleetLink(
+                controller,
+                lambda **kw: mqtt_link_for(config, **kw),
+                telemetry_interval_s=config.mqtt.telemetry_interval_s,
+            )
             tasks.append(asyncio.create_task(supervise("fleet_link", fleet.run)))
         await stop.wait()
     finally:

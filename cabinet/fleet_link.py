@@ -63,6 +63,8 @@ class FleetLink:
         self,
         controller: CabinetController,
         link_factory: Callable[..., MqttLink],
+        *,
+        telemetry_interval_s: float = 60.0,
     ) -> None:
         self.controller = controller
         self.cabinet_id = controller.cabinet_id
@@ -80,9 +82,14 @@ class FleetLink:
         self._handlers: dict[str, Callable[[dict[str, Any]], Any]] = {
             "swap.start": self._swap_start,
             "state.get": self._state_get,
+            "bay.open": self._bay_open,
             "bay.disable": self._bay_disable,
             "bay.enable": self._bay_enable,
+            "settings.set": self._settings_set,
         }
+        stored = controller.journal.setting("telemetry_interval_s")
+        self.telemetry_interval_s = float(stored) if stored else telemetry_interval_s
+        self._last_state: messages.State | None = None
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -90,7 +97,9 @@ class FleetLink:
         """Publish forever (supervised by the daemon)."""
         self.link.start()
         try:
-            await asyncio.gather(self._drain_outbox(), self._publish_state())
+            await asyncio.gather(
+                self._drain_outbox(), self._publish_state(), self._publish_telemetry()
+            )
         finally:
             await self._say_offline()
             self.link.stop()
@@ -157,12 +166,62 @@ class FleetLink:
     # -- retained state ----------------------------------------------------------------------
 
     async def _publish_state(self) -> None:
+        """Retained state on every (re)connect and on significant change, at most 1/s."""
         while True:
-            await self._state_dirty.wait()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._state_dirty.wait(), STATE_MIN_INTERVAL_S)
+            forced = self._state_dirty.is_set()
             self._state_dirty.clear()
-            if self.link.connected.is_set():
-                self.link.publish(topics.state(self.cabinet_id), _json(self.state()), retain=True)
+            state = self.state()
+            if self.link.connected.is_set() and (
+                forced or self._last_state is None or significant(self._last_state, state)
+            ):
+                self.link.publish(topics.state(self.cabinet_id), _json(state), retain=True)
+                self._last_state = state
             await asyncio.sleep(STATE_MIN_INTERVAL_S)
+
+    async def _publish_telemetry(self) -> None:
+        while True:
+            await asyncio.sleep(self.telemetry_interval_s)
+            if self.link.connected.is_set():
+                self.link.publish(topics.telemetry(self.cabinet_id), _json(self.telemetry()), qos=0)
+
+    def telemetry(self) -> messages.Telemetry:
+        """Periodic measurements, including how the outbox is doing."""
+        c = self.controller
+        meter = None
+        if c.meter is not None:
+            meter = messages.MeterView(
+                voltage_v=round(c.meter.voltage_v, 2),
+                current_a=round(c.meter.current_a, 3),
+                power_w=round(c.meter.power_w, 1),
+                energy_kwh=round(c.meter.energy_kwh, 4),
+            )
+        bays = []
+        for bay in BAY_UNITS:
+            snap = c.snapshots.get(bay)
+            online = snap is not None and snap.online
+            battery = snap.battery if snap is not None and online else None
+            known = battery is not None and battery.battery_id is not None
+            bays.append(
+                messages.BayTelemetry(
+                    bay=bay,
+                    soc_pct=battery.soc_pct if battery is not None and known else None,
+                    cell_temp_c=battery.cell_temp_c if battery is not None and known else None,
+                    bay_temp_c=snap.bay_temp_c if snap is not None and online else None,
+                    charging=snap.charging if snap is not None and online else None,
+                )
+            )
+        cabinet_temp = c.cabinet_status.cabinet_temp_c if c.cabinet_status else None
+        return messages.Telemetry(
+            ts=_ms(),
+            cabinet_id=self.cabinet_id,
+            cabinet_temp_c=cabinet_temp,
+            meter=meter,
+            bays=bays,
+            outbox_depth=c.journal.outbox_depth(),
+            outbox_dropped=0,
+        )
 
     def state(self) -> messages.State:
         """The full snapshot of DESIGN.md §4.3."""
@@ -330,24 +389,77 @@ class FleetLink:
         self._args(messages.NoArgs, args)
         return self.state().model_dump(mode="json")
 
-    def _bay_arg(self, args: dict[str, Any]) -> int:
-        bay = args.get("bay")
-        if not isinstance(bay, int) or isinstance(bay, bool) or bay not in BAY_UNITS:
-            raise CommandError("invalid_args", f"bay must be 1-{len(BAY_UNITS)}, got {bay!r}")
-        return bay
+    def _bay_open(self, args: dict[str, Any]) -> dict[str, Any]:
+        bay = self._args(messages.BayArgs, args).bay
+        refusal = self.controller.open_bay(bay, "operator")
+        if refusal is not None:
+            raise CommandError(refusal, f"cannot open bay {bay} now: {refusal}")
+        return {"bay": bay, "unlocked": True}
 
     def _bay_disable(self, args: dict[str, Any]) -> dict[str, Any]:
-        bay = self._bay_arg(args)
-        reason = args.get("reason")
-        if not isinstance(reason, str) or not reason.strip():
-            raise CommandError("invalid_args", "bay.disable needs a reason")
-        self.controller.set_bay_service(bay, in_service=False, reason=reason, by="operator")
-        return {"bay": bay, "in_service": False}
+        parsed = self._args(messages.BayDisableArgs, args)
+        self.controller.set_bay_service(
+            parsed.bay, in_service=False, reason=parsed.reason, by="operator"
+        )
+        return {"bay": parsed.bay, "in_service": False}
 
     def _bay_enable(self, args: dict[str, Any]) -> dict[str, Any]:
-        bay = self._bay_arg(args)
+        bay = self._args(messages.BayArgs, args).bay
         self.controller.set_bay_service(bay, in_service=True, reason="", by="operator")
         return {"bay": bay, "in_service": True}
+
+    def _settings_set(self, args: dict[str, Any]) -> dict[str, Any]:
+        parsed = self._args(messages.SettingsArgs, args)
+        if parsed.telemetry_interval_s is None and parsed.dispense_min_soc_pct is None:
+            raise CommandError("invalid_args", "settings.set needs at least one setting")
+        if parsed.dispense_min_soc_pct is not None:
+            self.controller.set_dispense_threshold(parsed.dispense_min_soc_pct, "operator")
+        if parsed.telemetry_interval_s is not None:
+            self.telemetry_interval_s = parsed.telemetry_interval_s
+            with self.controller.journal.transaction() as db:
+                self.controller.journal.put_setting(
+                    db, "telemetry_interval_s", parsed.telemetry_interval_s
+                )
+        return {
+            "telemetry_interval_s": self.telemetry_interval_s,
+            "dispense_min_soc_pct": self.controller.settings.dispense.min_soc_pct,
+        }
+
+
+SOC_DEADBAND_PCT = 1.0  # a charging battery changes the state at most every ~2 min
+TEMP_DEADBAND_C = 1.0
+EXACT_FIELDS = (
+    "online",
+    "door",
+    "locked",
+    "battery_id",
+    "battery_present",
+    "charging",
+    "in_service",
+    "out_of_service_reason",
+)
+
+
+def significant(before: messages.State, after: messages.State) -> bool:
+    """Whether ``after`` differs from ``before`` enough to re-publish retained state.
+
+    Report by exception: doors, batteries, service and session changes always count;
+    SoC and temperatures only beyond their deadbands, so an idle cabinet is quiet.
+    """
+    if before.cabinet != after.cabinet or before.session != after.session:
+        return True
+    for old, new in zip(before.bays, after.bays, strict=True):
+        if any(getattr(old, k) != getattr(new, k) for k in EXACT_FIELDS):
+            return True
+        for key, band in (
+            ("soc_pct", SOC_DEADBAND_PCT),
+            ("cell_temp_c", TEMP_DEADBAND_C),
+            ("bay_temp_c", TEMP_DEADBAND_C),
+        ):
+            a, b = getattr(old, key), getattr(new, key)
+            if (a is None) != (b is None) or (a is not None and abs(a - b) >= band):
+                return True
+    return False
 
 
 def _request_id_of(payload: bytes) -> str | None:

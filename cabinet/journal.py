@@ -259,6 +259,22 @@ class Journal:
             "INSERT OR REPLACE INTO commands VALUES (?, ?, ?)", (request_id, json.dumps(reply), now)
         )
 
+    # -- runtime settings ----------------------------------------------------------------------
+
+    def setting(self, key: str) -> Any:
+        """A runtime setting changed by the backend, or None."""
+        row = self._db.execute(
+            "SELECT value FROM meta WHERE key = ?", (f"setting.{key}",)
+        ).fetchone()
+        return json.loads(row[0]) if row else None
+
+    @staticmethod
+    def put_setting(db: sqlite3.Connection, key: str, value: Any) -> None:
+        """Persist a runtime setting."""
+        db.execute(
+            "INSERT OR REPLACE INTO meta VALUES (?, ?)", (f"setting.{key}", json.dumps(value))
+        )
+
     # -- token replay cache -----------------------------------------------------------------
 
     def use_token(self, nonce: str, expires: int, now: int) -> bool:

@@ -91,6 +91,40 @@ class Event(_Message):
     data: dict[str, Any]
 
 
+class MeterView(BaseModel):
+    """The energy meter's reading."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    voltage_v: float
+    current_a: float
+    power_w: float
+    energy_kwh: float
+
+
+class BayTelemetry(BaseModel):
+    """Per-bay measurements."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    bay: int
+    soc_pct: float | None
+    cell_temp_c: float | None
+    bay_temp_c: float | None
+    charging: bool | None
+
+
+class Telemetry(_Message):
+    """``telemetry`` (QoS 0): periodic measurements and the outbox's health."""
+
+    cabinet_id: str
+    cabinet_temp_c: float | None
+    meter: MeterView | None
+    bays: list[BayTelemetry]
+    outbox_depth: int
+    outbox_dropped: int
+
+
 class Command(BaseModel):
     """A command on ``cmd/<name>``."""
 
@@ -108,6 +142,29 @@ class SwapStartArgs(BaseModel):
 
     rider_id: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._:-]+$")
     mode: Literal["swap", "pickup", "return"] = "swap"
+
+
+class BayArgs(BaseModel):
+    """``cmd/bay.open``, ``bay.enable``: which bay."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    bay: int = Field(ge=1, le=12)
+
+
+class BayDisableArgs(BayArgs):
+    """``cmd/bay.disable``: which bay, and why (shown to technicians)."""
+
+    reason: str = Field(min_length=1, max_length=200)
+
+
+class SettingsArgs(BaseModel):
+    """``cmd/settings.set``: the runtime settings a backend may change."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    telemetry_interval_s: float | None = Field(default=None, ge=5.0, le=3600.0)
+    dispense_min_soc_pct: float | None = Field(default=None, ge=50.0, le=100.0)
 
 
 class NoArgs(BaseModel):
@@ -141,6 +198,10 @@ SCHEMAS: dict[str, type[BaseModel]] = {
     "state": State,
     "event": Event,
     "command": Command,
+    "telemetry": Telemetry,
     "cmd.swap.start.args": SwapStartArgs,
+    "cmd.bay.args": BayArgs,
+    "cmd.bay.disable.args": BayDisableArgs,
+    "cmd.settings.set.args": SettingsArgs,
     "reply": Reply,
 }

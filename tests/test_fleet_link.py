@@ -6,7 +6,9 @@ import json
 from collections.abc import Iterator
 from pathlib import Path
 
+import paho.mqtt.client as paho
 import pytest
+from paho.mqtt.enums import CallbackAPIVersion
 
 from sim.backend import Backend
 from tests.daemon_harness import running_cabinet, wait_until
@@ -183,3 +185,50 @@ def test_commands_are_idempotent_by_request_id(
         enabled = backend.command(CAB, "bay.enable", {"request_id": "en-1", "args": {"bay": 4}})
         assert enabled["ok"] is True
         assert json.dumps(enabled["result"]) == '{"bay": 4, "in_service": true}'
+
+
+def test_operators_open_a_bay_and_change_runtime_settings(
+    tmp_path: Path, broker: Mosquitto, backend: Backend
+) -> None:
+    with running_cabinet(tmp_path, extra=mqtt(broker)) as cab:
+        wait_until("status online", lambda: backend.status.get(CAB, {}).get("online"))
+        opened = backend.command(CAB, "bay.open", {"request_id": "o-1", "args": {"bay": 7}})
+        assert opened["ok"] is True
+        cab.wait_door(7, "open")
+        settings = backend.command(
+            CAB,
+            "settings.set",
+            {
+                "request_id": "s-1",
+                "args": {"telemetry_interval_s": 5, "dispense_min_soc_pct": 99.5},
+            },
+        )
+        assert settings["ok"] and settings["result"]["dispense_min_soc_pct"] == 99.5
+        cab.wait_event("settings.changed", dispense_min_soc_pct=99.5)
+        assert backend.authorise_swap(CAB, "R-9")["error"]["code"] == "refused"
+        failed = cab.wait_event("swap.failed", rider_id="R-9")
+        assert failed["reason"] == "no_dispensable_battery"  # 99.5 % is stricter than stock
+        bad = backend.command(
+            CAB, "settings.set", {"request_id": "s-2", "args": {"telemetry_interval_s": 1}}
+        )
+        assert bad["error"]["code"] == "invalid_args"
+
+
+def test_telemetry_reports_measurements_and_the_outbox(tmp_path: Path, broker: Mosquitto) -> None:
+    got: list[dict[str, object]] = []
+    client = paho.Client(CallbackAPIVersion.VERSION2, client_id="telemetry-reader")
+    client.on_message = lambda _c, _u, msg: got.append(json.loads(msg.payload))
+    client.connect("127.0.0.1", broker.port)
+    client.subscribe(f"cabinets/{CAB}/telemetry")
+    client.loop_start()
+    try:
+        extra = {"mqtt": {"url": broker.url, "telemetry_interval_s": 5}}
+        with running_cabinet(tmp_path, extra=extra):
+            wait_until("a telemetry message", lambda: got, timeout=20)
+        sample = got[0]
+        assert sample["cabinet_id"] == CAB and len(sample["bays"]) == 12  # type: ignore[arg-type]
+        assert isinstance(sample["outbox_depth"], int) and sample["outbox_dropped"] == 0
+        assert sample["meter"] is not None
+    finally:
+        client.loop_stop()
+        client.disconnect()

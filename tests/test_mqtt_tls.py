@@ -1,0 +1,72 @@
+"""mqtts:// with client certificates against a real mosquitto that requires them."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from sim.backend import Backend
+from tests.daemon_harness import running_cabinet, wait_until
+from tests.mqtt_broker import Mosquitto, free_port
+from tests.tls_certs import Pki, make_pki
+
+CAB = "cab-test"
+
+
+@pytest.fixture
+def tls_broker(tmp_path: Path) -> Iterator[tuple[Mosquitto, Pki, int]]:
+    pki = make_pki(tmp_path, client_cn=CAB)
+    tls_port = free_port()
+    broker = Mosquitto(
+        tmp_path,
+        extra_config=(
+            f"listener {tls_port} 127.0.0.1\n"
+            f"cafile {pki.ca}\ncertfile {pki.server_cert}\nkeyfile {pki.server_key}\n"
+            "require_certificate true\nuse_identity_as_username true\n"
+        ),
+    )
+    broker.start()
+    yield broker, pki, tls_port
+    broker.stop()
+
+
+def test_a_cabinet_with_its_client_certificate_publishes_over_tls(
+    tmp_path: Path, tls_broker: tuple[Mosquitto, Pki, int]
+) -> None:
+    broker, pki, tls_port = tls_broker
+    backend = Backend("127.0.0.1", broker.port)  # the backend on the plain test listener
+    mqtt = {
+        "url": f"mqtts://127.0.0.1:{tls_port}",
+        "ca_file": str(pki.ca),
+        "client_cert": str(pki.client_cert),
+        "client_key": str(pki.client_key),
+    }
+    try:
+        (tmp_path / "cab").mkdir()
+        with running_cabinet(tmp_path / "cab", extra={"mqtt": mqtt}):
+            status = wait_until("status online over TLS", lambda: backend.status.get(CAB))
+            assert status["online"] is True
+            wait_until(
+                "cabinet.started over TLS",
+                lambda: any(e["type"] == "cabinet.started" for e in backend.event_list(CAB)),
+            )
+    finally:
+        backend.close()
+
+
+def test_a_cabinet_without_a_client_certificate_is_refused(
+    tmp_path: Path, tls_broker: tuple[Mosquitto, Pki, int]
+) -> None:
+    broker, pki, tls_port = tls_broker
+    backend = Backend("127.0.0.1", broker.port)
+    mqtt = {"url": f"mqtts://127.0.0.1:{tls_port}", "ca_file": str(pki.ca)}
+    try:
+        (tmp_path / "cab").mkdir()
+        with running_cabinet(tmp_path / "cab", extra={"mqtt": mqtt}) as cab:
+            cab.swap_begins("R-1")  # the cabinet works offline all the same
+            assert CAB not in backend.status
+            assert backend.event_list(CAB) == []
+    finally:
+        backend.close()

@@ -33,6 +33,7 @@ unit: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python bench/bus_cycle.py
 	$(BIN)/python bench/swap_latency.py --swaps 20
+	$(BIN)/python bench/outbox.py
 
 ## schemas: regenerate protocol/schemas/*.json from the message models
 schemas: $(STAMP)

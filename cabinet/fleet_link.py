@@ -35,7 +35,7 @@ from protocol.units import BAY_UNITS
 
 log = structlog.get_logger("fleet")
 
-PUBLISH_WINDOW = 100  # events in flight at once: enough to fill the pipe, bounded memory
+PUBLISH_WINDOW = 500  # events in flight at once: enough to fill the pipe, bounded memory
 STATE_MIN_INTERVAL_S = 1.0  # retained state at most once a second: bandwidth on LTE
 OFFLINE_PUBACK_WAIT_S = 1.0  # a stopping daemon waits this long at most for the broker
 
@@ -139,15 +139,15 @@ class FleetLink:
             futures = [
                 self.link.publish(topics.events(self.cabinet_id), self._event(e)) for e in batch
             ]
-            acked: list[int] = []
+            acked_upto = 0
             for event, future in zip(batch, futures, strict=True):
                 try:
                     await future
                 except (ConnectionError, asyncio.CancelledError):
                     break  # stay in order: resend from the first unacknowledged one
-                acked.append(int(event["seq"]))
-            if acked:
-                journal.mark_published(acked)
+                acked_upto = int(event["seq"])
+            if acked_upto:
+                journal.mark_published(acked_upto)
             self._state_dirty.set()
 
     def _event(self, event: dict[str, Any]) -> bytes:

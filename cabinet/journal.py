@@ -50,7 +50,6 @@ CREATE TABLE IF NOT EXISTS events (
     ts INTEGER NOT NULL, payload TEXT NOT NULL
 );
 CREATE TABLE IF NOT EXISTS used_tokens (nonce TEXT PRIMARY KEY, expires INTEGER NOT NULL);
-CREATE TABLE IF NOT EXISTS published (seq INTEGER PRIMARY KEY);
 CREATE TABLE IF NOT EXISTS commands (
     request_id TEXT PRIMARY KEY, reply TEXT NOT NULL, at REAL NOT NULL
 );
@@ -202,42 +201,28 @@ class Journal:
 
     # -- the outbox ---------------------------------------------------------------------------
 
+    def _published_upto(self) -> int:
+        row = self._db.execute("SELECT value FROM meta WHERE key = 'published_upto'").fetchone()
+        return int(row[0]) if row else 0
+
     def unpublished(self, limit: int) -> list[dict[str, Any]]:
         """Events the broker has not acknowledged yet, oldest first."""
-        rows = self._db.execute(
-            "SELECT seq, id, type, ts, payload FROM events WHERE seq NOT IN "
-            "(SELECT seq FROM published) ORDER BY seq LIMIT ?",
-            (limit,),
-        )
-        return [
-            {"seq": seq, "id": id_, "type": type_, "ts": ts, **json.loads(payload)}
-            for seq, id_, type_, ts, payload in rows
-        ]
+        return self.events(after_seq=self._published_upto(), limit=limit)
 
-    def mark_published(self, seqs: list[int]) -> None:
-        """The broker acknowledged these (PUBACK): they leave the outbox.
+    def mark_published(self, upto_seq: int) -> None:
+        """The broker acknowledged every event up to ``upto_seq`` (PUBACK, in order).
 
         Published events are kept (``cabinet events`` shows history) up to
-        ``EVENT_HISTORY`` rows; older published ones are pruned. Unpublished events are
-        never pruned here.
+        ``EVENT_HISTORY`` of them; older ones are pruned. Unpublished events never are.
         """
         with self.transaction() as db:
-            db.executemany("INSERT OR IGNORE INTO published VALUES (?)", [(s,) for s in seqs])
-            (count,) = db.execute("SELECT COUNT(*) FROM published").fetchone()
-            if count > EVENT_HISTORY:
-                cutoff = db.execute(
-                    "SELECT seq FROM published ORDER BY seq DESC LIMIT 1 OFFSET ?", (EVENT_HISTORY,)
-                ).fetchone()[0]
-                db.execute(
-                    "DELETE FROM events WHERE seq <= ? AND seq IN (SELECT seq FROM published)",
-                    (cutoff,),
-                )
-                db.execute("DELETE FROM published WHERE seq <= ?", (cutoff,))
+            db.execute("INSERT OR REPLACE INTO meta VALUES ('published_upto', ?)", (str(upto_seq),))
+            db.execute("DELETE FROM events WHERE seq <= ?", (upto_seq - EVENT_HISTORY,))
 
     def outbox_depth(self) -> int:
         """How many events wait for the broker."""
         (depth,) = self._db.execute(
-            "SELECT COUNT(*) FROM events WHERE seq NOT IN (SELECT seq FROM published)"
+            "SELECT COUNT(*) FROM events WHERE seq > ?", (self._published_upto(),)
         ).fetchone()
         return int(depth)
 

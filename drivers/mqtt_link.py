@@ -130,7 +130,7 @@ class MqttLink:
             client.tls_set_context(context)
         client.will_set(self._will[0], self._will[1], qos=1, retain=True)
         client.reconnect_delay_set(RECONNECT_MIN_S, RECONNECT_MAX_S)
-        client.max_inflight_messages_set(200)  # the outbox drains a backlog at full speed
+        client.max_inflight_messages_set(1000)  # the outbox drains a backlog at full speed
         client.max_queued_messages_set(0)
         client.on_connect = self._paho_connect
         client.on_disconnect = self._paho_disconnect

@@ -37,7 +37,10 @@ log = structlog.get_logger("fleet")
 
 PUBLISH_WINDOW = 500  # events in flight at once: enough to fill the pipe, bounded memory
 STATE_MIN_INTERVAL_S = 1.0  # retained state at most once a second: bandwidth on LTE
-OFFLINE_PUBACK_WAIT_S = 1.0  # a stopping daemon waits this long at most for the broker
+OFFLINE_PUBACK_WAIT_S = 1.0
+#: Unpublished events that raise the ``outbox_backlog`` alarm (~days of a busy cabinet
+#: offline; a few hundred MB). Events are never dropped: the alarm asks a person to act.
+OUTBOX_ALARM_DEPTH = 100_000  # a stopping daemon waits this long at most for the broker
 
 
 def _ms() -> int:
@@ -90,6 +93,8 @@ class FleetLink:
         stored = controller.journal.setting("telemetry_interval_s")
         self.telemetry_interval_s = float(stored) if stored else telemetry_interval_s
         self._last_state: messages.State | None = None
+        self.telemetry_dropped = 0  # samples not sent while the broker was unreachable
+        self._backlog_alarm = False
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -130,6 +135,7 @@ class FleetLink:
     async def _drain_outbox(self) -> None:
         journal = self.controller.journal
         while True:
+            self._check_backlog()
             await self.link.connected.wait()
             batch = journal.unpublished(PUBLISH_WINDOW)
             if not batch:
@@ -149,6 +155,22 @@ class FleetLink:
             if acked_upto:
                 journal.mark_published(acked_upto)
             self._state_dirty.set()
+
+    def _check_backlog(self) -> None:
+        """Raise ``outbox_backlog`` once when the outbox grows past its cap, clear it once."""
+        over = self.controller.journal.outbox_depth() >= OUTBOX_ALARM_DEPTH
+        if over != self._backlog_alarm:
+            self._backlog_alarm = over
+            with self.controller.journal.transaction() as db:
+                self.controller.emit(
+                    db,
+                    "alarm.raised" if over else "alarm.cleared",
+                    {
+                        "kind": "outbox_backlog",
+                        "bay": None,
+                        "detail": f"{OUTBOX_ALARM_DEPTH}+ events wait for the broker",
+                    },
+                )
 
     def _event(self, event: dict[str, Any]) -> bytes:
         data = {k: v for k, v in event.items() if k not in {"seq", "id", "type", "ts"}}
@@ -183,7 +205,9 @@ class FleetLink:
     async def _publish_telemetry(self) -> None:
         while True:
             await asyncio.sleep(self.telemetry_interval_s)
-            if self.link.connected.is_set():
+            if not self.link.connected.is_set():
+                self.telemetry_dropped += 1  # telemetry is not worth the outbox: dropped
+            else:
                 self.link.publish(topics.telemetry(self.cabinet_id), _json(self.telemetry()), qos=0)
 
     def telemetry(self) -> messages.Telemetry:
@@ -220,7 +244,7 @@ class FleetLink:
             meter=meter,
             bays=bays,
             outbox_depth=c.journal.outbox_depth(),
-            outbox_dropped=0,
+            outbox_dropped=self.telemetry_dropped,
         )
 
     def state(self) -> messages.State:

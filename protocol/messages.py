@@ -121,8 +121,8 @@ class Telemetry(_Message):
     cabinet_temp_c: float | None
     meter: MeterView | None
     bays: list[BayTelemetry]
-    outbox_depth: int
-    outbox_dropped: int
+    outbox_depth: int = Field(description="events waiting for the broker's PUBACK")
+    outbox_dropped: int = Field(description="telemetry samples dropped while offline")
 
 
 class Command(BaseModel):

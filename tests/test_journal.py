@@ -6,8 +6,14 @@ from pathlib import Path
 
 import pytest
 
+from cabinet import fleet_link
 from cabinet import journal as journal_module
+from cabinet.bus_scheduler import BusScheduler
+from cabinet.controller import CabinetController
 from cabinet.journal import Journal
+from drivers.bus_url import parse_endpoint
+from drivers.modbus_bus import ModbusBus
+from drivers.mqtt_link import MqttLink
 
 
 def add(journal: Journal, count: int) -> list[int]:
@@ -34,3 +40,27 @@ def test_pruned_history_never_reuses_a_seq(tmp_path: Path, monkeypatch: pytest.M
     journal.mark_published(6)
     assert [e["seq"] for e in journal.events()] == [5, 6]
     assert add(journal, 1) == [7]
+
+
+def test_a_growing_outbox_raises_one_alarm_and_keeps_every_event(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(fleet_link, "OUTBOX_ALARM_DEPTH", 3)
+    journal = Journal(tmp_path / "j.db")
+    controller = CabinetController(
+        cabinet_id="c",
+        journal=journal,
+        scheduler=BusScheduler(ModbusBus(parse_endpoint("tcp://127.0.0.1:9"))),
+    )
+    fleet = fleet_link.FleetLink(
+        controller, lambda **kw: MqttLink("mqtt://127.0.0.1:9", client_id="t", **kw)
+    )
+    add(journal, 5)
+    fleet._check_backlog()
+    fleet._check_backlog()
+    alarms = [e for e in journal.events() if e["type"] == "alarm.raised"]
+    assert len(alarms) == 1 and alarms[0]["kind"] == "outbox_backlog"
+    assert journal.outbox_depth() == 6  # the alarm itself is an event; nothing was dropped
+    journal.mark_published(6)
+    fleet._check_backlog()
+    assert [e["type"] for e in journal.events()][-1] == "alarm.cleared"

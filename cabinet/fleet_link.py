@@ -37,10 +37,11 @@ log = structlog.get_logger("fleet")
 
 PUBLISH_WINDOW = 500  # events in flight at once: enough to fill the pipe, bounded memory
 STATE_MIN_INTERVAL_S = 1.0  # retained state at most once a second: bandwidth on LTE
-OFFLINE_PUBACK_WAIT_S = 1.0
+OFFLINE_PUBACK_WAIT_S = 1.0  # a stopping daemon waits this long at most for the broker
+BACKLOG_CHECK_S = 5.0  # how often the backlog is measured while the broker is away
 #: Unpublished events that raise the ``outbox_backlog`` alarm (~days of a busy cabinet
 #: offline; a few hundred MB). Events are never dropped: the alarm asks a person to act.
-OUTBOX_ALARM_DEPTH = 100_000  # a stopping daemon waits this long at most for the broker
+OUTBOX_ALARM_DEPTH = 100_000
 
 
 def _ms() -> int:
@@ -102,9 +103,12 @@ class FleetLink:
         """Publish forever (supervised by the daemon)."""
         self.link.start()
         try:
-            await asyncio.gather(
-                self._drain_outbox(), self._publish_state(), self._publish_telemetry()
-            )
+            # a TaskGroup: if one loop dies the others are cancelled with it, so a
+            # supervised restart never leaves two drainers racing over the outbox
+            async with asyncio.TaskGroup() as group:
+                group.create_task(self._drain_outbox())
+                group.create_task(self._publish_state())
+                group.create_task(self._publish_telemetry())
         finally:
             await self._say_offline()
             self.link.stop()
@@ -136,7 +140,10 @@ class FleetLink:
         journal = self.controller.journal
         while True:
             self._check_backlog()
-            await self.link.connected.wait()
+            if not self.link.connected.is_set():
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.link.connected.wait(), BACKLOG_CHECK_S)
+                continue
             batch = journal.unpublished(PUBLISH_WINDOW)
             if not batch:
                 self.controller.changed.clear()
@@ -149,7 +156,7 @@ class FleetLink:
             for event, future in zip(batch, futures, strict=True):
                 try:
                     await future
-                except (ConnectionError, asyncio.CancelledError):
+                except ConnectionError:
                     break  # stay in order: resend from the first unacknowledged one
                 acked_upto = int(event["seq"])
             if acked_upto:
@@ -168,7 +175,9 @@ class FleetLink:
                     {
                         "kind": "outbox_backlog",
                         "bay": None,
-                        "detail": f"{OUTBOX_ALARM_DEPTH}+ events wait for the broker",
+                        "detail": f"{OUTBOX_ALARM_DEPTH}+ events wait for the broker"
+                        if over
+                        else "the backlog is back under its cap",
                     },
                 )
 

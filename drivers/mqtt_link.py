@@ -162,7 +162,8 @@ class MqttLink:
         self._client.loop_stop()
         for future in self._pending.values():
             if not future.done():
-                future.cancel()
+                future.set_exception(ConnectionError("link stopped before PUBACK"))
+        self._pending.clear()
 
     # -- publishing -----------------------------------------------------------------------
 

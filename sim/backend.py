@@ -26,7 +26,9 @@ from protocol import topics
 class Backend:
     """Subscribes to the whole fleet; thread-safe accessors for what it has seen."""
 
-    def __init__(self, host: str, port: int, *, client_id: str = "backend") -> None:
+    def __init__(
+        self, host: str, port: int, *, client_id: str = "backend", persistent: bool = False
+    ) -> None:
         self._lock = threading.Lock()
         self.events: dict[str, list[dict[str, Any]]] = defaultdict(list)  # in arrival order
         self.duplicates: dict[str, int] = defaultdict(int)
@@ -41,7 +43,11 @@ class Backend:
         self._client.on_connect = self._connected
         self._client.on_message = self._message
         self._connected_event = threading.Event()
-        self._client.connect(host, port, 30)
+        props = None
+        if persistent:  # like a real backend: the broker queues what we miss while away
+            props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+            props.SessionExpiryInterval = 3600
+        self._client.connect(host, port, 30, clean_start=not persistent, properties=props)
         self._client.loop_start()
         if not self._connected_event.wait(10):
             raise ConnectionError(f"backend could not connect to {host}:{port}")

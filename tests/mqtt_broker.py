@@ -19,15 +19,21 @@ def free_port() -> int:
 
 
 class Mosquitto:
-    def __init__(self, workdir: Path, extra_config: str = "") -> None:
+    def __init__(self, workdir: Path, extra_config: str = "", *, persistent: bool = False) -> None:
         self.port = free_port()
         self.conf = workdir / "mosquitto.conf"
         self.conf.write_text(
             # stay the invoking user: the test keys live in a private temp dir
             f"user {getpass.getuser()}\nper_listener_settings false\n"
             f"listener {self.port} 127.0.0.1\n"
-            "allow_anonymous true\npersistence false\n"
-            "max_inflight_messages 0\nmax_queued_messages 100000\n" + extra_config
+            "allow_anonymous true\n"
+            + (
+                f"persistence true\npersistence_location {workdir}/\n"
+                if persistent
+                else "persistence false\n"
+            )
+            + "max_inflight_messages 0\nmax_queued_messages 100000\n"
+            + extra_config
         )
         self.proc: subprocess.Popen[bytes] | None = None
 

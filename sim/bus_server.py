@@ -100,6 +100,7 @@ class SimulatedBus:
         self.connections = 0  # masters that connected: a reconnect storm shows here
         self._last_rx = 0.0  # when the latest request bytes reached the simulator
         self._broadcast = False  # the latest request was addressed to unit 0 (everyone)
+        self._gateway_rx: float | None = None  # a request's first byte at the pty gateway
         self._line_free_at = 0.0  # when the previous transaction left the wire
 
     # -- devices ------------------------------------------------------------------------
@@ -237,7 +238,9 @@ class SimulatedBus:
     def _trace_packet(self, sending: bool, data: bytes) -> bytes:
         """Drop replies of silent or unknown units; corrupt replies of units with CRC faults."""
         if not sending:
-            self._last_rx = time.perf_counter()
+            # a request relayed by the pty gateway reached the line when the gateway saw it
+            self._last_rx = self._gateway_rx or time.perf_counter()
+            self._gateway_rx = None
             self._broadcast = bool(data) and data[0] == 0
             return data
         if not data:
@@ -252,6 +255,11 @@ class SimulatedBus:
             self.counters[unit].corrupted += 1
             return data[:-1] + bytes([data[-1] ^ 0xFF])
         return data
+
+    def request_arriving(self) -> None:
+        """The pty gateway saw request bytes: the line time starts now, not after the relay."""
+        if self._gateway_rx is None:
+            self._gateway_rx = time.perf_counter()
 
     def _trace_connect(self, connected: bool) -> None:
         if connected:

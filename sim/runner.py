@@ -13,6 +13,7 @@ import json
 import signal
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from sim.bus_server import SimulatedBus
@@ -49,9 +50,15 @@ class _PtyGateway:
         self._writer: asyncio.StreamWriter | None = None
         self._pump: asyncio.Task[None] | None = None
 
-    async def start(self, path: str, port: int) -> None:
-        reader, self._writer = await asyncio.open_connection("127.0.0.1", port)
-        self._pty = PtyLink(path, on_data=self._writer.write)
+    async def start(self, path: str, port: int, on_request: Callable[[], None]) -> None:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        self._writer = writer
+
+        def relay(data: bytes) -> None:
+            on_request()
+            writer.write(data)
+
+        self._pty = PtyLink(path, on_data=relay)
         self._pump = asyncio.create_task(self._replies(reader))
 
     async def _replies(self, reader: asyncio.StreamReader) -> None:
@@ -89,7 +96,7 @@ async def serve(options: SimOptions, *, ready: asyncio.Event | None = None) -> N
     try:
         if bus_spec.kind == "pty":
             internal_port = await bus.start("127.0.0.1", 0)
-            await gateway.start(bus_spec.path, internal_port)
+            await gateway.start(bus_spec.path, internal_port, bus.request_arriving)
             # 8N1 on the pty: Linux ptys refuse (EINVAL) a second tcsetattr with parity set,
             # which pyserial issues when pymodbus adjusts the timeout. The wire-time model
             # still counts 11-bit characters, as on the real 8E1 line.

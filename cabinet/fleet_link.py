@@ -55,9 +55,10 @@ def _json(model: BaseModel) -> bytes:
 class CommandError(Exception):
     """A command refused with a stable code."""
 
-    def __init__(self, code: str, message: str) -> None:
+    def __init__(self, code: str, message: str, result: Any = None) -> None:
         super().__init__(message)
         self.code = code
+        self.result = result  # a duplicate carries the original reply here
 
 
 class FleetLink:
@@ -332,6 +333,7 @@ class FleetLink:
                 name,
                 request_id,
                 ok=False,
+                result=exc.result,
                 error=messages.ReplyError(code=exc.code, message=str(exc)),
             )
         self._record(name, request_id, reply)
@@ -362,6 +364,7 @@ class FleetLink:
                 "duplicate_request",
                 f"request_id {command.request_id} was already handled: "
                 f"{'ok' if previous.get('ok') else 'refused'}",
+                result=previous,
             )
         return command, handler
 

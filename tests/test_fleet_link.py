@@ -180,6 +180,7 @@ def test_commands_are_idempotent_by_request_id(
         assert first["ok"] is True
         again = backend.command(CAB, "bay.disable", command)
         assert again["ok"] is False and again["error"]["code"] == "duplicate_request"
+        assert again["result"]["result"] == first["result"]  # the original answer, repeated
         assert len(cab.events("bay.disabled")) == 1
         state = backend.command(CAB, "state.get", {"request_id": "st-1"})["result"]
         assert state["bays"][3]["in_service"] is False

@@ -13,17 +13,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-from drivers.boards import BayBoard
+from cabinet.demo import poll_cycle
 from drivers.bus_url import parse_endpoint
-from drivers.modbus_bus import ModbusBus, UnitNoAnswerError
+from drivers.modbus_bus import ModbusBus
 from protocol import bay_map, rtu_timing
 from protocol.units import BAY_UNITS
 from sim.launcher import start_simulator, stop_process
@@ -36,18 +34,10 @@ def start_sim(baud: int, bus: str) -> tuple[subprocess.Popen[str], dict[str, str
     return start_simulator("--baud", str(baud), "--reply-ms", "0", bus=bus, cwd=REPO)
 
 
-async def poll_cycle(bus: ModbusBus) -> float:
-    started = time.perf_counter()
-    for unit in BAY_UNITS:
-        with contextlib.suppress(UnitNoAnswerError):
-            await BayBoard(bus, unit).read_status()
-    return time.perf_counter() - started
-
-
 async def measure(url: str, cycles: int, timeout_s: float) -> list[float]:
     async with ModbusBus(parse_endpoint(url), timeout_s=timeout_s) as bus:
         await poll_cycle(bus)  # warm-up: connection, first-frame costs
-        return [await poll_cycle(bus) for _ in range(cycles)]
+        return [(await poll_cycle(bus))[0] for _ in range(cycles)]
 
 
 def ctl(control: str, *args: str) -> None:

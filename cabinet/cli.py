@@ -297,15 +297,19 @@ def _sim_ctl(args: argparse.Namespace) -> int:
 # -- parser ------------------------------------------------------------------------------------
 
 
+def _config_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "-c", "--config", default=os.environ.get("CABINET_CONFIG", str(DEFAULT_CONFIG_PATH))
+    )
+
+
 def _add_bus_target(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--bus",
         help="bus URL (tcp://host:port or serial:///dev/...); "
         "default: bus.url from the config file",
     )
-    parser.add_argument(
-        "-c", "--config", default=os.environ.get("CABINET_CONFIG", str(DEFAULT_CONFIG_PATH))
-    )
+    _config_arg(parser)
     parser.add_argument("--timeout-ms", type=int, help="reply timeout per request")
     parser.add_argument("--json", action="store_true", help="machine-readable output")
 
@@ -382,12 +386,6 @@ def _add_bus_parser(commands: Any) -> None:
     write.set_defaults(handler=_bus_write)
 
 
-def _config_arg(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "-c", "--config", default=os.environ.get("CABINET_CONFIG", str(DEFAULT_CONFIG_PATH))
-    )
-
-
 def _add_daemon_parsers(commands: Any) -> None:
     run = commands.add_parser("run", help="the daemon (what systemd starts)")
     _config_arg(run)
@@ -430,9 +428,7 @@ def _add_config_parser(commands: Any) -> None:
         dest="config_command", required=True, metavar="SUBCOMMAND"
     )
     check = config.add_parser("check", help="validate a config file, every problem with its key")
-    check.add_argument(
-        "-c", "--config", default=os.environ.get("CABINET_CONFIG", str(DEFAULT_CONFIG_PATH))
-    )
+    _config_arg(check)
     check.add_argument("--json", action="store_true")
     check.set_defaults(handler=_config_check)
 

@@ -38,7 +38,8 @@ def _survey_table(reports: list[UnitReport]) -> str:
     return "\n".join(lines)
 
 
-async def _poll_cycle(bus: ModbusBus) -> tuple[float, int]:
+async def poll_cycle(bus: ModbusBus) -> tuple[float, int]:
+    """Read every bay once; the cycle's duration and how many bays answered."""
     started = time.perf_counter()
     answered = 0
     for unit in BAY_UNITS:
@@ -93,13 +94,13 @@ async def run_demo(duration_s: float, say: Callable[[str], None] = print) -> int
             )
             world.inject(FaultKind.SILENT, bay=DEAD_BAY)
             for cycle in range(1, 5):
-                elapsed, answered = await _poll_cycle(bus)
+                elapsed, answered = await poll_cycle(bus)
                 isolated = " (isolated)" if bus.is_isolated(DEAD_BAY) else ""
                 say(f"   cycle {cycle}: {elapsed * 1000:.0f} ms, {answered}/12 bays{isolated}")
             world.heal()
             healed_at = time.monotonic()
             while bus.is_isolated(DEAD_BAY):
-                await _poll_cycle(bus)
+                await poll_cycle(bus)
             say(
                 f"   board repaired: found again by a re-probe "
                 f"{time.monotonic() - healed_at:.1f} s later"
@@ -112,7 +113,7 @@ async def run_demo(duration_s: float, say: Callable[[str], None] = print) -> int
             samples: list[float] = []
             deadline = time.monotonic() + duration_s
             while time.monotonic() < deadline:
-                elapsed, _ = await _poll_cycle(bus)
+                elapsed, _ = await poll_cycle(bus)
                 samples.append(elapsed)
     finally:
         await line.stop()

@@ -33,6 +33,10 @@ def backend(broker: Mosquitto) -> Iterator[Backend]:
     client.close()
 
 
+def wait_online(backend: Backend) -> None:
+    wait_until("status online", lambda: backend.status.get(CAB, {}).get("online"))
+
+
 def mqtt(broker: Mosquitto) -> dict[str, dict[str, str]]:
     return {"mqtt": {"url": broker.url}}
 
@@ -45,7 +49,7 @@ def test_a_swap_reaches_the_backend_as_the_documented_events(
     tmp_path: Path, broker: Mosquitto, backend: Backend
 ) -> None:
     with running_cabinet(tmp_path, extra=mqtt(broker)) as cab:
-        wait_until("status online", lambda: backend.status.get(CAB, {}).get("online"))
+        wait_online(backend)
         started = cab.swap_begins("R-1")
         deposit(cab, started["return_bay"], "BAT-M1")
         collect(cab, started["dispense_bay"])
@@ -66,7 +70,7 @@ def test_the_last_will_says_offline_when_the_daemon_dies(
     tmp_path: Path, broker: Mosquitto, backend: Backend
 ) -> None:
     with running_cabinet(tmp_path, extra=mqtt(broker)) as cab:
-        wait_until("status online", lambda: backend.status.get(CAB, {}).get("online"))
+        wait_online(backend)
         cab.kill9()
         # the broker notices the dead TCP connection at once (RST) and publishes the will
         wait_until("the last will", lambda: backend.status.get(CAB, {}).get("online") is False)
@@ -78,7 +82,7 @@ def test_a_broker_outage_loses_nothing_and_leaves_no_gap(tmp_path: Path) -> None
     backend = Backend("127.0.0.1", broker.port, client_id="backend-p", persistent=True)
     try:
         with running_cabinet(tmp_path, extra=mqtt(broker)) as cab:
-            wait_until("status online", lambda: backend.status.get(CAB, {}).get("online"))
+            wait_online(backend)
             broker.stop()
             started = cab.swap_begins("R-2")  # swaps go on without the cloud
             deposit(cab, started["return_bay"], "BAT-M2")
@@ -105,7 +109,7 @@ def test_kill9_with_a_backlog_then_restart_delivers_everything(
     tmp_path: Path, broker: Mosquitto, backend: Backend
 ) -> None:
     with running_cabinet(tmp_path, extra=mqtt(broker)) as cab:
-        wait_until("status online", lambda: backend.status.get(CAB, {}).get("online"))
+        wait_online(backend)
         broker.stop()
         started = cab.swap_begins("R-3")
         deposit(cab, started["return_bay"], "BAT-M3")
@@ -131,7 +135,7 @@ def test_the_backend_starts_a_swap_online(
     tmp_path: Path, broker: Mosquitto, backend: Backend
 ) -> None:
     with running_cabinet(tmp_path, extra=mqtt(broker)) as cab:
-        wait_until("status online", lambda: backend.status.get(CAB, {}).get("online"))
+        wait_online(backend)
         reply = backend.authorise_swap(CAB, "R-online")
         assert reply["ok"] is True, reply
         session = reply["result"]["session_id"]
@@ -162,7 +166,7 @@ def test_every_malformed_command_gets_a_precise_error_reply(
     code: str,
 ) -> None:
     with running_cabinet(tmp_path, extra=mqtt(broker)) as cab:
-        wait_until("status online", lambda: backend.status.get(CAB, {}).get("online"))
+        wait_online(backend)
         reply = backend.command(CAB, name, payload)
         assert reply["ok"] is False and reply["error"]["code"] == code, reply
         assert reply["error"]["message"]
@@ -174,7 +178,7 @@ def test_commands_are_idempotent_by_request_id(
     tmp_path: Path, broker: Mosquitto, backend: Backend
 ) -> None:
     with running_cabinet(tmp_path, extra=mqtt(broker)) as cab:
-        wait_until("status online", lambda: backend.status.get(CAB, {}).get("online"))
+        wait_online(backend)
         command = {"request_id": "dis-1", "args": {"bay": 4, "reason": "cleaning"}}
         first = backend.command(CAB, "bay.disable", command)
         assert first["ok"] is True
@@ -194,7 +198,7 @@ def test_operators_open_a_bay_and_change_runtime_settings(
     tmp_path: Path, broker: Mosquitto, backend: Backend
 ) -> None:
     with running_cabinet(tmp_path, extra=mqtt(broker)) as cab:
-        wait_until("status online", lambda: backend.status.get(CAB, {}).get("online"))
+        wait_online(backend)
         opened = backend.command(CAB, "bay.open", {"request_id": "o-1", "args": {"bay": 7}})
         assert opened["ok"] is True
         cab.wait_door(7, "open")

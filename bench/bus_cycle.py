@@ -13,15 +13,17 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
-from cabinet.demo import poll_cycle
+from drivers.boards import BayBoard
 from drivers.bus_url import parse_endpoint
-from drivers.modbus_bus import ModbusBus
+from drivers.modbus_bus import ModbusBus, UnitNoAnswerError
 from protocol import bay_map, rtu_timing
 from protocol.units import BAY_UNITS
 from sim.launcher import start_simulator, stop_process
@@ -32,6 +34,17 @@ BAUDS = (9600, 19200, 115200)
 
 def start_sim(baud: int, bus: str) -> tuple[subprocess.Popen[str], dict[str, str]]:
     return start_simulator("--baud", str(baud), "--reply-ms", "0", bus=bus, cwd=REPO)
+
+
+async def poll_cycle(bus: ModbusBus) -> tuple[float, int]:
+    """Read every bay once, as the daemon's poller does; the cycle's duration and answers."""
+    started = time.perf_counter()
+    answered = 0
+    for unit in BAY_UNITS:
+        with contextlib.suppress(UnitNoAnswerError):
+            await BayBoard(bus, unit).read_status()
+            answered += 1
+    return time.perf_counter() - started, answered
 
 
 async def measure(url: str, cycles: int, timeout_s: float) -> list[float]:

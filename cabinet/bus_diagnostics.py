@@ -1,7 +1,7 @@
 """Technician bus diagnostics: survey every unit, read and write raw registers.
 
-Direct mode: these open the bus themselves, for a cabinet whose daemon is stopped
-(once the daemon owns the bus, the same commands are routed through it).
+Direct mode opens the bus itself, for a cabinet whose daemon is stopped; while the
+daemon runs, the same survey runs inside it, one unit per scheduler turn.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from drivers.modbus_bus import (
     ExceptionReplyError,
     ModbusBus,
     UnitGarbledError,
+    UnitIsolatedError,
     UnitNoAnswerError,
 )
 from protocol import bay_map, cabinet_map
@@ -97,6 +98,8 @@ async def survey_unit(bus: ModbusBus, unit: int) -> UnitReport:
             reading = await EnergyMeter(bus, unit).read()
             health = "ok" if reading.voltage_v > 0 else "no mains voltage"
             report = UnitReport(unit, name, True, health=health)
+    except UnitIsolatedError:
+        return UnitReport(unit, name, False, health="isolated by the daemon (silent; re-probed)")
     except UnitGarbledError:
         return UnitReport(unit, name, False, health="garbled replies (CRC errors)")
     except UnitNoAnswerError:

@@ -1,15 +1,13 @@
 """The ``cabinet`` command line: one console script for the daemon, the simulator and technicians.
 
-Errors are one line on stderr and a non-zero exit, never a traceback. Exit codes:
-0 success, 1 error, 2 usage, 3 diagnostics ran but found a problem (a unit silent,
-a config problem) so scripts can tell "could not look" from "looked and saw trouble".
+Errors are one line on stderr and a non-zero exit, never a traceback; the exit
+codes are listed in ``cli_output``.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -17,32 +15,20 @@ from pathlib import Path
 from typing import Any
 
 from cabinet import __version__, log_setup
-from cabinet.config import DEFAULT_CONFIG_PATH, ConfigError, load, load_bus_section
+from cabinet.cli_output import (
+    EXIT_ERROR,
+    EXIT_NO_DAEMON,
+    EXIT_OK,
+    EXIT_PROBLEM,
+    CliError,
+    print_json,
+    table,
+)
+from cabinet.config import DEFAULT_CONFIG_PATH, BusSection, ConfigError, load, load_section
+from cabinet.control_client import DaemonNotRunningError
+from cabinet.technician_cli import add_technician_parsers
 from drivers.bus_url import BusUrlError, parse_endpoint
 from drivers.modbus_bus import BusError, ModbusBus
-
-EXIT_OK = 0
-EXIT_ERROR = 1
-EXIT_USAGE = 2
-EXIT_PROBLEM = 3
-
-
-class CliError(Exception):
-    """An error whose message is the one line the user sees."""
-
-
-def _print_json(data: Any) -> None:
-    sys.stdout.write(json.dumps(data, indent=2) + "\n")
-
-
-def _table(rows: Sequence[Sequence[object]], headers: Sequence[str]) -> str:
-    cells = [list(map(str, headers))] + [[("-" if c is None else str(c)) for c in r] for r in rows]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
-    return "\n".join(
-        "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
-        for row in cells
-    )
-
 
 # -- bus diagnostics -------------------------------------------------------------------------
 
@@ -52,7 +38,7 @@ def _bus_for(args: argparse.Namespace) -> ModbusBus:
         url, timeout_ms = args.bus, 250
         isolate_after, reprobe = 3, 5.0
     else:
-        section = load_bus_section(Path(args.config))
+        section = load_section(Path(args.config), "bus", BusSection)
         url, timeout_ms = section.url, section.timeout_ms
         isolate_after, reprobe = section.isolate_after, section.reprobe_interval_s
     if args.timeout_ms is not None:
@@ -73,50 +59,89 @@ def _parse_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number (decimal or 0x hex)") from None
 
 
-async def _bus_scan(args: argparse.Namespace) -> int:
+def _on_daemon(args: argparse.Namespace, verb: str, request_args: dict[str, Any]) -> Any:
+    """The daemon's answer when it owns the bus (and no --bus was given), else None."""
+    if args.bus:
+        return None  # an explicit URL: a bus the daemon does not own (or a bench)
+    from cabinet.technician_cli import run_on_daemon  # noqa: PLC0415
+
+    return run_on_daemon(args, verb, request_args)
+
+
+def _bus_scan(args: argparse.Namespace) -> int:
     from cabinet.bus_diagnostics import survey  # noqa: PLC0415 - keeps `cabinet --help` fast
 
-    async with _bus_for(args) as bus:
-        reports = await survey(bus)
+    answer = _on_daemon(args, "bus.scan", {})
+    if answer is not None:
+        units = answer["units"]
+    else:
+
+        async def direct() -> list[dict[str, Any]]:
+            async with _bus_for(args) as bus:
+                return [r.as_json() for r in await survey(bus)]
+
+        units = asyncio.run(direct())
     if args.json:
-        _print_json({"units": [r.as_json() for r in reports]})
+        print_json({"units": units, "via": "daemon" if answer is not None else "bus"})
     else:
         rows = [
-            (r.unit, r.name, r.map_version, r.firmware, r.latency_ms, r.health) for r in reports
+            (u["unit"], u["name"], u["map_version"], u["firmware"], u["latency_ms"], u["health"])
+            for u in units
         ]
-        print(_table(rows, ["UNIT", "NAME", "MAP", "FIRMWARE", "LATENCY_MS", "HEALTH"]))
-        silent = sum(not r.answered for r in reports)
-        print(f"{len(reports) - silent} of {len(reports)} units answered")
-    return EXIT_OK if all(r.answered and r.health == "ok" for r in reports) else EXIT_PROBLEM
+        print(table(rows, ["UNIT", "NAME", "MAP", "FIRMWARE", "LATENCY_MS", "HEALTH"]))
+        silent = sum(not u["answered"] for u in units)
+        via = "through the running daemon" if answer is not None else "directly on the bus"
+        print(f"{len(units) - silent} of {len(units)} units answered ({via})")
+    return EXIT_OK if all(u["answered"] and u["health"] == "ok" for u in units) else EXIT_PROBLEM
 
 
-async def _bus_read(args: argparse.Namespace) -> int:
+def _bus_read(args: argparse.Namespace) -> int:
     if not 1 <= args.count <= 125:
         raise CliError("COUNT is 1-125 registers (the Modbus limit for one read)")
-    async with _bus_for(args) as bus:
-        if args.holding:
-            regs = await bus.read_holding(args.unit, args.address, args.count)
-        else:
-            regs = await bus.read_input(args.unit, args.address, args.count)
-    table = "holding" if args.holding else "input"
+    request = {
+        "unit": args.unit,
+        "address": args.address,
+        "count": args.count,
+        "holding": args.holding,
+    }
+    answer = _on_daemon(args, "bus.read", request)
+    if answer is not None:
+        regs = answer["registers"]
+    else:
+
+        async def direct() -> list[int]:
+            async with _bus_for(args) as bus:
+                read = bus.read_holding if args.holding else bus.read_input
+                return await read(args.unit, args.address, args.count)
+
+        regs = asyncio.run(direct())
+    table_name = "holding" if args.holding else "input"
     if args.json:
-        _print_json({"unit": args.unit, "table": table, "address": args.address, "registers": regs})
+        print_json(
+            {"unit": args.unit, "table": table_name, "address": args.address, "registers": regs}
+        )
     else:
         rows = [(args.address + i, value, f"0x{value:04x}") for i, value in enumerate(regs)]
-        print(_table(rows, ["ADDRESS", "VALUE", "HEX"]))
+        print(table(rows, ["ADDRESS", "VALUE", "HEX"]))
     return EXIT_OK
 
 
-async def _bus_write(args: argparse.Namespace) -> int:
+def _bus_write(args: argparse.Namespace) -> int:
     if any(not 0 <= v <= 0xFFFF for v in args.values):
         raise CliError("register values are 0-65535")
-    async with _bus_for(args) as bus:
-        if len(args.values) == 1:
-            await bus.write_register(args.unit, args.address, args.values[0])
-        else:
-            await bus.write_registers(args.unit, args.address, list(args.values))
+    request = {"unit": args.unit, "address": args.address, "values": list(args.values)}
+    if _on_daemon(args, "bus.write", request) is None:
+
+        async def direct() -> None:
+            async with _bus_for(args) as bus:
+                if len(args.values) == 1:
+                    await bus.write_register(args.unit, args.address, args.values[0])
+                else:
+                    await bus.write_registers(args.unit, args.address, list(args.values))
+
+        asyncio.run(direct())
     if args.json:
-        _print_json({"unit": args.unit, "address": args.address, "written": args.values})
+        print_json({"unit": args.unit, "address": args.address, "written": args.values})
     else:
         print(f"wrote {len(args.values)} register(s) to unit {args.unit} at {args.address}")
     return EXIT_OK
@@ -130,7 +155,7 @@ def _config_check(args: argparse.Namespace) -> int:
         config = load(Path(args.config))
     except ConfigError as exc:
         if args.json:
-            _print_json(
+            print_json(
                 {"ok": False, "problems": [{"key": k, "message": m} for k, m in exc.problems]}
             )
         else:
@@ -139,7 +164,7 @@ def _config_check(args: argparse.Namespace) -> int:
             print(f"{len(exc.problems)} problem(s) in {args.config}")
         return EXIT_PROBLEM
     if args.json:
-        _print_json({"ok": True, "problems": [], "cabinet_id": config.cabinet.id})
+        print_json({"ok": True, "problems": [], "cabinet_id": config.cabinet.id})
     else:
         print(f"{args.config}: OK (cabinet {config.cabinet.id})")
     return EXIT_OK
@@ -153,7 +178,7 @@ def _run_daemon(args: argparse.Namespace) -> int:
 
     config = load(Path(args.config))
     log_setup.configure(config.log_level)
-    return asyncio.run(run_daemon(config))
+    return asyncio.run(run_daemon(config, Path(args.config)))
 
 
 def _keys_generate(args: argparse.Namespace) -> int:
@@ -208,50 +233,18 @@ def _token_verify(args: argparse.Namespace) -> int:
         raise CliError(str(exc)) from exc
     except TokenRefusedError as exc:
         if args.json:
-            _print_json({"valid": False, "reason": exc.reason, "message": str(exc)})
+            print_json({"valid": False, "reason": exc.reason, "message": str(exc)})
         else:
             print(f"refused ({exc.reason}): {exc}")
         return EXIT_PROBLEM
     if args.json:
-        _print_json({"valid": True, "claims": claims.model_dump(exclude_none=True)})
+        print_json({"valid": True, "claims": claims.model_dump(exclude_none=True)})
     else:
         print(
             f"valid: rider {claims.rider}, {claims.mode}, expires in "
             f"{claims.exp - int(time.time())} s"
         )
     return EXIT_OK
-
-
-def _events(args: argparse.Namespace) -> int:
-    import time  # noqa: PLC0415
-
-    from cabinet.daemon import JOURNAL_FILE  # noqa: PLC0415
-    from cabinet.journal import Journal  # noqa: PLC0415
-
-    config = load(Path(args.config))
-    path = Path(config.cabinet.state_dir) / JOURNAL_FILE
-    if not path.exists():
-        raise CliError(f"no journal at {path} (has the daemon run with this config?)")
-    journal = Journal(path)
-    after = args.after
-    try:
-        while True:
-            for event in journal.events(after_seq=after):
-                after = event["seq"]
-                if args.json:
-                    sys.stdout.write(json.dumps(event) + "\n")
-                else:
-                    detail = " ".join(
-                        f"{k}={v}" for k, v in event.items() if k not in {"seq", "id", "type", "ts"}
-                    )
-                    stamp = time.strftime("%H:%M:%S", time.localtime(event["ts"] / 1000))
-                    print(f"{event['seq']:>6}  {stamp}  {event['type']:<24} {detail}")
-            sys.stdout.flush()
-            if not args.follow:
-                return EXIT_OK
-            time.sleep(0.5)
-    finally:
-        journal.close()
 
 
 # -- simulator ---------------------------------------------------------------------------------
@@ -262,7 +255,7 @@ def _sim(args: argparse.Namespace) -> int:
 
     given = {
         key: getattr(args, key)
-        for key in ("bus", "scanner", "control", "baud", "seed", "reply_ms")
+        for key in ("bus", "scanner", "control", "baud", "seed", "reply_ms", "charge_speedup")
         if getattr(args, key) is not None
     }
     options = SimOptions(**given)
@@ -288,7 +281,7 @@ def _sim_ctl(args: argparse.Namespace) -> int:
     except ControlError as exc:
         raise CliError(str(exc)) from exc
     if args.verb == "state" or args.json:
-        _print_json(result)
+        print_json(result)
     else:
         print(" ".join(f"{k}={v}" for k, v in result.items()))
     return EXIT_OK
@@ -326,6 +319,9 @@ def _add_sim_parser(commands: Any) -> None:
     sim.add_argument("--baud", type=int, help="modelled line speed (default 19200)")
     sim.add_argument("--seed", type=int, help="makes the run reproducible (default 0)")
     sim.add_argument("--reply-ms", type=float, help="modelled slave turnaround (default 2 ms)")
+    sim.add_argument(
+        "--charge-speedup", type=float, help="batteries fill N times faster (demos; default 1)"
+    )
     sim.set_defaults(handler=_sim)
     sim_commands = sim.add_subparsers(dest="sim_command", metavar="ctl")
     ctl = sim_commands.add_parser("ctl", help="act on a running simulator")
@@ -357,7 +353,9 @@ def _add_sim_parser(commands: Any) -> None:
 def _demo(args: argparse.Namespace) -> int:
     from cabinet.demo import main as demo_main  # noqa: PLC0415 - the demo loads the simulator
 
-    return demo_main(args.duration)
+    if args.seed is None:
+        return demo_main(args.duration)
+    return demo_main(args.duration, args.seed)
 
 
 def _add_bus_parser(commands: Any) -> None:
@@ -390,13 +388,6 @@ def _add_daemon_parsers(commands: Any) -> None:
     run = commands.add_parser("run", help="the daemon (what systemd starts)")
     _config_arg(run)
     run.set_defaults(handler=_run_daemon)
-
-    events = commands.add_parser("events", help="the cabinet's event log")
-    _config_arg(events)
-    events.add_argument("--json", action="store_true", help="one JSON object per line")
-    events.add_argument("--follow", action="store_true", help="keep printing new events")
-    events.add_argument("--after", type=int, default=0, metavar="SEQ")
-    events.set_defaults(handler=_events)
 
     keys = commands.add_parser("keys", help="signing keys").add_subparsers(
         dest="keys_command", required=True, metavar="SUBCOMMAND"
@@ -440,11 +431,17 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_daemon_parsers(commands)
     _add_sim_parser(commands)
-    demo = commands.add_parser("demo", help="simulator + bus walk-through on this machine")
-    demo.add_argument("--duration", type=float, help="seconds of polling at the end (default 10)")
+    demo = commands.add_parser(
+        "demo", help="broker, simulator, daemon and riders on this machine, with a live view"
+    )
+    demo.add_argument(
+        "--duration", type=float, help="run headless for S seconds, then print a summary"
+    )
+    demo.add_argument("--seed", type=int, help="the simulated cabinet's stock and riders' pace")
     demo.set_defaults(handler=_demo)
     _add_bus_parser(commands)
     _add_config_parser(commands)
+    add_technician_parsers(commands)
     return parser
 
 
@@ -464,7 +461,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return _run(args.handler, args)
     except KeyboardInterrupt:
-        return EXIT_OK if args.command == "sim" else EXIT_ERROR
+        # Ctrl-C is how a person ends a follow or a live view: that is success
+        follows = args.command in {"sim", "demo", "watch"} or getattr(args, "follow", False)
+        return EXIT_OK if follows else EXIT_ERROR
+    except DaemonNotRunningError as exc:
+        print(f"cabinet: {exc}", file=sys.stderr)
+        return EXIT_NO_DAEMON
     except ConfigError as exc:
         for key, message in exc.problems:
             print(f"cabinet: config {key}: {message}", file=sys.stderr)

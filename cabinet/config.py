@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import os
 import re
+import stat
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -49,6 +50,13 @@ class CabinetSection(_Section):
 
     id: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
     state_dir: Path = Path("/var/lib/cabinet")
+    #: the technician CLI's way in; default ``<state_dir>/control.sock``
+    control_socket: Path | None = None
+
+    @property
+    def control_socket_path(self) -> Path:
+        """Where the daemon listens for the technician CLI."""
+        return self.control_socket or self.state_dir / "control.sock"
 
 
 class BusSection(_Section):
@@ -117,6 +125,9 @@ class ChargingSection(_Section):
 
     max_current_a: float = Field(default=5.0, ge=0.5, le=10.0)
     power_budget_w: float = Field(default=1500.0, ge=100.0, le=20000.0)
+
+
+SectionT = TypeVar("SectionT", bound=_Section)
 
 
 class CabinetConfig(_Section):
@@ -190,12 +201,44 @@ def load(path: Path, environ: Mapping[str, str] | None = None) -> CabinetConfig:
     return validate(read_raw(path, environ))
 
 
-def load_bus_section(path: Path, environ: Mapping[str, str] | None = None) -> BusSection:
-    """Only ``[bus]``: bus diagnostics must work even when, say, the MQTT section is wrong."""
-    raw = read_raw(path, environ).get("bus")
+def load_section(
+    path: Path, name: str, model: type[SectionT], environ: Mapping[str, str] | None = None
+) -> SectionT:
+    """One section, validated alone.
+
+    Bus diagnostics and the technician CLI must keep working when, say, the MQTT
+    section is wrong.
+    """
+    raw = read_raw(path, environ).get(name)
     if not isinstance(raw, dict):
-        raise ConfigError([("bus", "section missing")])
+        raise ConfigError([(name, "section missing")])
     try:
-        return BusSection.model_validate(raw)
+        return model.model_validate(raw)
     except ValidationError as exc:
-        raise ConfigError([(f"bus.{key}", msg) for key, msg in _problems(exc)]) from None
+        raise ConfigError([(f"{name}.{key}", msg) for key, msg in _problems(exc)]) from None
+
+
+def _world_readable(path: Path) -> bool:
+    try:
+        return bool(path.stat().st_mode & stat.S_IROTH)
+    except OSError:
+        return False  # a missing file is the TLS code's error to report, with its own message
+
+
+def secret_problems(config: CabinetConfig, path: Path) -> list[tuple[str, str]]:
+    """Secrets anyone on the device could read: the config holding a password, a private key.
+
+    Not fatal (the cabinet works), but a technician's shell or a compromised service
+    must not be able to walk off with the fleet's credentials.
+    """
+    problems = []
+    mqtt = config.mqtt
+    if mqtt is not None and mqtt.password and _world_readable(path):
+        problems.append(
+            ("mqtt.password", f"{path} holds a password and is world-readable (chmod 640)")
+        )
+    if mqtt is not None and mqtt.client_key is not None and _world_readable(mqtt.client_key):
+        problems.append(
+            ("mqtt.client_key", f"{mqtt.client_key} is world-readable (chmod 600 or 640)")
+        )
+    return problems

@@ -176,6 +176,9 @@ class CabinetController:
         self.boot_id = uuid.uuid4().hex
         self._timer_wakeup = asyncio.Event()
         self.changed = asyncio.Event()  # an event was journaled: the fleet link drains it
+        self._event_tick = asyncio.Event()  # replaced on every event: wakes every follower
+        self.maintenance: str | None = None  # a technician's self-test holds off sessions
+        self.last_cycle_at: float | None = None  # monotonic end of the last full poll cycle
         self._last_read: dict[int, float] = {}
         self._commanded: dict[int, tuple[bool, float, float]] = {}
         self._heartbeat_counter = 0
@@ -194,7 +197,13 @@ class CabinetController:
         """Append an event to the outbox (inside the caller's transaction)."""
         event = self.journal.add_event(db, type_, payload, self._ts_ms())
         self.changed.set()
+        self._event_tick.set()
+        self._event_tick = asyncio.Event()
         log.info("event", **{k: v for k, v in event.items() if k not in {"ts"}})
+
+    async def next_event(self) -> None:
+        """Return once another event has been journaled (for ``cabinet events --follow``)."""
+        await self._event_tick.wait()
 
     @contextmanager
     def _committing(self) -> Iterator[sqlite3.Connection]:
@@ -449,6 +458,11 @@ class CabinetController:
             elif isinstance(action, AbortSession) and self.state.phase is not Phase.IDLE:
                 self._feed([Abort(action.reason)])
 
+    async def refresh_bay(self, bay: int) -> BaySnapshot | None:
+        """Read ``bay`` now (ahead of routine polling); its snapshot, or None if unknown."""
+        await self._read_bay(bay, Priority.ACTIVE)
+        return self.snapshots.get(bay)
+
     async def _read_bay(self, bay: int, priority: Priority) -> None:
         self._last_read[bay] = self.clock.monotonic()
         try:
@@ -619,6 +633,7 @@ class CabinetController:
             await self._read_cabinet()
             await self._apply_charging()
             await self._read_meter_if_due()
+            self.last_cycle_at = self.clock.monotonic()
 
     async def timers_forever(self) -> None:
         """Turn deadlines into ``TimerExpired`` events."""
@@ -690,6 +705,10 @@ class CabinetController:
             with self._committing() as db:
                 self.emit(db, "bay.fault", {"bay": bay, "reason": f"remote open failed: {exc}"})
 
+    def forget_charger_command(self, bay: int) -> None:
+        """Someone else drove this bay's charger: the policy re-sends its setting next cycle."""
+        self._commanded.pop(bay, None)
+
     def set_dispense_threshold(self, min_soc_pct: float, by: str) -> None:
         """Change the dispensing SoC threshold at runtime (persisted in the journal)."""
         dispense = replace(self.settings.dispense, min_soc_pct=min_soc_pct)
@@ -705,6 +724,8 @@ class CabinetController:
             return "not_ready"
         if self.state.phase is not Phase.IDLE:
             return "busy"
+        if self.maintenance is not None:
+            return "maintenance"
         if not self.safety.swaps_allowed:
             return "safety_lockout"
         return None

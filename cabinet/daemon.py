@@ -24,10 +24,13 @@ from cabinet.battery_rules import DepositRules, DispenseRules
 from cabinet.bus_scheduler import BusScheduler
 from cabinet.charging_policy import ChargingRules
 from cabinet.config import CabinetConfig
+from cabinet.control_server import AlreadyRunningError, ControlServer
 from cabinet.controller import CabinetController, ControllerSettings
+from cabinet.doctor import FleetFacts
 from cabinet.fleet_link import FleetLink
 from cabinet.journal import Journal
 from cabinet.swap_machine import Mode, SwapMachine, Timeouts
+from cabinet.task_health import TaskHealth
 from cabinet.tokens import KeyFileError, TokenRefusedError, load_public_key, verify
 from drivers.bus_url import parse_endpoint
 from drivers.modbus_bus import BusUnavailableError, ModbusBus
@@ -65,24 +68,29 @@ def settings_from(config: CabinetConfig) -> ControllerSettings:
     )
 
 
-async def supervise(name: str, task: Callable[[], Awaitable[None]]) -> None:
+async def supervise(
+    name: str, task: Callable[[], Awaitable[None]], health: TaskHealth | None = None
+) -> None:
     """Run ``task`` forever: restart it when it dies, with backoff, logging each state once."""
-    failures = 0
+    health = health if health is not None else TaskHealth()
     while True:
         started = time.monotonic()
+        health.started(name)
         try:
             await task()
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # noqa: BLE001 - a supervisor's whole job
-            if time.monotonic() - started > HEALTHY_RUN_S:
-                failures = 0  # it had recovered: this is a new failure, worth a log line
-            delay = RESTART_BACKOFF_S[min(failures, len(RESTART_BACKOFF_S) - 1)]
-            if failures == 0:
-                log.error("task_failed", task=name, error=f"{type(exc).__name__}: {exc}")
-            elif failures == 1:
+            error = f"{type(exc).__name__}: {exc}"
+            # a task that ran a while before dying had recovered: a new episode, worth a line
+            failures = health.failed(
+                name, error, recovered_before=time.monotonic() - started > HEALTHY_RUN_S
+            )
+            delay = RESTART_BACKOFF_S[min(failures - 1, len(RESTART_BACKOFF_S) - 1)]
+            if failures == 1:
+                log.error("task_failed", task=name, error=error)
+            elif failures == 2:
                 log.error("task_failing_repeatedly", task=name, restart_delay_s=delay)
-            failures += 1
             await asyncio.sleep(delay)
         else:
             return
@@ -164,7 +172,7 @@ def mqtt_link_for(config: CabinetConfig, **callbacks: Any) -> MqttLink:
     )
 
 
-async def run_daemon(config: CabinetConfig) -> int:
+async def run_daemon(config: CabinetConfig, config_path: Path | None = None) -> int:
     """Run until SIGTERM/SIGINT; return the exit code."""
     structlog.contextvars.bind_contextvars(cabinet_id=config.cabinet.id)
     try:
@@ -187,33 +195,53 @@ async def run_daemon(config: CabinetConfig) -> int:
         scheduler=scheduler,
         settings=settings_from(config),
     )
+    health = TaskHealth()
+    fleet: FleetLink | None = None
+
+    def fleet_facts() -> FleetFacts | None:
+        if fleet is None or config.mqtt is None:
+            return None
+        return FleetFacts(url=config.mqtt.url, connected=fleet.link.connected.is_set())
+
+    control = ControlServer(
+        controller, config=config, config_path=config_path, tasks=health, fleet=fleet_facts
+    )
+    try:
+        await control.claim()
+    except (AlreadyRunningError, ValueError) as exc:
+        log.error("cannot_start", error=str(exc))
+        journal.close()
+        return 1
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     tasks: list[asyncio.Task[None]] = []
+
+    def start(name: str, task: Callable[[], Awaitable[None]]) -> None:
+        tasks.append(asyncio.create_task(supervise(name, task, health)))
+
     try:
+        start("control_socket", control.run)
         await _connect_bus(bus)
-        tasks.append(asyncio.create_task(supervise("bus_master", scheduler.run)))
-        tasks.append(asyncio.create_task(supervise("heartbeat", controller.heartbeat_forever)))
+        start("bus_master", scheduler.run)
+        start("heartbeat", controller.heartbeat_forever)
         await controller.recover()
         log.info(
             "ready",
             bays_known=len(controller.snapshots),
             resumed_session=controller.state.session_id or None,
         )
-        tasks += [
-            asyncio.create_task(supervise("poller", controller.poll_forever)),
-            asyncio.create_task(supervise("timers", controller.timers_forever)),
-            asyncio.create_task(supervise("scanner", lambda: scanner_loop(config, controller))),
-        ]
+        start("poller", controller.poll_forever)
+        start("timers", controller.timers_forever)
+        start("scanner", lambda: scanner_loop(config, controller))
         if config.mqtt is not None:
             fleet = FleetLink(
                 controller,
                 lambda **kw: mqtt_link_for(config, **kw),
                 telemetry_interval_s=config.mqtt.telemetry_interval_s,
             )
-            tasks.append(asyncio.create_task(supervise("fleet_link", fleet.run)))
+            start("fleet_link", fleet.run)
         await stop.wait()
     finally:
         for task in tasks:

@@ -1,131 +1,295 @@
-"""``cabinet demo``: the simulator and a technician's walk through the bus, on one machine.
+"""``cabinet demo``: the whole system on one machine, with nothing to set up.
 
-This is the foundation's demo: it starts the hardware simulator on free ports,
-surveys the bus, opens a door the way the daemon will (heartbeat, then the unlock
-pulse), lets a simulated rider put a battery in, shows a dead bay being found and
-isolated, then polls the bus for ``--duration`` seconds and prints a summary.
-The swap daemon, the MQTT broker and the live view join it in later issues.
+An embedded MQTT broker (amqtt, in this process), the hardware simulator and the
+real daemon (``cabinet run``, as processes of their own), a backend stand-in
+listening to the fleet topics, and simulated riders arriving at a steady rate —
+some of them misbehaving. Without ``--duration`` a live view redraws the cabinet
+until Ctrl-C; with it the demo runs headless, stops by itself and prints a
+summary: swaps completed, failures by reason (and whether each is explained by
+what that rider did), and events journaled against events the backend received.
+Everything lives in a temporary directory and is removed afterwards.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import statistics
+import json
+import random
+import signal
+import subprocess
+import sys
+import tempfile
 import time
+from collections import Counter
 from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
-from cabinet.bus_diagnostics import UnitReport, survey
-from drivers.boards import BayBoard
-from drivers.bus_url import parse_endpoint
-from drivers.modbus_bus import ModbusBus, UnitNoAnswerError
-from protocol import bay_map, rtu_timing
-from protocol.units import BAY_UNITS
-from sim.bus_server import SimulatedBus
-from sim.cabinet_model import SimulatedCabinet
-from sim.faults import FaultKind
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-DEMO_BAUD = 19200
-DEAD_BAY = 4
+from cabinet.control_client import ControlProtocolError, DaemonNotRunningError, request
+from cabinet.demo_riders import RiderResult, Surroundings, ride, rider_stream
+from cabinet.demo_view import CLEAR, Frame, render
+from cabinet.tokens import generate_keys, load_private_key
+from sim.launcher import start_simulator, stop_process
 
-
-def _survey_table(reports: list[UnitReport]) -> str:
-    lines = [f"  {'UNIT':<5}{'NAME':<15}{'MAP':<5}{'FIRMWARE':<10}HEALTH"]
-    lines += [
-        f"  {r.unit:<5}{r.name:<15}{r.map_version or '-'!s:<5}{r.firmware or '-':<10}{r.health}"
-        for r in reports
-    ]
-    return "\n".join(lines)
+CABINET_ID = "demo-01"
+DEMO_BAUD = "19200"
+CHARGE_SPEEDUP = "120"  # a flat battery is full in about two minutes, not four hours
+RIDER_INTERVAL_S = 6.0
+READY_TIMEOUT_S = 30.0
+DRAIN_TIMEOUT_S = 10.0
+REDRAW_S = 0.5
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
-async def poll_cycle(bus: ModbusBus) -> tuple[float, int]:
-    """Read every bay once; the cycle's duration and how many bays answered."""
-    started = time.perf_counter()
-    answered = 0
-    for unit in BAY_UNITS:
-        with contextlib.suppress(UnitNoAnswerError):
-            await BayBoard(bus, unit).read_status()
-            answered += 1
-    return time.perf_counter() - started, answered
+class DemoError(Exception):
+    """The demo could not be set up (one line for the user)."""
 
 
-async def run_demo(duration_s: float, say: Callable[[str], None] = print) -> int:
-    """Run the walk-through, then poll for ``duration_s`` seconds; return an exit code."""
-    world = SimulatedCabinet(clock=time.monotonic, seed=2026)
-    line = SimulatedBus(world, baud=DEMO_BAUD, reply_delay_s=0.002)
-    port = await line.start("127.0.0.1", 0)
-    say(
-        f"simulator: 12 bays, cabinet board and meter on tcp://127.0.0.1:{port} "
-        f"(RTU over TCP, {DEMO_BAUD} baud modelled)"
-    )
-    try:
-        async with ModbusBus(parse_endpoint(f"tcp://127.0.0.1:{port}")) as bus:
-            say("\n1. bus scan: every unit, its register map and firmware")
-            say(_survey_table(await survey(bus)))
+@dataclass(slots=True)
+class Tally:
+    """What happened, for the view and the summary."""
 
-            empty = next(n for n, bay in world.bays.items() if bay.battery is None)
-            board = BayBoard(bus, empty)
-            say(
-                f"\n2. open empty bay {empty}: heartbeat first (boards keep doors locked "
-                "without one), then the unlock pulse"
-            )
-            await board.heartbeat(1)
-            await board.unlock()
-            status = await board.read_status()
-            say(
-                f"   bay {empty}: door {'closed' if status.door_closed else 'open'}, "
-                f"latch {'engaged' if status.locked else 'released'}"
-            )
+    results: list[RiderResult] = field(default_factory=list)
+    log: list[str] = field(default_factory=list)
 
-            say("   a rider puts battery BAT-DEMO-0001 (12 %) in and shuts the door")
-            world.insert(empty, "BAT-DEMO-0001", 12.0)
-            world.close(empty)
-            status = await board.read_status()
-            battery = status.battery
-            assert battery is not None
-            say(
-                f"   bay {empty} reads: {battery.battery_id}, {battery.soc_pct:.0f} % SoC, "
-                f"{battery.pack_voltage_v:.1f} V, {battery.cell_temp_c:.1f} degC"
-            )
-
-            say(
-                f"\n3. bay {DEAD_BAY}'s board dies: it costs one timeout per cycle, then is "
-                "isolated and re-probed every few seconds"
-            )
-            world.inject(FaultKind.SILENT, bay=DEAD_BAY)
-            for cycle in range(1, 5):
-                elapsed, answered = await poll_cycle(bus)
-                isolated = " (isolated)" if bus.is_isolated(DEAD_BAY) else ""
-                say(f"   cycle {cycle}: {elapsed * 1000:.0f} ms, {answered}/12 bays{isolated}")
-            world.heal()
-            healed_at = time.monotonic()
-            while bus.is_isolated(DEAD_BAY):
-                await poll_cycle(bus)
-            say(
-                f"   board repaired: found again by a re-probe "
-                f"{time.monotonic() - healed_at:.1f} s later"
-            )
-
-            minimum = len(BAY_UNITS) * rtu_timing.read_transaction_time(
-                bay_map.STATUS_COUNT, DEMO_BAUD, 0.002
-            )
-            say(f"\n4. polling for {duration_s:.0f} s (wire-time minimum {minimum * 1000:.0f} ms)")
-            samples: list[float] = []
-            deadline = time.monotonic() + duration_s
-            while time.monotonic() < deadline:
-                elapsed, _ = await poll_cycle(bus)
-                samples.append(elapsed)
-    finally:
-        await line.stop()
-    if samples:
-        mean = statistics.fmean(samples)
-        say(
-            f"\nsummary: {len(samples)} poll cycles, mean {mean * 1000:.0f} ms "
-            f"= {mean / minimum:.3f} x the wire-time minimum"
+    def add(self, result: RiderResult) -> None:
+        """Record a rider's outcome, flagging one their behaviour does not explain."""
+        self.results.append(result)
+        mark = "" if result.explained else "   <-- UNEXPLAINED"
+        self.log.append(
+            f"{result.rider.rider_id} ({result.rider.behaviour}): {result.outcome}{mark}"
         )
-    return 0
+
+    @property
+    def completed(self) -> int:
+        """Swaps that ended with the rider holding a full battery."""
+        return sum(r.outcome == "completed" for r in self.results)
 
 
-def main(duration_s: float | None) -> int:
-    """Entry point for ``cabinet demo``; without ``--duration`` it polls for 10 s."""
-    return asyncio.run(run_demo(10.0 if duration_s is None else duration_s))
+def _config(tmp: Path, sim: dict[str, Any], broker_url: str) -> Path:
+    config = {
+        "cabinet": {"id": CABINET_ID, "state_dir": str(tmp / "state")},
+        "bus": {"url": sim["bus"]},
+        "scanner": {"url": sim["scanner"]},
+        "mqtt": {"url": broker_url, "telemetry_interval_s": 10},
+        "auth": {"public_keys": [str(tmp / "backend.pub")]},
+        # short enough that a rider who walks away does not stall the demo for long
+        "swap": {"deposit_timeout_s": 15, "take_back_timeout_s": 20, "pickup_timeout_s": 20},
+    }
+    lines = ['log_level = "warning"']
+    for section, values in config.items():
+        lines.append(f"[{section}]")
+        lines += [f"{key} = {json.dumps(value)}" for key, value in values.items()]
+    path = tmp / "cabinet.toml"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _spawn_daemon(config: Path, log_path: Path) -> subprocess.Popen[bytes]:
+    """The real ``cabinet run``, as systemd would start it; its output goes to a log file."""
+    with log_path.open("ab") as log:
+        return subprocess.Popen(  # noqa: S603 - our own interpreter and CLI
+            [sys.executable, "-m", "cabinet.cli", "run", "-c", str(config)],
+            stdout=log,
+            stderr=log,
+            start_new_session=True,  # Ctrl-C is for the demo, which stops the daemon in order
+        )
+
+
+async def _wait_ready(socket: Path, daemon: subprocess.Popen[bytes]) -> None:
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if daemon.poll() is not None:
+            raise DemoError(f"the daemon exited with {daemon.returncode} (see its log)")
+        with contextlib.suppress(DaemonNotRunningError, ControlProtocolError):
+            if (await request(socket, "status"))["ready"]:
+                return
+        await asyncio.sleep(0.1)
+    raise DemoError("the daemon did not become ready in time")
+
+
+class Demo:
+    """Owns every part of the demo and tears them down in reverse order."""
+
+    def __init__(self, tmp: Path, seed: int, say: Callable[[str], None]) -> None:
+        self.tmp = tmp
+        self.seed = seed
+        self.say = say
+        self.tally = Tally()
+        self.started = time.monotonic()
+        self.socket = tmp / "state" / "control.sock"
+
+    async def run(self, duration_s: float | None, live: bool) -> int:
+        """Start everything, let riders come until stopped, summarise; the exit code."""
+        from sim.backend import Backend  # noqa: PLC0415 - only with the demo extra
+        from sim.demo_broker import EmbeddedBroker  # noqa: PLC0415
+
+        broker = EmbeddedBroker()
+        broker_url = await broker.start()
+        host, port = broker_url.removeprefix("mqtt://").split(":")
+        sim_proc, sim = await asyncio.to_thread(
+            start_simulator,
+            "--baud",
+            DEMO_BAUD,
+            "--seed",
+            str(self.seed),
+            "--charge-speedup",
+            CHARGE_SPEEDUP,
+            own_session=True,
+        )
+        daemon: subprocess.Popen[bytes] | None = None
+        backend = None
+        try:
+            pair = generate_keys(str(self.tmp / "backend"))
+            config = _config(self.tmp, sim, broker_url)
+            daemon = _spawn_daemon(config, self.tmp / "daemon.log")
+            backend = await asyncio.to_thread(Backend, host, int(port), mqtt5=False)
+            await _wait_ready(self.socket, daemon)
+            self.say(f"broker {broker_url}, simulator {sim['bus']}, daemon ready")
+            control = sim["control"].removeprefix("tcp://").split(":")
+            world = Surroundings(
+                sim_control=(control[0], int(control[1])),
+                control_socket=self.socket,
+                cabinet_id=CABINET_ID,
+                backend_key=load_private_key(pair.private),
+                forger_key=Ed25519PrivateKey.generate(),
+                app_swap=lambda rider: backend.authorise_swap(CABINET_ID, rider),
+                rng=random.Random(self.seed),
+                say=(lambda _line: None) if live else self.say,
+            )
+            await self._riders_until_stopped(world, backend, duration_s, live)
+            return self._summary(backend, await self._drain(backend))
+        finally:
+            if backend is not None:
+                backend.close()
+            if daemon is not None:
+                await asyncio.to_thread(stop_process, daemon)
+            await asyncio.to_thread(stop_process, sim_proc)
+            await broker.stop()
+
+    async def _riders_until_stopped(
+        self, world: Surroundings, backend: Any, duration_s: float | None, live: bool
+    ) -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in STOP_SIGNALS:  # the terminal closing (SIGHUP) must not orphan the daemon
+            loop.add_signal_handler(sig, stop.set)
+        queue = asyncio.Lock()
+        next_rider = rider_stream()
+        riders: set[asyncio.Task[None]] = set()
+
+        async def one_rider() -> None:
+            result = await ride(world, next_rider(), queue)
+            self.tally.add(result)
+            if not live:
+                self.say(self.tally.log[-1])
+
+        async def arrivals() -> None:
+            while True:
+                task = asyncio.create_task(one_rider())
+                riders.add(task)
+                task.add_done_callback(riders.discard)
+                await asyncio.sleep(RIDER_INTERVAL_S)
+
+        arriving = asyncio.create_task(arrivals())
+        view = asyncio.create_task(self._view(backend)) if live else None
+        try:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), duration_s)
+        finally:
+            for sig in STOP_SIGNALS:
+                loop.remove_signal_handler(sig)
+            for task in (arriving, view, *riders):
+                if task is not None:
+                    task.cancel()
+            await asyncio.gather(arriving, *riders, return_exceptions=True)
+            if view is not None:
+                await asyncio.gather(view, return_exceptions=True)
+
+    async def _view(self, backend: Any) -> None:
+        while True:
+            status = await request(self.socket, "status")
+            bays = await request(self.socket, "bays")
+            after = max(0, int(status["last_event_seq"]) - 10)
+            events = await request(self.socket, "events", {"after": after})
+            frame = Frame(
+                status=status,
+                bays=bays,
+                events=events,
+                published=len(backend.event_list(CABINET_ID)),
+                gaps=len(backend.gaps(CABINET_ID)),
+                duplicates=backend.duplicates[CABINET_ID],
+                riders=self.tally.log,
+                completed=self.tally.completed,
+                failed=len(self.tally.results) - self.tally.completed,
+                elapsed_s=time.monotonic() - self.started,
+            )
+            sys.stdout.write(CLEAR + "\n".join(render(frame)) + "\n")
+            sys.stdout.flush()
+            await asyncio.sleep(REDRAW_S)
+
+    async def _drain(self, backend: Any) -> int:
+        """Let the outbox empty so the counts compare like for like; the last journaled seq."""
+        deadline = time.monotonic() + DRAIN_TIMEOUT_S
+        while True:
+            status = await request(self.socket, "status")
+            received = len(backend.event_list(CABINET_ID))
+            done = status["outbox_depth"] == 0 and received >= status["last_event_seq"]
+            if done or time.monotonic() > deadline:
+                return int(status["last_event_seq"])
+            await asyncio.sleep(0.1)
+
+    def _summary(self, backend: Any, journaled: int) -> int:
+        results = self.tally.results
+        outcomes = Counter(r.outcome for r in results if r.outcome != "completed")
+        unexplained = [r for r in results if not r.explained]
+        received = backend.event_list(CABINET_ID)
+        self.say("")
+        self.say(f"demo summary ({time.monotonic() - self.started:.0f} s, cabinet {CABINET_ID})")
+        self.say(f"  riders: {len(results)}")
+        self.say(f"  swaps completed: {self.tally.completed}")
+        for outcome, count in sorted(outcomes.items()):
+            self.say(f"  {outcome}: {count}")
+        self.say(f"  unexplained: {len(unexplained)}")
+        for result in unexplained:  # each one is a bug to chase
+            self.say(f"    {result.rider.rider_id} ({result.rider.behaviour}): {result.outcome}")
+        self.say(
+            f"  events published: {len(received)} of {journaled} journaled received by the "
+            f"backend over MQTT (gaps {len(backend.gaps(CABINET_ID))}, "
+            f"duplicates {backend.duplicates[CABINET_ID]})"
+        )
+        lost = journaled - len(received)
+        return 0 if not unexplained and not backend.gaps(CABINET_ID) and lost <= 0 else 3
+
+
+#: The simulator's seed: this one stocks the cabinet with four full batteries and five
+#: part-charged ones, so the first riders are served while the others charge.
+DEFAULT_SEED = 9
+
+
+def main(duration_s: float | None, seed: int = DEFAULT_SEED) -> int:
+    """Entry point for ``cabinet demo``."""
+    try:
+        import amqtt  # noqa: F401, PLC0415 - only to give a clear message when it is missing
+    except ImportError:
+        print(
+            "cabinet: the demo needs its extra: pip install 'swap-cabinet[demo]' "
+            "(or run `make demo`)",
+            file=sys.stderr,
+        )
+        return 1
+    live = duration_s is None and sys.stdout.isatty()
+    with tempfile.TemporaryDirectory(prefix="cabinet-demo-") as tmp:
+        demo = Demo(Path(tmp), seed, print)
+        try:
+            return asyncio.run(demo.run(duration_s, live))
+        except DemoError as exc:
+            log = Path(tmp) / "daemon.log"
+            print(f"cabinet: demo: {exc}", file=sys.stderr)
+            if log.exists():
+                sys.stderr.write(log.read_text()[-2000:])
+            return 1

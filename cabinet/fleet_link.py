@@ -26,12 +26,11 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from pydantic import BaseModel, ValidationError
 
-from cabinet import __version__
+from cabinet import __version__, views
 from cabinet.controller import CabinetController
 from cabinet.swap_machine import Mode, Phase
 from drivers.mqtt_link import Message, MqttLink
 from protocol import messages, topics
-from protocol.units import BAY_UNITS
 
 log = structlog.get_logger("fleet")
 
@@ -42,10 +41,6 @@ BACKLOG_CHECK_S = 5.0  # how often the backlog is measured while the broker is a
 #: Unpublished events that raise the ``outbox_backlog`` alarm (~days of a busy cabinet
 #: offline; a few hundred MB). Events are never dropped: the alarm asks a person to act.
 OUTBOX_ALARM_DEPTH = 100_000
-
-
-def _ms() -> int:
-    return int(time.time() * 1000)
 
 
 def _json(model: BaseModel) -> bytes:
@@ -74,7 +69,7 @@ class FleetLink:
         self.controller = controller
         self.cabinet_id = controller.cabinet_id
         offline = messages.Status(
-            ts=_ms(), online=False, version=__version__, boot_id=controller.boot_id
+            ts=views.now_ms(), online=False, version=__version__, boot_id=controller.boot_id
         )
         self.link = link_factory(
             will_topic=topics.status(self.cabinet_id),
@@ -119,7 +114,7 @@ class FleetLink:
         if not self.link.connected.is_set():
             return
         offline = messages.Status(
-            ts=_ms(), online=False, version=__version__, boot_id=self.controller.boot_id
+            ts=views.now_ms(), online=False, version=__version__, boot_id=self.controller.boot_id
         )
         with contextlib.suppress(Exception):
             await asyncio.wait_for(
@@ -129,7 +124,7 @@ class FleetLink:
 
     def _on_connected(self) -> None:
         online = messages.Status(
-            ts=_ms(), online=True, version=__version__, boot_id=self.controller.boot_id
+            ts=views.now_ms(), online=True, version=__version__, boot_id=self.controller.boot_id
         )
         self.link.publish(topics.status(self.cabinet_id), _json(online), retain=True)
         self._state_dirty.set()
@@ -222,84 +217,11 @@ class FleetLink:
 
     def telemetry(self) -> messages.Telemetry:
         """Periodic measurements, including how the outbox is doing."""
-        c = self.controller
-        meter = None
-        if c.meter is not None:
-            meter = messages.MeterView(
-                voltage_v=round(c.meter.voltage_v, 2),
-                current_a=round(c.meter.current_a, 3),
-                power_w=round(c.meter.power_w, 1),
-                energy_kwh=round(c.meter.energy_kwh, 4),
-            )
-        bays = []
-        for bay in BAY_UNITS:
-            snap = c.snapshots.get(bay)
-            online = snap is not None and snap.online
-            battery = snap.battery if snap is not None and online else None
-            known = battery is not None and battery.battery_id is not None
-            bays.append(
-                messages.BayTelemetry(
-                    bay=bay,
-                    soc_pct=battery.soc_pct if battery is not None and known else None,
-                    cell_temp_c=battery.cell_temp_c if battery is not None and known else None,
-                    bay_temp_c=snap.bay_temp_c if snap is not None and online else None,
-                    charging=snap.charging if snap is not None and online else None,
-                )
-            )
-        cabinet_temp = c.cabinet_status.cabinet_temp_c if c.cabinet_status else None
-        return messages.Telemetry(
-            ts=_ms(),
-            cabinet_id=self.cabinet_id,
-            cabinet_temp_c=cabinet_temp,
-            meter=meter,
-            bays=bays,
-            outbox_depth=c.journal.outbox_depth(),
-            outbox_dropped=self.telemetry_dropped,
-        )
+        return views.telemetry_message(self.controller, self.telemetry_dropped)
 
     def state(self) -> messages.State:
         """The full snapshot of DESIGN.md §4.3."""
-        c = self.controller
-        bays = []
-        for bay in BAY_UNITS:
-            snap = c.snapshots.get(bay)
-            battery = snap.battery if snap is not None else None
-            online = snap is not None and snap.online
-            bays.append(
-                messages.BayView(
-                    bay=bay,
-                    online=online,
-                    door=("closed" if snap.door_closed else "open") if online and snap else None,
-                    locked=snap.locked if online and snap else None,
-                    battery_id=battery.battery_id if battery else None,
-                    battery_present=snap.battery_present if online and snap else None,
-                    soc_pct=battery.soc_pct if battery and battery.battery_id else None,
-                    health_pct=battery.health_pct if battery and battery.battery_id else None,
-                    cell_temp_c=battery.cell_temp_c if battery and battery.battery_id else None,
-                    bay_temp_c=snap.bay_temp_c if online and snap else None,
-                    charging=snap.charging if online and snap else None,
-                    in_service=bay not in c.out_of_service,
-                    out_of_service_reason=c.out_of_service.get(bay),
-                )
-            )
-        session = None
-        if c.state.phase is not Phase.IDLE:
-            session = messages.SessionView(
-                session_id=c.state.session_id,
-                rider_id=c.state.rider_id,
-                mode=c.state.mode.value,
-                phase=c.state.phase.value,
-                return_bay=c.state.return_bay,
-                dispense_bay=c.state.dispense_bay,
-            )
-        cabinet = messages.CabinetView(
-            smoke=c.safety.smoke,
-            mains_present=not c.safety.mains_lost,
-            swaps_allowed=c.safety.swaps_allowed,
-        )
-        return messages.State(
-            ts=_ms(), cabinet_id=self.cabinet_id, cabinet=cabinet, bays=bays, session=session
-        )
+        return views.state_message(self.controller)
 
     def mark_state_changed(self) -> None:
         """Something an operator sees changed: publish state (rate-limited)."""
@@ -378,7 +300,12 @@ class FleetLink:
         error: messages.ReplyError | None = None,
     ) -> dict[str, Any]:
         return messages.Reply(
-            ts=_ms(), request_id=request_id, command=name, ok=ok, result=result, error=error
+            ts=views.now_ms(),
+            request_id=request_id,
+            command=name,
+            ok=ok,
+            result=result,
+            error=error,
         ).model_dump(mode="json")
 
     def _record(self, name: str, request_id: str | None, reply: dict[str, Any]) -> None:

@@ -325,6 +325,14 @@ class Journal:
             for seq, id_, type_, ts, payload in rows
         ]
 
+    def last_event(self) -> dict[str, Any] | None:
+        """The newest event, if any (the clock check compares against its ``ts``)."""
+        row = self._db.execute("SELECT MAX(seq) FROM events").fetchone()
+        if row[0] is None:
+            return None
+        found = self.events(after_seq=int(row[0]) - 1, limit=1)
+        return found[0] if found else None
+
     def sessions(self) -> list[dict[str, Any]]:
         """Every session with its outcome (None while running)."""
         rows = self._db.execute(

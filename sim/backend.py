@@ -27,9 +27,16 @@ class Backend:
     """Subscribes to the whole fleet; thread-safe accessors for what it has seen."""
 
     def __init__(
-        self, host: str, port: int, *, client_id: str = "backend", persistent: bool = False
+        self,
+        host: str,
+        port: int,
+        *,
+        client_id: str = "backend",
+        persistent: bool = False,
+        mqtt5: bool = True,
     ) -> None:
         self._lock = threading.Lock()
+        self._mqtt5 = mqtt5
         self.events: dict[str, list[dict[str, Any]]] = defaultdict(list)  # in arrival order
         self.duplicates: dict[str, int] = defaultdict(int)
         self._seen_ids: set[str] = set()
@@ -37,9 +44,18 @@ class Backend:
         self.state: dict[str, dict[str, Any]] = {}
         self.replies: dict[str, dict[str, Any]] = {}
         self._reply_topic = f"backend/{uuid.uuid4().hex}/reply"
-        self._client = paho.Client(
-            CallbackAPIVersion.VERSION2, client_id=client_id, protocol=paho.MQTTv5
-        )
+        # the demo's broker speaks 3.1.1 only: replies then come on cabinets/<id>/reply
+        if mqtt5:
+            self._client = paho.Client(
+                CallbackAPIVersion.VERSION2, client_id=client_id, protocol=paho.MQTTv5
+            )
+        else:
+            self._client = paho.Client(
+                CallbackAPIVersion.VERSION2,
+                client_id=client_id,
+                protocol=paho.MQTTv311,
+                clean_session=not persistent,
+            )
         self._client.on_connect = self._connected
         self._client.on_message = self._message
         self._connected_event = threading.Event()
@@ -47,7 +63,10 @@ class Backend:
         if persistent:  # like a real backend: the broker queues what we miss while away
             props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
             props.SessionExpiryInterval = 3600
-        self._client.connect(host, port, 30, clean_start=not persistent, properties=props)
+        if mqtt5:
+            self._client.connect(host, port, 30, clean_start=not persistent, properties=props)
+        else:
+            self._client.connect(host, port, 30)
         self._client.loop_start()
         if not self._connected_event.wait(10):
             raise ConnectionError(f"backend could not connect to {host}:{port}")
@@ -57,7 +76,9 @@ class Backend:
         self._client.disconnect()
         self._client.loop_stop()
 
-    def _connected(self, client: Any, _u: Any, _f: Any, _reason: Any, _p: Any) -> None:
+    def _connected(self, client: Any, _u: Any, _f: Any, reason: Any, _p: Any) -> None:
+        if reason.is_failure:
+            return  # refused: the constructor's wait times out with a clear error
         client.subscribe(f"{topics.ROOT}/+/#", qos=1)
         client.subscribe(self._reply_topic, qos=1)
         self._connected_event.set()
@@ -113,7 +134,9 @@ class Backend:
         props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
         props.ResponseTopic = self._reply_topic
         props.CorrelationData = key.encode()
-        self._client.publish(topics.command(cabinet_id, name), body, qos=1, properties=props)
+        self._client.publish(
+            topics.command(cabinet_id, name), body, qos=1, properties=props if self._mqtt5 else None
+        )
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             with self._lock:

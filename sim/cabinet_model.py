@@ -93,8 +93,16 @@ class SimCabinetBoard:
 class SimulatedCabinet:
     """The whole simulated cabinet, advanced in time by an injected clock."""
 
-    def __init__(self, *, clock: Callable[[], float], seed: int = 0, populate: bool = True) -> None:
+    def __init__(
+        self,
+        *,
+        clock: Callable[[], float],
+        seed: int = 0,
+        populate: bool = True,
+        charge_speedup: float = 1.0,
+    ) -> None:
         self._clock = clock
+        self.charge_speedup = charge_speedup
         self._rng = random.Random(seed)
         self._t = clock()
         self.bays: dict[int, SimBay] = {n: SimBay(n) for n in BAY_UNITS}
@@ -152,7 +160,7 @@ class SimulatedCabinet:
                 current = battery.charge_current(bay.current_limit_a)
             bay.charger_current_a = current
             charger_power_w += battery.pack_voltage(current) * current / CHARGER_EFFICIENCY
-            battery.step(dt, current, AMBIENT_C)
+            battery.step(dt, current, AMBIENT_C, self.charge_speedup)
         self.energy_kwh += self._load_w(charger_power_w) * dt / 3_600_000.0
 
     def _load_w(self, charger_power_w: float) -> float:

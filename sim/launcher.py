@@ -21,8 +21,13 @@ def start_simulator(
     scanner: str = FREE,
     control: str = FREE,
     cwd: Path | None = None,
+    own_session: bool = False,
 ) -> tuple[subprocess.Popen[str], dict[str, Any]]:
-    """Start `cabinet sim`; return the process and its ready line (the URLs it bound)."""
+    """Start `cabinet sim`; return the process and its ready line (the URLs it bound).
+
+    ``own_session`` keeps a terminal's Ctrl-C away from it: the demo stops its parts
+    itself, in order, after the summary has what it needs from them.
+    """
     proc = subprocess.Popen(  # noqa: S603 - our own interpreter and CLI, fixed arguments
         [
             sys.executable,
@@ -41,6 +46,7 @@ def start_simulator(
         stderr=subprocess.DEVNULL,
         text=True,
         cwd=cwd,
+        start_new_session=own_session,
     )
     assert proc.stdout is not None
     line = proc.stdout.readline()  # blocks until the simulator listens (or dies)

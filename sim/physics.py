@@ -60,10 +60,16 @@ class Battery:
         """Terminal voltage while ``current_a`` flows into the pack."""
         return self.open_circuit_voltage() + current_a * INTERNAL_RESISTANCE_OHM
 
-    def step(self, dt: float, current_a: float, ambient_c: float) -> None:
-        """Advance the pack by ``dt`` seconds with ``current_a`` flowing in."""
+    def step(
+        self, dt: float, current_a: float, ambient_c: float, charge_speedup: float = 1.0
+    ) -> None:
+        """Advance the pack by ``dt`` seconds with ``current_a`` flowing in.
+
+        ``charge_speedup`` fills the pack that many times faster than the current
+        would (heat is unchanged): a demo cannot wait four hours for a full battery.
+        """
         if current_a > 0.0:
-            gained = current_a * dt / (CAPACITY_AH * 3600.0) * 100.0
+            gained = charge_speedup * current_a * dt / (CAPACITY_AH * 3600.0) * 100.0
             self.soc_pct = min(100.0, self.soc_pct + gained)
             if self.soc_pct >= 100.0 and not self._counted_cycle:
                 self.cycle_count += 1

@@ -40,6 +40,7 @@ class SimOptions:
     baud: int = DEFAULT_BAUD
     seed: int = 0
     reply_ms: float = DEFAULT_REPLY_MS
+    charge_speedup: float = 1.0
 
 
 class _PtyGateway:
@@ -80,7 +81,9 @@ async def serve(options: SimOptions, *, ready: asyncio.Event | None = None) -> N
     bus_spec = parse_listen(options.bus)
     scanner_spec = parse_listen(options.scanner)
     control_spec = parse_listen(options.control, allow_pty=False)
-    world = SimulatedCabinet(clock=time.monotonic, seed=options.seed)
+    world = SimulatedCabinet(
+        clock=time.monotonic, seed=options.seed, charge_speedup=options.charge_speedup
+    )
     bus = SimulatedBus(
         world, baud=options.baud, reply_delay_s=options.reply_ms / 1000.0, seed=options.seed
     )

@@ -18,7 +18,7 @@ def test_bus_scan_finds_every_unit_with_versions(sim_process: SimProcess) -> Non
     assert lines[0].split() == ["UNIT", "NAME", "MAP", "FIRMWARE", "LATENCY_MS", "HEALTH"]
     assert "bay 12" in result.stdout and "cabinet board" in result.stdout
     assert "energy meter" in result.stdout
-    assert lines[-1] == "14 of 14 units answered"
+    assert lines[-1] == "14 of 14 units answered (directly on the bus)"
     assert result.stderr == ""
 
 

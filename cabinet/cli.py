@@ -26,6 +26,7 @@ from cabinet.cli_output import (
 )
 from cabinet.config import DEFAULT_CONFIG_PATH, BusSection, ConfigError, load, load_section
 from cabinet.control_client import DaemonNotRunningError
+from cabinet.fleet_watch import add_watch_parser
 from cabinet.technician_cli import add_technician_parsers
 from drivers.bus_url import BusUrlError, parse_endpoint
 from drivers.modbus_bus import BusError, ModbusBus
@@ -442,6 +443,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_bus_parser(commands)
     _add_config_parser(commands)
     add_technician_parsers(commands)
+    add_watch_parser(commands)
     return parser
 
 

@@ -48,6 +48,8 @@ REDRAW_MAX_S = 1.0  # the "heard ago" column keeps counting on a quiet fleet
 # keeps the password out of `ps`; S105: this is the variable's name, not a password
 PASSWORD_ENV = "CABINET_WATCH_PASSWORD"  # noqa: S105
 CLEAR_SCREEN = "\x1b[H\x1b[2J"
+#: paho's text for the CONNACK a 3.1.1-only broker answers an MQTT 5 CONNECT with.
+UNSUPPORTED_PROTOCOL = "Unsupported protocol version"
 #: The four subscriptions, at QoS 1 so no event is lost between the broker and the watch.
 FILTERS = tuple(
     topic("+") for topic in (topics.status, topics.state, topics.telemetry, topics.events)
@@ -233,7 +235,11 @@ def _tls_context(tls: TlsFiles) -> ssl.SSLContext:
 
 
 class FleetSubscriber:
-    """paho-mqtt 2 (its own thread) subscribed to the fleet; reconnects by itself."""
+    """paho-mqtt 2 (its own thread) subscribed to the fleet; reconnects by itself.
+
+    MQTT 5 first (a session that outlives the watch's own blips); a 3.1.1-only broker
+    (the demo's) refuses that with "unsupported protocol version" and gets 3.1.1.
+    """
 
     def __init__(
         self,
@@ -246,29 +252,62 @@ class FleetSubscriber:
         self.address = address
         self.inbox: asyncio.Queue[Incoming | LinkChange] = asyncio.Queue()
         self._loop = asyncio.get_running_loop()
+        self._credentials = (username, password)
+        self._tls = tls
+        self._mqtt5 = True
         self._first_connack: asyncio.Future[tuple[bool, str]] = self._loop.create_future()
-        self._client = paho.Client(
-            CallbackAPIVersion.VERSION2,
-            client_id=f"cabinet-watch-{uuid.uuid4().hex[:12]}",
-            protocol=paho.MQTTv5,
-        )
+        self._client = self._new_client()
+
+    def _new_client(self) -> paho.Client:
+        if self._mqtt5:
+            client = paho.Client(
+                CallbackAPIVersion.VERSION2,
+                client_id=f"cabinet-watch-{uuid.uuid4().hex[:12]}",
+                protocol=paho.MQTTv5,
+            )
+        else:
+            client = paho.Client(
+                CallbackAPIVersion.VERSION2,
+                client_id=f"cabinet-watch-{uuid.uuid4().hex[:12]}",
+                protocol=paho.MQTTv311,
+                clean_session=True,  # a random client id must not leave sessions behind
+            )
+        username, password = self._credentials
         if username is not None:
-            self._client.username_pw_set(username, password)
-        if address.tls:
-            self._client.tls_set_context(_tls_context(tls))
-        self._client.reconnect_delay_set(RECONNECT_MIN_S, RECONNECT_MAX_S)
-        self._client.on_connect = self._paho_connect
-        self._client.on_disconnect = self._paho_disconnect
-        self._client.on_message = self._paho_message
+            client.username_pw_set(username, password)
+        if self.address.tls:
+            client.tls_set_context(_tls_context(self._tls))
+        client.reconnect_delay_set(RECONNECT_MIN_S, RECONNECT_MAX_S)
+        client.on_connect = self._paho_connect
+        client.on_disconnect = self._paho_disconnect
+        client.on_message = self._paho_message
+        return client
 
     async def connect(self, timeout_s: float = CONNECT_TIMEOUT_S) -> None:
         """Get a session or raise ``BrokerUnreachableError``; paho keeps it up afterwards."""
+        accepted, reason = await self._session(timeout_s)
+        if not accepted and reason == UNSUPPORTED_PROTOCOL:
+            self._client.loop_stop()
+            self._mqtt5 = False
+            self._first_connack = self._loop.create_future()
+            self._client = self._new_client()
+            accepted, reason = await self._session(timeout_s)
+        if not accepted:
+            raise BrokerUnreachableError(
+                f"the broker at {self._where()} refused the session: {reason}"
+            )
+
+    def _where(self) -> str:
+        scheme = "mqtts" if self.address.tls else "mqtt"
+        return f"{scheme}://{self.address.host}:{self.address.port}"
+
+    async def _session(self, timeout_s: float) -> tuple[bool, str]:
         deadline = self._loop.time() + timeout_s
-        props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
-        props.SessionExpiryInterval = SESSION_EXPIRY_S
-        where = (
-            f"{'mqtts' if self.address.tls else 'mqtt'}://{self.address.host}:{self.address.port}"
-        )
+        options: dict[str, Any] = {}
+        if self._mqtt5:
+            props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+            props.SessionExpiryInterval = SESSION_EXPIRY_S
+            options = {"clean_start": paho.MQTT_CLEAN_START_FIRST_ONLY, "properties": props}
         try:
             # the blocking connect raises the real reason (refused, TLS, DNS); paho's own
             # background connect would only retry it silently
@@ -278,31 +317,30 @@ class FleetSubscriber:
                     self.address.host,
                     self.address.port,
                     KEEPALIVE_S,
-                    clean_start=paho.MQTT_CLEAN_START_FIRST_ONLY,
-                    properties=props,
+                    **options,
                 ),
                 timeout_s,
             )
         except (OSError, TimeoutError) as exc:
             raise BrokerUnreachableError(
-                f"cannot reach the broker at {where}: {_describe(exc, self.address)}"
+                f"cannot reach the broker at {self._where()}: {_describe(exc, self.address)}"
             ) from exc
         self._client.loop_start()
         try:
-            accepted, reason = await asyncio.wait_for(
+            return await asyncio.wait_for(
                 asyncio.shield(self._first_connack), max(0.1, deadline - self._loop.time())
             )
         except TimeoutError:
             raise BrokerUnreachableError(
-                f"the broker at {where} did not accept a session within {timeout_s:g} s"
+                f"the broker at {self._where()} did not accept a session within {timeout_s:g} s"
             ) from None
-        if not accepted:
-            raise BrokerUnreachableError(f"the broker at {where} refused the session: {reason}")
 
     def close(self) -> None:
         """Leave without leaving a session behind on the broker."""
-        props = Properties(PacketTypes.DISCONNECT)  # type: ignore[no-untyped-call]
-        props.SessionExpiryInterval = 0
+        props = None
+        if self._mqtt5:
+            props = Properties(PacketTypes.DISCONNECT)  # type: ignore[no-untyped-call]
+            props.SessionExpiryInterval = 0
         with contextlib.suppress(Exception):  # already gone is as good as gone
             self._client.disconnect(properties=props)
         self._client.loop_stop()

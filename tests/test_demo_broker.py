@@ -17,6 +17,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from drivers.mqtt_link import MqttLink, parse_broker_url
 from sim.demo_broker import EmbeddedBroker
+from tests.conftest import cabinet_cmd
 from tests.daemon_harness import running_cabinet
 from tests.test_swap_end_to_end import SWAP_STEPS, collect, deposit
 
@@ -217,6 +218,12 @@ def test_the_daemon_fleet_link_reports_a_swap_through_it(tmp_path: Path) -> None
                     event = json.loads(sub.next_on(f"cabinets/{cab_id}/events").payload)
                     if event["data"].get("session_id") == started["session_id"]:
                         seen.append(event["type"])
+                # an operator's `cabinet watch` (MQTT 5 first) falls back to 3.1.1 here too
+                watch = cabinet_cmd("watch", "--broker", url, "--json", "--duration", "3")
+                assert watch.returncode == 0, watch.stderr
+                row = [json.loads(line) for line in watch.stdout.splitlines()][-1]
+                assert row["cabinet"] == cab_id and row["online"] is True
+                assert sum(row["bays"].values()) == 12  # from the retained state
                 cab.kill9()
                 will = json.loads(sub.next_on(f"cabinets/{cab_id}/status").payload)
                 assert will["online"] is False

@@ -12,9 +12,9 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet -e ".[dev,demo]"
 	touch $(STAMP)
 
-## demo: the simulator and a walk through its bus (the full demo arrives with the daemon)
+## demo: broker, simulator, daemon and riders with a live view (Ctrl-C ends it with a summary)
 demo: $(STAMP)
-	$(BIN)/cabinet demo --duration 10
+	$(BIN)/cabinet demo
 
 ## test: lint, format check, type check and the whole test suite
 test: lint typecheck unit

@@ -42,6 +42,7 @@ RIDER_INTERVAL_S = 6.0
 READY_TIMEOUT_S = 30.0
 DRAIN_TIMEOUT_S = 10.0
 REDRAW_S = 0.5
+HEADLESS_DEFAULT_S = 60.0  # `make demo` from a script must end by itself
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
@@ -283,6 +284,9 @@ def main(duration_s: float | None, seed: int = DEFAULT_SEED) -> int:
         )
         return 1
     live = duration_s is None and sys.stdout.isatty()
+    if duration_s is None and not live:
+        duration_s = HEADLESS_DEFAULT_S
+        print(f"not a terminal: running headless for {duration_s:.0f} s (--duration S to choose)")
     with tempfile.TemporaryDirectory(prefix="cabinet-demo-") as tmp:
         demo = Demo(Path(tmp), seed, print)
         try:

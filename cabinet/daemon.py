@@ -30,6 +30,7 @@ from cabinet.doctor import FleetFacts
 from cabinet.fleet_link import FleetLink
 from cabinet.journal import Journal
 from cabinet.swap_machine import Mode, SwapMachine, Timeouts
+from cabinet.systemd_notify import Notifier
 from cabinet.task_health import TaskHealth
 from cabinet.tokens import KeyFileError, TokenRefusedError, load_public_key, verify
 from drivers.bus_url import parse_endpoint
@@ -42,6 +43,7 @@ log = structlog.get_logger("daemon")
 RESTART_BACKOFF_S = (0.5, 1.0, 2.0, 5.0, 10.0)  # a crash loop must not hammer the bus
 HEALTHY_RUN_S = 60.0  # a task that ran this long before dying had recovered
 JOURNAL_FILE = "journal.db"
+POLL_STALL_S = 20.0  # a cycle is ~1 s; every unit timing out is ~3.5 s at 250 ms each
 
 
 def settings_from(config: CabinetConfig) -> ControllerSettings:
@@ -158,6 +160,18 @@ def handle_scan(
     controller.request_session(claims.rider, Mode(claims.mode), "qr")
 
 
+def health_problem(tasks: TaskHealth, controller: CabinetController) -> str | None:
+    """Why the daemon is unhealthy (the watchdog goes hungry), or None."""
+    failing = tasks.failing()
+    if failing:
+        return "tasks failing: " + ", ".join(sorted(failing))
+    if controller.last_cycle_at is not None:
+        age = controller.clock.monotonic() - controller.last_cycle_at
+        if age > POLL_STALL_S:
+            return f"no full poll cycle for {age:.0f} s"
+    return None
+
+
 def mqtt_link_for(config: CabinetConfig, **callbacks: Any) -> MqttLink:
     """The broker connection described by ``[mqtt]``."""
     mqtt = config.mqtt
@@ -172,6 +186,31 @@ def mqtt_link_for(config: CabinetConfig, **callbacks: Any) -> MqttLink:
     )
 
 
+def _stop_on_signals() -> asyncio.Event:
+    """Set by SIGTERM (systemd) or SIGINT (a person at a terminal)."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    return stop
+
+
+def controller_for(config: CabinetConfig) -> CabinetController:
+    """The journal, the bus and the controller described by the configuration."""
+    bus = ModbusBus(
+        parse_endpoint(config.bus.url),
+        timeout_s=config.bus.timeout_ms / 1000.0,
+        isolate_after=config.bus.isolate_after,
+        reprobe_interval_s=config.bus.reprobe_interval_s,
+    )
+    return CabinetController(
+        cabinet_id=config.cabinet.id,
+        journal=Journal(Path(config.cabinet.state_dir) / JOURNAL_FILE),
+        scheduler=BusScheduler(bus),
+        settings=settings_from(config),
+    )
+
+
 async def run_daemon(config: CabinetConfig, config_path: Path | None = None) -> int:
     """Run until SIGTERM/SIGINT; return the exit code."""
     structlog.contextvars.bind_contextvars(cabinet_id=config.cabinet.id)
@@ -181,20 +220,8 @@ async def run_daemon(config: CabinetConfig, config_path: Path | None = None) -> 
     except KeyFileError as exc:
         log.error("config_problem", error=str(exc))
         return 1
-    journal = Journal(Path(config.cabinet.state_dir) / JOURNAL_FILE)
-    bus = ModbusBus(
-        parse_endpoint(config.bus.url),
-        timeout_s=config.bus.timeout_ms / 1000.0,
-        isolate_after=config.bus.isolate_after,
-        reprobe_interval_s=config.bus.reprobe_interval_s,
-    )
-    scheduler = BusScheduler(bus)
-    controller = CabinetController(
-        cabinet_id=config.cabinet.id,
-        journal=journal,
-        scheduler=scheduler,
-        settings=settings_from(config),
-    )
+    controller = controller_for(config)
+    journal, scheduler, bus = controller.journal, controller.scheduler, controller.scheduler.bus
     health = TaskHealth()
     fleet: FleetLink | None = None
 
@@ -212,21 +239,25 @@ async def run_daemon(config: CabinetConfig, config_path: Path | None = None) -> 
         log.error("cannot_start", error=str(exc))
         journal.close()
         return 1
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+    stop = _stop_on_signals()
     tasks: list[asyncio.Task[None]] = []
 
     def start(name: str, task: Callable[[], Awaitable[None]]) -> None:
         tasks.append(asyncio.create_task(supervise(name, task, health)))
 
+    notifier = Notifier()
     try:
         start("control_socket", control.run)
+        notifier.notify(status="connecting to the bus")
         await _connect_bus(bus)
         start("bus_master", scheduler.run)
         start("heartbeat", controller.heartbeat_forever)
+        notifier.notify(status="reconciling the journal with the boards")
         await controller.recover()
+        notifier.notify(ready="1", status="running")
+        start(
+            "watchdog", lambda: notifier.feed_watchdog(lambda: health_problem(health, controller))
+        )
         log.info(
             "ready",
             bays_known=len(controller.snapshots),
@@ -243,6 +274,7 @@ async def run_daemon(config: CabinetConfig, config_path: Path | None = None) -> 
             )
             start("fleet_link", fleet.run)
         await stop.wait()
+        notifier.notify(stopping="1", status="stopping")
     finally:
         for task in tasks:
             task.cancel()

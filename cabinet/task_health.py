@@ -10,6 +10,9 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
+#: A task that failed more than once within this window is in a crash loop.
+CRASH_LOOP_WINDOW_S = 60.0
+
 
 @dataclass(slots=True)
 class TaskState:
@@ -44,6 +47,12 @@ class TaskHealth:
         state.last_failure_at = time.time()
         return state.failures
 
-    def failing(self) -> dict[str, TaskState]:
-        """Tasks that are down or in a crash loop right now."""
-        return {n: s for n, s in self.tasks.items() if not s.running or s.failures > 1}
+    def failing(self, now: float | None = None) -> dict[str, TaskState]:
+        """Tasks that are down, or failed repeatedly within the last minute."""
+        now = time.time() if now is None else now
+
+        def looping(s: TaskState) -> bool:
+            recent = s.last_failure_at is not None and now - s.last_failure_at < CRASH_LOOP_WINDOW_S
+            return s.failures > 1 and recent
+
+        return {n: s for n, s in self.tasks.items() if not s.running or looping(s)}

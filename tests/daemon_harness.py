@@ -40,6 +40,7 @@ class Cabinet:
     key: Path
     daemon: subprocess.Popen[bytes] | None = None
     extra_config: dict[str, dict[str, Any]] = field(default_factory=dict)
+    env: dict[str, str] = field(default_factory=dict)
 
     @property
     def journal_path(self) -> Path:
@@ -54,6 +55,7 @@ class Cabinet:
             stdout=log,
             stderr=log,
             cwd=REPO,
+            env={**os.environ, **self.env},
         )
         count = len(self.events("cabinet.started"))
         wait_until("the daemon to be ready", lambda: len(self.events("cabinet.started")) > count)
@@ -154,7 +156,11 @@ def write_config(tmp: Path, sim: SimProcess, extra: dict[str, dict[str, Any]]) -
 
 @contextmanager
 def running_cabinet(
-    tmp: Path, *, seed: int = 3, extra: dict[str, dict[str, Any]] | None = None
+    tmp: Path,
+    *,
+    seed: int = 3,
+    extra: dict[str, dict[str, Any]] | None = None,
+    env: dict[str, str] | None = None,
 ) -> Iterator[Cabinet]:
     """Simulator + daemon on free ports, torn down whatever happens."""
     sim = start_sim_process("--baud", "115200", "--reply-ms", "0", "--seed", str(seed))
@@ -162,7 +168,7 @@ def running_cabinet(
         result = cabinet_cmd("keys", "generate", str(tmp / "backend"))
         assert result.returncode == 0, result.stderr
         config = write_config(tmp, sim, extra or {})
-        cab = Cabinet(sim, tmp, config, tmp / "backend.key")
+        cab = Cabinet(sim, tmp, config, tmp / "backend.key", env=env or {})
         cab.start()
         try:
             yield cab

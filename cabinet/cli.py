@@ -24,7 +24,14 @@ from cabinet.cli_output import (
     print_json,
     table,
 )
-from cabinet.config import DEFAULT_CONFIG_PATH, BusSection, ConfigError, load, load_section
+from cabinet.config import (
+    DEFAULT_CONFIG_PATH,
+    BusSection,
+    ConfigError,
+    load,
+    load_section,
+    secret_problems,
+)
 from cabinet.control_client import DaemonNotRunningError
 from cabinet.fleet_watch import add_watch_parser
 from cabinet.technician_cli import add_technician_parsers
@@ -164,11 +171,22 @@ def _config_check(args: argparse.Namespace) -> int:
                 print(f"{key}: {message}")
             print(f"{len(exc.problems)} problem(s) in {args.config}")
         return EXIT_PROBLEM
+    warnings = secret_problems(config, Path(args.config))
     if args.json:
-        print_json({"ok": True, "problems": [], "cabinet_id": config.cabinet.id})
+        print_json(
+            {
+                "ok": not warnings,
+                "problems": [],
+                "warnings": [{"key": k, "message": m} for k, m in warnings],
+                "cabinet_id": config.cabinet.id,
+            }
+        )
     else:
-        print(f"{args.config}: OK (cabinet {config.cabinet.id})")
-    return EXIT_OK
+        for key, message in warnings:
+            print(f"warning: {key}: {message}")
+        print(f"{args.config}: valid (cabinet {config.cabinet.id})", end="")
+        print(f", {len(warnings)} warning(s)" if warnings else "")
+    return EXIT_PROBLEM if warnings else EXIT_OK
 
 
 # -- daemon, keys, tokens, events ----------------------------------------------------------------

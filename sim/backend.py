@@ -34,6 +34,7 @@ class Backend:
         client_id: str = "backend",
         persistent: bool = False,
         mqtt5: bool = True,
+        tls: tuple[str, str, str] | None = None,
     ) -> None:
         self._lock = threading.Lock()
         self._mqtt5 = mqtt5
@@ -43,7 +44,8 @@ class Backend:
         self.status: dict[str, dict[str, Any]] = {}
         self.state: dict[str, dict[str, Any]] = {}
         self.replies: dict[str, dict[str, Any]] = {}
-        self._reply_topic = f"backend/{uuid.uuid4().hex}/reply"
+        # under replies/<client id>/: what the broker ACL (docs/mosquitto.acl) lets it read
+        self._reply_topic = f"replies/{client_id}/{uuid.uuid4().hex}"
         # the demo's broker speaks 3.1.1 only: replies then come on cabinets/<id>/reply
         if mqtt5:
             self._client = paho.Client(
@@ -56,6 +58,9 @@ class Backend:
                 protocol=paho.MQTTv311,
                 clean_session=not persistent,
             )
+        if tls is not None:  # (CA, client certificate, client key), as a fleet backend connects
+            ca, cert, key = tls
+            self._client.tls_set(ca_certs=ca, certfile=cert, keyfile=key)
         self._client.on_connect = self._connected
         self._client.on_message = self._message
         self._connected_event = threading.Event()

@@ -40,7 +40,28 @@ def write(tmp_path: Path, text: str) -> Path:
 def test_a_good_file_passes(tmp_path: Path) -> None:
     result = cabinet_cmd("config", "check", "-c", str(write(tmp_path, GOOD)))
     assert result.returncode == 0, result.stdout
-    assert result.stdout.strip().endswith("OK (cabinet cab-0042)")
+    assert result.stdout.strip().endswith("valid (cabinet cab-0042)")
+
+
+def test_world_readable_secrets_are_warned_about(tmp_path: Path) -> None:
+    key = tmp_path / "client.key"
+    key.write_text("-----BEGIN PRIVATE KEY-----\n")
+    text = GOOD.replace(
+        'username = "cab-0042"\n',
+        f'username = "cab-0042"\npassword = "s3cret"\nclient_key = "{key}"\n',
+    )
+    path = write(tmp_path, text)
+    path.chmod(0o644)
+    key.chmod(0o644)
+    result = cabinet_cmd("config", "check", "-c", str(path), "--json")
+    assert result.returncode == 3, result.stdout
+    warnings = {w["key"] for w in json.loads(result.stdout)["warnings"]}
+    assert warnings == {"mqtt.password", "mqtt.client_key"}
+    path.chmod(0o640)
+    key.chmod(0o600)
+    fixed = cabinet_cmd("config", "check", "-c", str(path))
+    assert fixed.returncode == 0, fixed.stdout
+    assert "warning" not in fixed.stdout
 
 
 def test_every_problem_is_listed_with_its_key(tmp_path: Path) -> None:

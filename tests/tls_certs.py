@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from cryptography import x509
@@ -20,6 +20,8 @@ class Pki:
     server_key: Path
     client_cert: Path
     client_key: Path
+    #: more client identities by common name: (certificate, key)
+    clients: dict[str, tuple[Path, Path]] = field(default_factory=dict)
 
 
 def _name(cn: str) -> x509.Name:
@@ -37,7 +39,7 @@ def _write_key(key: ec.EllipticCurvePrivateKey, path: Path) -> None:
     path.chmod(0o600)
 
 
-def make_pki(directory: Path, client_cn: str) -> Pki:
+def make_pki(directory: Path, client_cn: str, more_clients: tuple[str, ...] = ()) -> Pki:
     now = dt.datetime.now(dt.UTC)
     ca_key = ec.generate_private_key(ec.SECP256R1())
     ca_cert = (
@@ -86,4 +88,10 @@ def make_pki(directory: Path, client_cn: str) -> Pki:
     pki.client_cert.write_bytes(client.public_bytes(serialization.Encoding.PEM))
     _write_key(server_key, pki.server_key)
     _write_key(client_key, pki.client_key)
+    for cn in more_clients:
+        cert, key = leaf(cn, server=False)
+        paths = (directory / f"{cn}.pem", directory / f"{cn}.key")
+        paths[0].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        _write_key(key, paths[1])
+        pki.clients[cn] = paths
     return pki

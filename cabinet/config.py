@@ -99,6 +99,14 @@ class AuthSection(_Section):
     public_keys: list[Path] = Field(default_factory=list)
 
 
+class FirmwareSection(_Section):
+    """``[firmware]``: public keys whose holders may sign bay-board firmware images."""
+
+    public_keys: list[Path] = Field(default_factory=list)
+    #: ``cmd/firmware.update`` by URL: larger downloads are refused
+    max_download_bytes: int = Field(default=2 * 1024 * 1024, ge=1024, le=64 * 1024 * 1024)
+
+
 class SwapSection(_Section):
     """``[swap]``: what may be handed out, what is accepted, how long riders get."""
 
@@ -138,6 +146,7 @@ class CabinetConfig(_Section):
     scanner: ScannerSection = ScannerSection()
     mqtt: MqttSection | None = None
     auth: AuthSection = AuthSection()
+    firmware: FirmwareSection = FirmwareSection()
     swap: SwapSection = SwapSection()
     charging: ChargingSection = ChargingSection()
     log_level: Literal["debug", "info", "warning", "error"] = "info"

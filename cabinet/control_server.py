@@ -11,6 +11,7 @@ the serial line, and a ``bay open`` is journaled like an operator's.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import json
 import os
@@ -30,6 +31,7 @@ from cabinet.config import CabinetConfig
 from cabinet.control_client import MAX_LINE_BYTES, check_socket_path, encode, is_running
 from cabinet.controller import CabinetController
 from cabinet.doctor import FleetFacts, run_checks
+from cabinet.firmware_service import FirmwareRefusedError, FirmwareService
 from cabinet.selftest import SelftestRefusedError, run_selftest
 from cabinet.task_health import TaskHealth
 from drivers.modbus_bus import BusError, ModbusBus
@@ -77,6 +79,14 @@ class SelftestArgs(_Args):
     close_timeout_s: float = Field(default=60.0, gt=0, le=600)
 
 
+class FirmwareUpdateArgs(_Args):
+    """``firmware.update``: the image itself (the CLI reads the file), and where."""
+
+    image_b64: str = Field(max_length=2 * 1024 * 1024)
+    bays: list[int] = Field(min_length=1, max_length=12)
+    force: bool = False
+
+
 class BusReadArgs(_Args):
     """``bus.read``: one Modbus read."""
 
@@ -121,12 +131,14 @@ class ControlServer:
         config_path: Path | None,
         tasks: TaskHealth,
         fleet: Callable[[], FleetFacts | None] = lambda: None,
+        firmware: FirmwareService | None = None,
     ) -> None:
         self.controller = controller
         self.config = config
         self.config_path = config_path
         self.tasks = tasks
         self.fleet = fleet
+        self.firmware = firmware or FirmwareService(controller, [])
         self.path = config.cabinet.control_socket_path
         self.started_at = time.time()
         self._verbs: dict[str, Handler] = {
@@ -141,6 +153,8 @@ class ControlServer:
             "bus.scan": self._bus_scan,
             "bus.read": self._bus_read,
             "bus.write": self._bus_write,
+            "firmware.status": self._firmware_status,
+            "firmware.update": self._firmware_update,
         }
 
     async def claim(self) -> None:
@@ -305,6 +319,25 @@ class ControlServer:
         self.controller.set_bay_service(bay, in_service=True, reason="", by="technician")
         return {"bay": bay, "in_service": True}
 
+    # -- firmware -----------------------------------------------------------------------------
+
+    async def _firmware_status(self, args: dict[str, Any], _progress: Progress) -> dict[str, Any]:
+        _parse(_Args, args)
+        return {"bays": await self.firmware.status()}
+
+    async def _firmware_update(self, args: dict[str, Any], progress: Progress) -> dict[str, Any]:
+        parsed = _parse(FirmwareUpdateArgs, args)
+        if any(bay not in BAY_UNITS for bay in parsed.bays):
+            raise RequestError("invalid_args", "bays are 1-12")
+        try:
+            image = self.firmware.load(_decode_image(parsed.image_b64), by="technician")
+            results = await self.firmware.update(
+                image, parsed.bays, force=parsed.force, by="technician", report=progress
+            )
+        except FirmwareRefusedError as exc:
+            raise RequestError(exc.reason, str(exc)) from None
+        return {"version": image.version_str, "results": [asdict(r) for r in results]}
+
     # -- the bus, through the daemon's scheduler ---------------------------------------------------
 
     async def _bus_scan(self, args: dict[str, Any], _progress: Progress) -> dict[str, Any]:
@@ -387,6 +420,13 @@ async def _unless_hung_up(work: Awaitable[Any], reader: asyncio.StreamReader) ->
                 await task
             raise HungUpError
     return task.result()
+
+
+def _decode_image(text: str) -> bytes:
+    try:
+        return base64.b64decode(text, validate=True)
+    except ValueError:
+        raise RequestError("invalid_args", "image_b64 is not base64") from None
 
 
 def _refusal(code: str, message: str) -> dict[str, Any]:

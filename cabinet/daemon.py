@@ -27,6 +27,7 @@ from cabinet.config import CabinetConfig
 from cabinet.control_server import AlreadyRunningError, ControlServer
 from cabinet.controller import CabinetController, ControllerSettings
 from cabinet.doctor import FleetFacts
+from cabinet.firmware_service import FirmwareFetcher, FirmwareService
 from cabinet.fleet_link import FleetLink
 from cabinet.journal import Journal
 from cabinet.swap_machine import Mode, SwapMachine, Timeouts
@@ -186,6 +187,17 @@ def mqtt_link_for(config: CabinetConfig, **callbacks: Any) -> MqttLink:
     )
 
 
+def _firmware_keys(config: CabinetConfig) -> list[Ed25519PublicKey] | None:
+    """Check every configured key file up front; the firmware keys, or None if one is bad."""
+    try:
+        for path in config.auth.public_keys:
+            load_public_key(path)
+        return [load_public_key(path) for path in config.firmware.public_keys]
+    except KeyFileError as exc:
+        log.error("config_problem", error=str(exc))
+        return None
+
+
 def _stop_on_signals() -> asyncio.Event:
     """Set by SIGTERM (systemd) or SIGINT (a person at a terminal)."""
     stop = asyncio.Event()
@@ -214,11 +226,8 @@ def controller_for(config: CabinetConfig) -> CabinetController:
 async def run_daemon(config: CabinetConfig, config_path: Path | None = None) -> int:
     """Run until SIGTERM/SIGINT; return the exit code."""
     structlog.contextvars.bind_contextvars(cabinet_id=config.cabinet.id)
-    try:
-        for path in config.auth.public_keys:
-            load_public_key(path)
-    except KeyFileError as exc:
-        log.error("config_problem", error=str(exc))
+    firmware_keys = _firmware_keys(config)
+    if firmware_keys is None:
         return 1
     controller = controller_for(config)
     journal, scheduler, bus = controller.journal, controller.scheduler, controller.scheduler.bus
@@ -230,8 +239,14 @@ async def run_daemon(config: CabinetConfig, config_path: Path | None = None) -> 
             return None
         return FleetFacts(url=config.mqtt.url, connected=fleet.link.connected.is_set())
 
+    firmware = FirmwareService(controller, firmware_keys)
     control = ControlServer(
-        controller, config=config, config_path=config_path, tasks=health, fleet=fleet_facts
+        controller,
+        config=config,
+        config_path=config_path,
+        tasks=health,
+        fleet=fleet_facts,
+        firmware=firmware,
     )
     try:
         await control.claim()
@@ -271,6 +286,7 @@ async def run_daemon(config: CabinetConfig, config_path: Path | None = None) -> 
                 controller,
                 lambda **kw: mqtt_link_for(config, **kw),
                 telemetry_interval_s=config.mqtt.telemetry_interval_s,
+                firmware=FirmwareFetcher(firmware, config.firmware.max_download_bytes),
             )
             start("fleet_link", fleet.run)
         await stop.wait()

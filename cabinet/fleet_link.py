@@ -28,9 +28,11 @@ from pydantic import BaseModel, ValidationError
 
 from cabinet import __version__, views
 from cabinet.controller import CabinetController
+from cabinet.firmware_service import FirmwareFetcher, FirmwareRefusedError
 from cabinet.swap_machine import Mode, Phase
 from drivers.mqtt_link import Message, MqttLink
 from protocol import messages, topics
+from protocol.units import BAY_UNITS
 
 log = structlog.get_logger("fleet")
 
@@ -65,8 +67,10 @@ class FleetLink:
         link_factory: Callable[..., MqttLink],
         *,
         telemetry_interval_s: float = 60.0,
+        firmware: FirmwareFetcher | None = None,
     ) -> None:
         self.controller = controller
+        self.firmware = firmware
         self.cabinet_id = controller.cabinet_id
         offline = messages.Status(
             ts=views.now_ms(), online=False, version=__version__, boot_id=controller.boot_id
@@ -86,6 +90,7 @@ class FleetLink:
             "bay.disable": self._bay_disable,
             "bay.enable": self._bay_enable,
             "settings.set": self._settings_set,
+            "firmware.update": self._firmware_update,
         }
         stored = controller.journal.setting("telemetry_interval_s")
         self.telemetry_interval_s = float(stored) if stored else telemetry_interval_s
@@ -370,6 +375,16 @@ class FleetLink:
         bay = self._args(messages.BayArgs, args).bay
         self.controller.set_bay_service(bay, in_service=True, reason="", by="operator")
         return {"bay": bay, "in_service": True}
+
+    def _firmware_update(self, args: dict[str, Any]) -> dict[str, Any]:
+        parsed = self._args(messages.FirmwareUpdateArgs, args)
+        if self.firmware is None:
+            raise CommandError("unavailable", "this daemon does not update firmware")
+        bays = list(parsed.bays) if parsed.bays else list(BAY_UNITS)
+        try:
+            return self.firmware.start(parsed.source, bays, force=parsed.force)
+        except FirmwareRefusedError as exc:
+            raise CommandError(exc.reason, str(exc)) from None
 
     def _settings_set(self, args: dict[str, Any]) -> dict[str, Any]:
         parsed = self._args(messages.SettingsArgs, args)

@@ -25,8 +25,10 @@ from protocol.codec import (
 from protocol.errors import RegisterBlockError, UnknownMapVersionError
 
 #: Version of this map, reported by the board in register 0. Bump on any change.
-MAP_VERSION = 1
-SUPPORTED_MAP_VERSIONS = frozenset({MAP_VERSION})
+#: Version 2 adds the bootloader window (protocol/firmware_map.py); the status and
+#: command registers are those of version 1, so both are driven.
+MAP_VERSION = 2
+SUPPORTED_MAP_VERSIONS = frozenset({1, MAP_VERSION})
 
 BATTERY_ID_REGS = 8  # 16 ASCII characters: our pack serials are 12, with room to spare
 

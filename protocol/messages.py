@@ -7,7 +7,7 @@ answered with a precise reply instead of being silently ignored.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -167,6 +167,18 @@ class SettingsArgs(BaseModel):
     dispense_min_soc_pct: float | None = Field(default=None, ge=50.0, le=100.0)
 
 
+class FirmwareUpdateArgs(BaseModel):
+    """``cmd/firmware.update``: a signed image by path on the device or http(s) URL."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    source: str = Field(min_length=1, max_length=2048, description="path, file:// or http(s)://")
+    bays: list[Annotated[int, Field(ge=1, le=12)]] | None = Field(
+        default=None, min_length=1, max_length=12, description="default: every bay"
+    )
+    force: bool = Field(default=False, description="flash even if not newer")
+
+
 class NoArgs(BaseModel):
     """Commands that take no arguments (``state.get``)."""
 
@@ -203,5 +215,6 @@ SCHEMAS: dict[str, type[BaseModel]] = {
     "cmd.bay.args": BayArgs,
     "cmd.bay.disable.args": BayDisableArgs,
     "cmd.settings.set.args": SettingsArgs,
+    "cmd.firmware.update.args": FirmwareUpdateArgs,
     "reply": Reply,
 }

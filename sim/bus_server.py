@@ -25,9 +25,10 @@ from pymodbus.framer import FramerType
 from pymodbus.server import ModbusTcpServer
 from pymodbus.simulator import DataType, SimData, SimDevice
 
-from protocol import bay_map, cabinet_map, meter_map, rtu_timing
+from protocol import bay_map, cabinet_map, firmware_map, meter_map, rtu_timing
 from protocol.units import ALL_UNITS, BAY_UNITS, CABINET_BOARD_UNIT
-from sim.cabinet_model import SimulatedCabinet, WriteRefusedError
+from sim.cabinet_model import SimulatedCabinet
+from sim.faults import WriteRefusedError
 
 # pymodbus logs every request it cannot serve with a frame dump; the simulator's own
 # counters say the same once, so its chatter is kept to real failures.
@@ -62,6 +63,10 @@ class UnitCounters:
             "dropped": self.dropped,
             "corrupted": self.corrupted,
         }
+
+
+def _block(start: int, count: int) -> SimData:
+    return SimData(start, count=count, values=0, datatype=DataType.REGISTERS)
 
 
 def _frame_bytes(function_code: int, count: int) -> tuple[int, int]:
@@ -109,20 +114,14 @@ class SimulatedBus:
         bits = [SimData(0, values=[False] * 16, datatype=DataType.BITS)]
         if unit in BAY_UNITS:
             inputs = [
-                SimData(
-                    bay_map.STATUS_START,
-                    count=bay_map.STATUS_COUNT,
-                    values=0,
-                    datatype=DataType.REGISTERS,
-                )
+                _block(bay_map.STATUS_START, bay_map.STATUS_COUNT),
+                _block(firmware_map.STATUS_START, firmware_map.STATUS_COUNT),
             ]
             holding = [
-                SimData(
-                    bay_map.COMMAND_START,
-                    count=bay_map.COMMAND_COUNT,
-                    values=0,
-                    datatype=DataType.REGISTERS,
-                )
+                _block(bay_map.COMMAND_START, bay_map.COMMAND_COUNT),
+                _block(firmware_map.COMMAND_REG, 1),
+                _block(firmware_map.HEADER_START, firmware_map.HEADER_COUNT),
+                _block(firmware_map.CHUNK_START, 3 + firmware_map.CHUNK_DATA_REGS),
             ]
         elif unit == CABINET_BOARD_UNIT:
             inputs = [
@@ -180,7 +179,8 @@ class SimulatedBus:
         if self._broadcast:
             # pymodbus hands a broadcast to every device in turn; the frame crossed the wire
             # once and nobody replies, so each board just acts on it.
-            if unit not in self.world.silent_units:
+            self.world.sync()
+            if not self.world.unit_silent(unit):
                 return self._serve(
                     unit, function_code, (start_address, address, count), registers, set_values
                 )
@@ -192,7 +192,8 @@ class SimulatedBus:
             began = max(self._last_rx, self._line_free_at)
             counters.requests += 1
             counters.bytes_in += request_bytes
-            silent = unit in self.world.silent_units
+            self.world.sync()
+            silent = self.world.unit_silent(unit)
             result: ExcCodes | None = None
             if not silent:
                 result = self._serve(
@@ -246,7 +247,7 @@ class SimulatedBus:
         if not data:
             return data
         unit = data[0]
-        if unit not in self.counters or unit in self.world.silent_units:
+        if unit not in self.counters or self.world.unit_silent(unit):
             if unit in self.counters:
                 self.counters[unit].dropped += 1
             return b""

@@ -19,12 +19,21 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from protocol import bay_map, cabinet_map, meter_map
+from protocol import bay_map, cabinet_map, firmware_map, meter_map
 from protocol.units import BAY_UNITS, CABINET_BOARD_UNIT, ENERGY_METER_UNIT
-from sim.faults import CABINET_FAULTS, UNIT_FAULTS, FaultKind, SimCommandError
+from sim.bootloader import FIRMWARE_VERSION, Bootloader
+from sim.faults import (
+    CABINET_FAULTS,
+    DEVICE_FAILURE,
+    ILLEGAL_ADDRESS,
+    ILLEGAL_VALUE,
+    UNIT_FAULTS,
+    FaultKind,
+    SimCommandError,
+    WriteRefusedError,
+)
 from sim.physics import Battery
 
-FIRMWARE_VERSION = 0x0103  # 1.3
 AMBIENT_C = 25.0
 BOARD_OVER_TEMP_C = 70.0  # the board's own cut-off, above the daemon's alarm threshold
 MAINS_VOLTAGE_V = 230.0
@@ -36,25 +45,13 @@ MAX_STEP_S = 0.5  # physics sub-step: small against every thermal time constant 
 DEFAULT_CURRENT_LIMIT_A = 5.0
 
 
-class WriteRefusedError(Exception):
-    """A board refused a register write; ``code`` is the Modbus exception code it replies."""
-
-    def __init__(self, code: int, reason: str) -> None:
-        super().__init__(reason)
-        self.code = code
-
-
-ILLEGAL_ADDRESS = 0x02
-ILLEGAL_VALUE = 0x03
-DEVICE_FAILURE = 0x04
-
-
 @dataclass(slots=True)
 class SimBay:
     """One bay: its board's outputs and switches, and the battery inside if any."""
 
     number: int
     battery: Battery | None = None
+    boot: Bootloader = field(default_factory=Bootloader)
     door_closed: bool = True
     locked: bool = True
     door_open_count: int = 0
@@ -131,6 +128,15 @@ class SimulatedCabinet:
             dt = min(MAX_STEP_S, target - self._t)
             self._step(dt)
             self._t += dt
+        for bay in self.bays.values():
+            bay.boot.tick(self._t)
+
+    def unit_silent(self, unit: int) -> bool:
+        """Whether ``unit`` answers nothing now: a bus fault, a reboot, no power."""
+        if unit in self.silent_units:
+            return True
+        bay = self.bays.get(unit)
+        return bay is not None and bay.boot.silent(self._t)
 
     def _chargers_powered(self) -> bool:
         return self.board.contactor_closed and FaultKind.MAINS_LOSS not in self.cabinet_faults
@@ -220,7 +226,7 @@ class SimulatedCabinet:
                 )
         return bay_map.BayStatus(
             map_version=bay_map.MAP_VERSION,
-            firmware_version=FIRMWARE_VERSION,
+            firmware_version=bay.boot.active_version,
             board_faults=faults,
             io=io,
             bay_temp_c=bay.bay_temp_c(),
@@ -265,7 +271,10 @@ class SimulatedCabinet:
     def input_image(self, unit: int) -> dict[int, int]:
         """Input registers unit ``unit`` serves now, by address."""
         if unit in self.bays:
-            return dict(enumerate(bay_map.encode_status(self.bay_status(unit))))
+            image = dict(enumerate(bay_map.encode_status(self.bay_status(unit))))
+            boot = self.bays[unit].boot.status().encode()
+            image.update(enumerate(boot, firmware_map.STATUS_START))
+            return image
         if unit == CABINET_BOARD_UNIT:
             return dict(enumerate(cabinet_map.encode_status(self.cabinet_status())))
         if unit == ENERGY_METER_UNIT:
@@ -298,6 +307,10 @@ class SimulatedCabinet:
 
     def write_holding(self, unit: int, address: int, values: list[int]) -> None:
         """Apply a write the way the addressed board would, or raise WriteRefusedError."""
+        if unit in self.bays and address >= firmware_map.COMMAND_REG:
+            self.bays[unit].boot.write(self._t, address, values)
+            self.note(f"firmware write {address}", unit)
+            return
         for offset, value in enumerate(values):
             if unit in self.bays:
                 self._write_bay(self.bays[unit], address + offset, value)
@@ -464,6 +477,12 @@ class SimulatedCabinet:
                 self._apply_bay_faults(target)
 
     def _apply_bay_faults(self, bay: SimBay) -> None:
+        powered = FaultKind.POWER_CUT not in bay.faults
+        if not powered and bay.boot.powered:  # RAM is lost with the power: no heartbeat,
+            bay.heartbeat_counter, bay.last_heartbeat = 0, None  # no charging
+            bay.charger_enabled = False
+        bay.boot.power(on=powered, now=self._t)
+        bay.boot.next_image_bad = FaultKind.FIRMWARE_BAD in bay.faults
         if FaultKind.DOOR_SENSOR_STUCK in bay.faults:
             if bay.stuck_door_reading is None:
                 bay.stuck_door_reading = bay.door_closed

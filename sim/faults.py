@@ -17,6 +17,8 @@ class FaultKind(enum.StrEnum):
     BMS_FAULT = "bms_fault"  # the battery's BMS reports an internal fault
     SMOKE = "smoke"  # the cabinet's smoke detector trips
     MAINS_LOSS = "mains_loss"  # mains power disappears: chargers and meter go dead
+    POWER_CUT = "power_cut"  # the bay board loses power (flash kept); back on heal
+    FIRMWARE_BAD = "firmware_bad"  # the next image activated on the bay will not boot
 
 
 #: Faults that need ``--bay`` (or, for bus faults, ``--unit``).
@@ -28,6 +30,8 @@ BAY_FAULTS = frozenset(
         FaultKind.OVERHEAT,
         FaultKind.THERMAL_RUNAWAY,
         FaultKind.BMS_FAULT,
+        FaultKind.POWER_CUT,
+        FaultKind.FIRMWARE_BAD,
     }
 )
 CABINET_FAULTS = frozenset({FaultKind.SMOKE, FaultKind.MAINS_LOSS})
@@ -35,3 +39,16 @@ CABINET_FAULTS = frozenset({FaultKind.SMOKE, FaultKind.MAINS_LOSS})
 
 class SimCommandError(Exception):
     """A rider or fault action the simulated world cannot perform (take from a shut bay, ...)."""
+
+
+ILLEGAL_ADDRESS = 0x02
+ILLEGAL_VALUE = 0x03
+DEVICE_FAILURE = 0x04
+
+
+class WriteRefusedError(Exception):
+    """A board refused a register write; ``code`` is the Modbus exception code it replies."""
+
+    def __init__(self, code: int, reason: str) -> None:
+        super().__init__(reason)
+        self.code = code

@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from protocol import bay_map
 from tests.conftest import REPO, cabinet_cmd
 from tests.daemon_harness import Cabinet, running_cabinet, wait_until
 
@@ -164,7 +165,7 @@ def test_events_page_and_follow(cab: Cabinet) -> None:
 
 def test_bus_read_and_write_go_through_the_daemon(cab: Cabinet) -> None:
     read = tech_json(cab, "bus", "read", "2", "0", "3")
-    assert read["registers"][0] == 1  # the bay map version register
+    assert read["registers"][0] == bay_map.MAP_VERSION  # the map version register
     written = tech(cab, "bus", "write", "20", "100", "1")  # the cabinet fan
     assert written.returncode == 0, written.stderr
     cab.wait_event("bus.written", unit=20, address=100, values=[1], by="technician")

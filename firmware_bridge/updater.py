@@ -1,0 +1,219 @@
+"""Flashing one bay board over the bus, through whoever owns the bus.
+
+Every exchange is one ``submit``-ted job, so the daemon's scheduler interleaves the
+transfer with polling and puts a rider's unlock ahead of the next chunk: the
+cabinet keeps swapping on its other bays while one is flashed. The board is the
+source of truth for progress: after any interruption (a lost reply, a power cut)
+the updater waits for the board, re-sends ``BEGIN`` with the same SHA-256 and
+carries on from the offset the board reports. After ``ACTIVATE`` the board must come
+back running the new version with a register map this software drives; only then
+is the image ``CONFIRM``ed. Otherwise it is rolled back (the board's own bootloader
+also reverts an unconfirmed image by itself).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from drivers.boards import BayBoard
+from drivers.modbus_bus import BusError, ExceptionReplyError, ModbusBus
+from firmware_bridge.image import FirmwareImage
+from protocol import firmware_map as fw
+from protocol.errors import ProtocolError, UnknownMapVersionError
+
+T = TypeVar("T")
+Submit = Callable[[Callable[[ModbusBus], Awaitable[Any]]], Awaitable[Any]]
+
+BOARD_WAIT_S = 60.0  # how long a board may stay silent (power cut, reboot) before we give up
+POLL_S = 0.5
+MAX_RESUMES = 20  # a line so bad that the transfer resumes this often is not worth fighting
+
+
+class UpdateFailedError(Exception):
+    """The update did not complete; ``reason`` is stable for programs."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+@dataclass(frozen=True, slots=True)
+class Progress:
+    """Where a transfer is."""
+
+    phase: str  # sending, verifying, activating, confirming
+    sent: int
+    total: int
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """A completed update."""
+
+    previous_version: int
+    version: int
+    duration_s: float
+    resumes: int
+
+
+async def read_status(bus: ModbusBus, unit: int) -> fw.Status:
+    """The board's bootloader status block."""
+    regs = await bus.read_input(unit, fw.STATUS_START, fw.STATUS_COUNT)
+    return fw.Status.decode(regs)
+
+
+class BayUpdater:
+    """One image onto one bay board."""
+
+    def __init__(
+        self,
+        submit: Submit,
+        unit: int,
+        image: FirmwareImage,
+        *,
+        on_progress: Callable[[Progress], Awaitable[None] | None] = lambda _p: None,
+        board_wait_s: float = BOARD_WAIT_S,
+    ) -> None:
+        self._submit = submit
+        self.unit = unit
+        self.image = image
+        self._on_progress = on_progress
+        self._board_wait_s = board_wait_s
+        self.resumes = 0
+
+    async def run(self, running_version: int) -> Outcome:
+        """Transfer, verify, activate, confirm; raise UpdateFailedError on the way."""
+        started = time.monotonic()
+        await self._transfer()
+        await self._progress(
+            Progress("verifying", len(self.image.payload), len(self.image.payload))
+        )
+        await self._command(fw.Command.COMMIT)
+        status = await self._status()
+        if status.state is not fw.State.VERIFIED:
+            await self._command(fw.Command.ABORT)
+            raise UpdateFailedError("verify_failed", "the board's hash of the image did not match")
+        await self._progress(
+            Progress("activating", len(self.image.payload), len(self.image.payload))
+        )
+        # the board may reset before its reply is out: its status afterwards tells, not this
+        with contextlib.suppress(BusError):
+            await self._command(fw.Command.ACTIVATE)
+        await self._confirm()
+        return Outcome(
+            running_version, self.image.version, time.monotonic() - started, self.resumes
+        )
+
+    # -- the transfer ----------------------------------------------------------------------
+
+    async def _transfer(self) -> None:
+        payload, total = self.image.payload, len(self.image.payload)
+        offset = await self._begin()
+        while offset < total:
+            chunk = payload[offset : offset + fw.CHUNK_BYTES]
+            try:
+                await self._write(fw.CHUNK_START, fw.encode_chunk(offset, chunk))
+            except BusError:
+                offset = await self._resume()
+                continue
+            offset += len(chunk)
+            await self._progress(Progress("sending", offset, total))
+
+    async def _begin(self) -> int:
+        header = fw.Header(
+            size=len(self.image.payload),
+            version=self.image.version,
+            board_type=self.image.board_type,
+            sha256=self.image.sha256,
+        )
+        await self._write(fw.HEADER_START, header.encode())
+        await self._command(fw.Command.BEGIN)
+        status = await self._status()
+        if status.state is not fw.State.RECEIVING:
+            raise UpdateFailedError(
+                "board_refused", f"the board is {status.state.name} after BEGIN"
+            )
+        return status.received
+
+    async def _resume(self) -> int:
+        """The board stopped answering (or refused a chunk): wait for it, carry on."""
+        self.resumes += 1
+        if self.resumes > MAX_RESUMES:
+            raise UpdateFailedError("bus", f"gave up after {MAX_RESUMES} interruptions")
+        await self._wait_for_board()
+        try:
+            return await self._begin()
+        except BusError:
+            return await self._resume()
+
+    async def _wait_for_board(self) -> fw.Status:
+        deadline = time.monotonic() + self._board_wait_s
+        while True:
+            try:
+                return await self._status()
+            except (BusError, ProtocolError):
+                if time.monotonic() > deadline:
+                    raise UpdateFailedError(
+                        "board_lost", f"bay {self.unit} did not answer for {self._board_wait_s} s"
+                    ) from None
+                await asyncio.sleep(POLL_S)
+
+    # -- after activation ------------------------------------------------------------------
+
+    async def _confirm(self) -> None:
+        deadline = time.monotonic() + self._board_wait_s
+        while True:
+            await asyncio.sleep(POLL_S)
+            try:
+                board = await self._submit(lambda bus: BayBoard(bus, self.unit).read_status())
+                status = await self._status()
+            except UnknownMapVersionError as exc:
+                await self._command(fw.Command.ROLLBACK)
+                raise UpdateFailedError(
+                    "rolled_back", f"the new image reports a register map we cannot drive: {exc}"
+                ) from exc
+            except (BusError, ProtocolError):
+                if time.monotonic() > deadline:
+                    raise UpdateFailedError(
+                        "board_lost", f"bay {self.unit} did not come back after activation"
+                    ) from None
+                continue
+            if status.state is fw.State.ROLLED_BACK:
+                raise UpdateFailedError(
+                    "rolled_back", "the new image did not boot: the board went back to the old one"
+                )
+            if status.state is fw.State.PENDING_CONFIRM:
+                if board.firmware_version != self.image.version:
+                    await self._command(fw.Command.ROLLBACK)
+                    raise UpdateFailedError(
+                        "rolled_back", "the board came back with an unexpected version"
+                    )
+                total = len(self.image.payload)
+                await self._progress(Progress("confirming", total, total))
+                await self._command(fw.Command.CONFIRM)
+                return
+
+    # -- exchanges -------------------------------------------------------------------------
+
+    async def _status(self) -> fw.Status:
+        result: fw.Status = await self._submit(lambda bus: read_status(bus, self.unit))
+        return result
+
+    async def _progress(self, progress: Progress) -> None:
+        result = self._on_progress(progress)
+        if result is not None:
+            await result
+
+    async def _write(self, address: int, regs: list[int]) -> None:
+        await self._submit(lambda bus: bus.write_registers(self.unit, address, regs))
+
+    async def _command(self, command: fw.Command) -> None:
+        try:
+            await self._submit(lambda bus: bus.write_register(self.unit, fw.COMMAND_REG, command))
+        except ExceptionReplyError as exc:
+            raise UpdateFailedError("board_refused", f"{command.name} refused: {exc}") from exc

@@ -33,6 +33,7 @@ from cabinet.config import (
     secret_problems,
 )
 from cabinet.control_client import DaemonNotRunningError
+from cabinet.firmware_cli import add_firmware_parser
 from cabinet.fleet_watch import add_watch_parser
 from cabinet.technician_cli import add_technician_parsers
 from drivers.bus_url import BusUrlError, parse_endpoint
@@ -462,6 +463,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_parser(commands)
     add_technician_parsers(commands)
     add_watch_parser(commands)
+    add_firmware_parser(commands)
     return parser
 
 

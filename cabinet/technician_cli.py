@@ -270,14 +270,16 @@ def _bay_action(args: argparse.Namespace) -> int:
 # -- the parser -----------------------------------------------------------------------------
 
 
-def _common(parser: argparse.ArgumentParser) -> None:
+def common_options(parser: argparse.ArgumentParser) -> None:
+    """``-c`` and ``--json``, as every daemon-facing command takes them."""
     parser.add_argument(
         "-c", "--config", default=os.environ.get("CABINET_CONFIG", str(DEFAULT_CONFIG_PATH))
     )
     parser.add_argument("--json", action="store_true", help="machine-readable output")
 
 
-def _bay_number(text: str) -> int:
+def bay_number(text: str) -> int:
+    """An argparse type: a bay number 1-12."""
     try:
         bay = int(text)
     except ValueError:
@@ -290,30 +292,30 @@ def _bay_number(text: str) -> int:
 def add_technician_parsers(commands: Any) -> None:
     """``status``, ``bays``, ``events``, ``doctor``, ``selftest`` and ``bay``."""
     status = commands.add_parser("status", help="the cabinet at a glance (through the daemon)")
-    _common(status)
+    common_options(status)
     status.set_defaults(handler=_status)
 
     bays = commands.add_parser("bays", help="every bay: door, lock, battery, charging, service")
-    _common(bays)
+    common_options(bays)
     bays.set_defaults(handler=_bays)
 
     events = commands.add_parser("events", help="the cabinet's event log")
-    _common(events)
+    common_options(events)
     events.add_argument("--follow", action="store_true", help="keep printing new events")
     events.add_argument("--after", type=int, default=0, metavar="SEQ")
     events.add_argument("--limit", type=int, default=1000, help="at most this many (default 1000)")
     events.set_defaults(handler=_events)
 
     doctor = commands.add_parser("doctor", help="health report with a verdict per line")
-    _common(doctor)
+    common_options(doctor)
     doctor.set_defaults(handler=_doctor)
 
     selftest = commands.add_parser(
         "selftest", help="exercise every lock, door sensor, charger and the meter (idle cabinet)"
     )
-    _common(selftest)
+    common_options(selftest)
     selftest.add_argument(
-        "--bay", type=_bay_number, action="append", help="test only this bay (repeatable)"
+        "--bay", type=bay_number, action="append", help="test only this bay (repeatable)"
     )
     selftest.add_argument(
         "--close-timeout", type=float, default=60.0, metavar="S", help="wait for a door (60 s)"
@@ -328,10 +330,10 @@ def add_technician_parsers(commands: Any) -> None:
         ("enable", "put a bay back in service (also lifts an over-temperature trip)"),
     ):
         action = actions.add_parser(name, help=text)
-        action.add_argument("bay", type=_bay_number)
+        action.add_argument("bay", type=bay_number)
         if name == "disable":
             action.add_argument("--reason", required=True, help="shown to operators")
-        _common(action)
+        common_options(action)
         action.set_defaults(handler=_bay_action)
 
 

@@ -526,6 +526,12 @@ class SimulatedCabinet:
                     "locked": bay.locked,
                     "door_open_count": bay.door_open_count,
                     "heartbeat_ok": bay.heartbeat_ok(self._t),
+                    "firmware": {
+                        "version": bay_map.firmware_version_str(bay.boot.active_version),
+                        "bootloader": bay.boot.state.name.lower(),
+                        "bytes_received": bay.boot.bytes_received,
+                        "answering": not bay.boot.silent(self._t),
+                    },
                     "bay_temp_c": round(bay.bay_temp_c(), 2),
                     "charger": {
                         "enabled": bay.charger_enabled,

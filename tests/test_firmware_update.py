@@ -1,0 +1,274 @@
+"""`cabinet firmware` and `cmd/firmware.update` end to end: daemon + simulator (+ mosquitto)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from cabinet.tokens import load_private_key
+from firmware_bridge.image import build_image
+from protocol import firmware_map as fw
+from sim.backend import Backend
+from tests.conftest import REPO, cabinet_cmd
+from tests.daemon_harness import Cabinet, running_cabinet, wait_until
+from tests.mqtt_broker import Mosquitto
+
+EXIT_PROBLEM = 3
+
+
+@pytest.fixture(scope="module")
+def vendor(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    prefix = tmp_path_factory.mktemp("vendor") / "vendor"
+    assert cabinet_cmd("keys", "generate", str(prefix)).returncode == 0
+    return prefix
+
+
+def signed(vendor: Path, tmp: Path, version: str, size: int = 16 * 1024) -> Path:
+    payload, image = tmp / f"fw-{version}-{size}.bin", tmp / f"fw-{version}-{size}.cfw"
+    payload.write_bytes(os.urandom(size))
+    result = cabinet_cmd(
+        "firmware", "sign", str(payload), "--key", f"{vendor}.key", "--version", version,
+        "-o", str(image),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    return image
+
+
+@pytest.fixture(scope="module")
+def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mosquitto]:
+    mosquitto = Mosquitto(tmp_path_factory.mktemp("broker"))
+    mosquitto.start()
+    yield mosquitto
+    mosquitto.stop()
+
+
+@pytest.fixture(scope="module")
+def cab(
+    tmp_path_factory: pytest.TempPathFactory, vendor: Path, broker: Mosquitto
+) -> Iterator[Cabinet]:
+    extra = {"firmware": {"public_keys": [f"{vendor}.pub"]}, "mqtt": {"url": broker.url}}
+    with running_cabinet(tmp_path_factory.mktemp("fw"), seed=9, extra=extra) as cabinet:
+        yield cabinet
+
+
+def fw_cmd(cab: Cabinet, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return cabinet_cmd("firmware", *args, "-c", str(cab.config), timeout=timeout)
+
+
+def board(cab: Cabinet, bay: int) -> dict[str, Any]:
+    return cab.bay(bay)["firmware"]  # type: ignore[no-any-return]
+
+
+def test_status_shows_every_board(cab: Cabinet) -> None:
+    result = fw_cmd(cab, "status", "--json")
+    assert result.returncode == 0, result.stderr
+    bays = json.loads(result.stdout)["bays"]
+    assert len(bays) == 12
+    assert all(b["online"] and b["map_version"] == fw.FIRMWARE_MAP_VERSION for b in bays)
+    assert {b["bootloader"] for b in bays} == {"idle"}
+    human = fw_cmd(cab, "status")
+    assert human.stdout.splitlines()[0].split()[:4] == ["BAY", "ONLINE", "MAP", "VERSION"]
+
+
+def test_a_signed_image_is_flashed_and_the_bay_returns_to_service(
+    cab: Cabinet, vendor: Path, tmp_path: Path
+) -> None:
+    before = board(cab, 3)["version"]
+    result = fw_cmd(cab, "update", str(signed(vendor, tmp_path, "1.4")), "--bay", "3")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "bay 3: updated" in result.stdout
+    assert "bay  3 sending    [" in result.stdout  # the progress bar (every 10 % off a TTY)
+    assert board(cab, 3)["version"] == "1.4" and board(cab, 3)["bootloader"] == "idle"
+    updated = cab.wait_event("firmware.updated", bay=3)
+    assert updated["previous"] == before and updated["version"] == "1.4"
+    print(f"16 KiB image on bay 3: {updated['duration_s']} s")
+    types = [e["type"] for e in cab.events() if e.get("bay") == 3 and e["type"] != "bay.opened"]
+    assert types[-7:] == [
+        "bay.disabled",
+        "firmware.started",
+        "firmware.progress",
+        "firmware.progress",
+        "firmware.progress",
+        "firmware.updated",
+        "bay.enabled",
+    ]
+    assert cab.wait_event("bay.enabled", bay=3, reason="firmware updated")
+
+
+def test_bad_images_are_refused_before_touching_a_board(
+    cab: Cabinet, vendor: Path, tmp_path: Path
+) -> None:
+    payload = os.urandom(4096)
+    cases = {
+        "unsigned": build_image(payload, version=0x0109, board_type=fw.BAY_BOARD_TYPE, key=None),
+        "bad_signature": build_image(
+            payload, version=0x0109, board_type=fw.BAY_BOARD_TYPE, key=Ed25519PrivateKey.generate()
+        ),
+        "malformed": b"CFW1" + os.urandom(500),
+    }
+    for reason, data in cases.items():
+        path = tmp_path / f"{reason}.cfw"
+        path.write_bytes(data)
+        result = fw_cmd(cab, "update", str(path), "--bay", "4")
+        assert result.returncode == 1, (reason, result.stdout)
+        assert f"({reason})" in result.stderr and "Traceback" not in result.stderr
+        cab.wait_event("firmware.rejected", reason=reason)
+    assert board(cab, 4)["bytes_received"] == 0  # nothing reached the board
+    missing = fw_cmd(cab, "update", str(tmp_path / "nope.cfw"), "--bay", "4")
+    assert missing.returncode == 1 and "cannot read" in missing.stderr
+    unsaid = fw_cmd(cab, "update", str(path))
+    assert unsaid.returncode == 1 and "--bay N" in unsaid.stderr
+
+
+def test_wrong_target_and_downgrade_skip_the_bay_unless_forced(
+    cab: Cabinet, vendor: Path, tmp_path: Path
+) -> None:
+    other = tmp_path / "other-board.cfw"
+    other.write_bytes(
+        build_image(
+            os.urandom(2048),
+            version=0x0200,
+            board_type=0x0C01,
+            key=load_private_key(Path(f"{vendor}.key")),
+        )
+    )
+    result = fw_cmd(cab, "update", str(other), "--bay", "8")
+    assert result.returncode == EXIT_PROBLEM
+    assert "bay 8: skipped (image is for 0x0c01" in result.stdout
+    old = signed(vendor, tmp_path, "1.2", size=2048)
+    result = fw_cmd(cab, "update", str(old), "--bay", "8")
+    assert result.returncode == EXIT_PROBLEM and "not newer" in result.stdout
+    assert board(cab, 8)["version"] == "1.3"
+    forced = fw_cmd(cab, "update", str(old), "--bay", "8", "--force")
+    assert forced.returncode == 0, forced.stdout
+    assert board(cab, 8)["version"] == "1.2"
+
+
+def test_a_power_cut_mid_transfer_resumes(cab: Cabinet, vendor: Path, tmp_path: Path) -> None:
+    image = signed(vendor, tmp_path, "1.5", size=64 * 1024)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cabinet.cli", "firmware", "update", str(image), "--bay", "5",
+         "-c", str(cab.config)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        while " 30%" not in proc.stdout.readline():
+            pass
+        cab.ctl("fault", "power_cut", "--bay", "5")
+        wait_until("the board to go silent", lambda: not board(cab, 5)["answering"])
+        cab.ctl("heal", "power_cut", "--bay", "5")
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, out + err
+    updated = cab.wait_event("firmware.updated", bay=5)
+    assert updated["resumes"] >= 1
+    assert board(cab, 5)["version"] == "1.5"
+    assert board(cab, 5)["bytes_received"] < 1.2 * 64 * 1024  # resumed, not restarted
+
+
+def test_an_image_that_does_not_boot_is_rolled_back(
+    cab: Cabinet, vendor: Path, tmp_path: Path
+) -> None:
+    cab.ctl("fault", "firmware_bad", "--bay", "6")
+    try:
+        result = fw_cmd(cab, "update", str(signed(vendor, tmp_path, "1.6", 4096)), "--bay", "6")
+    finally:
+        cab.ctl("heal", "firmware_bad", "--bay", "6")
+    assert result.returncode == EXIT_PROBLEM, result.stdout
+    assert "bay 6: failed (rolled_back" in result.stdout
+    assert board(cab, 6)["version"] == "1.3"
+    cab.wait_event("firmware.failed", bay=6, reason="rolled_back")
+    wait_until("bay 6 back in service", lambda: cab.events("bay.enabled")[-1]["bay"] == 6)
+
+
+def complete_swap(cab: Cabinet, started: dict[str, Any], battery: str) -> None:
+    ret, out = started["return_bay"], started["dispense_bay"]
+    cab.wait_door(ret, "open")
+    cab.ctl("insert", str(ret), "--battery", battery, "--soc", "20")
+    cab.ctl("close", str(ret))
+    cab.wait_door(out, "open")
+    cab.ctl("take", str(out))
+    cab.ctl("close", str(out))
+    cab.wait_event("swap.completed", session_id=started["session_id"])
+
+
+def test_a_bay_in_a_swap_is_skipped(cab: Cabinet, vendor: Path, tmp_path: Path) -> None:
+    started = cab.swap_begins("R-fw1")
+    ret = started["return_bay"]
+    idle = next(b for b in (11, 12, 9, 7) if b not in (ret, started["dispense_bay"]))
+    image = signed(vendor, tmp_path, "1.7", 2048)
+    result = fw_cmd(cab, "update", str(image), "--bay", str(ret), "--bay", str(idle))
+    assert result.returncode == EXIT_PROBLEM, result.stdout  # a bay asked for was skipped
+    assert f"bay {ret}: skipped (a swap is using it)" in result.stdout
+    assert f"bay {idle}: updated" in result.stdout
+    complete_swap(cab, started, "BAT-FW1")
+
+
+def test_the_cabinet_keeps_swapping_while_a_bay_is_flashed(
+    cab: Cabinet, vendor: Path, tmp_path: Path
+) -> None:
+    image = signed(vendor, tmp_path, "1.9", 64 * 1024)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cabinet.cli", "firmware", "update", str(image), "--bay", "2",
+         "-c", str(cab.config)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
+    )  # fmt: skip
+    try:
+        cab.wait_event("firmware.started", bay=2, to="1.9")
+        started = cab.swap_begins("R-fw2")
+        assert 2 not in (started["return_bay"], started["dispense_bay"])  # out of service
+        complete_swap(cab, started, "BAT-FW2")
+        flashing = not any(e.get("version") == "1.9" for e in cab.events("firmware.updated"))
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert flashing, "the swap should have finished while bay 2 was still being flashed"
+    assert proc.returncode == 0, stdout + stderr
+    assert board(cab, 2)["version"] == "1.9"
+
+
+def test_an_operator_updates_over_mqtt(
+    cab: Cabinet, broker: Mosquitto, vendor: Path, tmp_path: Path
+) -> None:
+    backend = Backend("127.0.0.1", broker.port)
+    try:
+        image = signed(vendor, tmp_path, "1.8", 8192)
+        reply = backend.command(
+            "cab-test",
+            "firmware.update",
+            {"request_id": "fw-1", "args": {"source": str(image), "bays": [10]}},
+        )
+        assert reply["ok"] is True and reply["result"]["version"] == "1.8"
+        cab.wait_event("firmware.updated", bay=10, timeout=60)
+        assert board(cab, 10)["version"] == "1.8"
+        bad = backend.command(
+            "cab-test",
+            "firmware.update",
+            {"request_id": "fw-2", "args": {"source": str(tmp_path / "missing.cfw")}},
+        )
+        assert bad["ok"] is False and bad["error"]["code"] == "unreadable"
+        wait_until(
+            "the events at the backend",
+            lambda: any(e["type"] == "firmware.updated" for e in backend.event_list("cab-test")),
+        )
+    finally:
+        backend.close()
+
+
+def test_no_firmware_keys_means_no_update(vendor: Path, tmp_path: Path) -> None:
+    with running_cabinet(tmp_path, seed=4) as cab:
+        result = fw_cmd(cab, "update", str(signed(vendor, tmp_path, "1.4", 1024)), "--bay", "1")
+        assert result.returncode == 1
+        assert "no firmware signing keys configured" in result.stderr

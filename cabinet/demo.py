@@ -22,7 +22,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -88,6 +88,17 @@ def _config(tmp: Path, sim: dict[str, Any], broker_url: str) -> Path:
     path = tmp / "cabinet.toml"
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+@contextlib.contextmanager
+def _signals_ignored() -> Iterator[None]:
+    """A second Ctrl-C (or the terminal closing) must not orphan the daemon mid-stop."""
+    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def _spawn_daemon(config: Path, log_path: Path) -> subprocess.Popen[bytes]:
@@ -163,14 +174,29 @@ class Demo:
                 say=(lambda _line: None) if live else self.say,
             )
             await self._riders_until_stopped(world, backend, duration_s, live)
-            return self._summary(backend, await self._drain(backend))
+            code, summary = self._summary(backend, await self._drain(backend))
         finally:
-            if backend is not None:
-                backend.close()
-            if daemon is not None:
-                await asyncio.to_thread(stop_process, daemon)
-            await asyncio.to_thread(stop_process, sim_proc)
-            await broker.stop()
+            # everything stops before the summary is shown: whoever reads it (a person, a
+            # test) may close the terminal right away, and nothing must be left running
+            with _signals_ignored():
+                await self._stop(backend, daemon, sim_proc, broker)
+        for line in summary:
+            self.say(line)
+        return code
+
+    async def _stop(
+        self,
+        backend: Any,
+        daemon: subprocess.Popen[bytes] | None,
+        sim_proc: subprocess.Popen[str],
+        broker: Any,
+    ) -> None:
+        if backend is not None:
+            backend.close()
+        if daemon is not None:
+            await asyncio.to_thread(stop_process, daemon)
+        await asyncio.to_thread(stop_process, sim_proc)
+        await broker.stop()
 
     async def _riders_until_stopped(
         self, world: Surroundings, backend: Any, duration_s: float | None, live: bool
@@ -244,27 +270,32 @@ class Demo:
                 return int(status["last_event_seq"])
             await asyncio.sleep(0.1)
 
-    def _summary(self, backend: Any, journaled: int) -> int:
+    def _summary(self, backend: Any, journaled: int) -> tuple[int, list[str]]:
         results = self.tally.results
         outcomes = Counter(r.outcome for r in results if r.outcome != "completed")
         unexplained = [r for r in results if not r.explained]
         received = backend.event_list(CABINET_ID)
-        self.say("")
-        self.say(f"demo summary ({time.monotonic() - self.started:.0f} s, cabinet {CABINET_ID})")
-        self.say(f"  riders: {len(results)}")
-        self.say(f"  swaps completed: {self.tally.completed}")
+        lines: list[str] = []
+        lines.append("")
+        lines.append(
+            f"demo summary ({time.monotonic() - self.started:.0f} s, cabinet {CABINET_ID})"
+        )
+        lines.append(f"  riders: {len(results)}")
+        lines.append(f"  swaps completed: {self.tally.completed}")
         for outcome, count in sorted(outcomes.items()):
-            self.say(f"  {outcome}: {count}")
-        self.say(f"  unexplained: {len(unexplained)}")
-        for result in unexplained:  # each one is a bug to chase
-            self.say(f"    {result.rider.rider_id} ({result.rider.behaviour}): {result.outcome}")
-        self.say(
+            lines.append(f"  {outcome}: {count}")
+        lines.append(f"  unexplained: {len(unexplained)}")
+        lines += [  # each one is a bug to chase
+            f"    {r.rider.rider_id} ({r.rider.behaviour}): {r.outcome}" for r in unexplained
+        ]
+        lines.append(
             f"  events published: {len(received)} of {journaled} journaled received by the "
             f"backend over MQTT (gaps {len(backend.gaps(CABINET_ID))}, "
             f"duplicates {backend.duplicates[CABINET_ID]})"
         )
         lost = journaled - len(received)
-        return 0 if not unexplained and not backend.gaps(CABINET_ID) and lost <= 0 else 3
+        ok = not unexplained and not backend.gaps(CABINET_ID) and lost <= 0
+        return (0 if ok else 3), lines
 
 
 #: The simulator's seed: this one stocks the cabinet with four full batteries and five

@@ -29,11 +29,12 @@ typecheck: $(STAMP)
 unit: $(STAMP)
 	$(BIN)/pytest -q
 
-## bench: bus cycle vs the wire-time minimum, and swap latency
+## bench: bus cycle vs the wire-time minimum, swap latency, outbox drain, firmware update
 bench: $(STAMP)
 	$(BIN)/python bench/bus_cycle.py
 	$(BIN)/python bench/swap_latency.py --swaps 20
 	$(BIN)/python bench/outbox.py
+	$(BIN)/python bench/firmware.py
 
 ## schemas: regenerate protocol/schemas/*.json from the message models
 schemas: $(STAMP)

@@ -84,6 +84,17 @@ def cabinet_cmd(
     )
 
 
+def cabinet_popen(*args: str) -> subprocess.Popen[str]:
+    """The real `cabinet` command line left running (a follow, an update, a self-test)."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "cabinet.cli", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=REPO,
+    )
+
+
 @dataclass
 class SimProcess:
     proc: subprocess.Popen[str]

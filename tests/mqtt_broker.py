@@ -60,3 +60,12 @@ class Mosquitto:
             self.proc.terminate()
             self.proc.wait(timeout=10)
             self.proc = None
+
+
+def tls_listener(port: int, ca: Path, cert: Path, key: Path) -> str:
+    """Config lines of a listener that requires a client certificate (its CN is the user)."""
+    return (
+        f"listener {port} 127.0.0.1\n"
+        f"cafile {ca}\ncertfile {cert}\nkeyfile {key}\n"
+        "require_certificate true\nuse_identity_as_username true\n"
+    )

@@ -15,7 +15,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from sim.backend import Backend
 from tests.conftest import REPO
 from tests.daemon_harness import running_cabinet, wait_until
-from tests.mqtt_broker import Mosquitto, free_port
+from tests.mqtt_broker import Mosquitto, free_port, tls_listener
 from tests.tls_certs import Pki, make_pki
 
 ACL = REPO / "docs" / "mosquitto.acl"
@@ -30,10 +30,7 @@ def acl_broker(tmp_path: Path) -> Iterator[tuple[Mosquitto, Pki, int]]:
     broker = Mosquitto(
         tmp_path,
         extra_config=(
-            f"acl_file {ACL}\n"
-            f"listener {tls_port} 127.0.0.1\n"
-            f"cafile {pki.ca}\ncertfile {pki.server_cert}\nkeyfile {pki.server_key}\n"
-            "require_certificate true\nuse_identity_as_username true\n"
+            f"acl_file {ACL}\n" + tls_listener(tls_port, pki.ca, pki.server_cert, pki.server_key)
         ),
     )
     broker.start()

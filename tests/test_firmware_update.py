@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,7 +16,7 @@ from cabinet.tokens import load_private_key
 from firmware_bridge.image import build_image
 from protocol import firmware_map as fw
 from sim.backend import Backend
-from tests.conftest import REPO, cabinet_cmd
+from tests.conftest import cabinet_cmd, cabinet_popen
 from tests.daemon_harness import Cabinet, running_cabinet, wait_until
 from tests.mqtt_broker import Mosquitto
 
@@ -154,11 +153,7 @@ def test_wrong_target_and_downgrade_skip_the_bay_unless_forced(
 
 def test_a_power_cut_mid_transfer_resumes(cab: Cabinet, vendor: Path, tmp_path: Path) -> None:
     image = signed(vendor, tmp_path, "1.5", size=64 * 1024)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "cabinet.cli", "firmware", "update", str(image), "--bay", "5",
-         "-c", str(cab.config)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
-    )  # fmt: skip
+    proc = cabinet_popen("firmware", "update", str(image), "--bay", "5", "-c", str(cab.config))
     try:
         assert proc.stdout is not None
         while " 30%" not in proc.stdout.readline():
@@ -219,11 +214,7 @@ def test_the_cabinet_keeps_swapping_while_a_bay_is_flashed(
     cab: Cabinet, vendor: Path, tmp_path: Path
 ) -> None:
     image = signed(vendor, tmp_path, "1.9", 64 * 1024)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "cabinet.cli", "firmware", "update", str(image), "--bay", "2",
-         "-c", str(cab.config)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
-    )  # fmt: skip
+    proc = cabinet_popen("firmware", "update", str(image), "--bay", "2", "-c", str(cab.config))
     try:
         cab.wait_event("firmware.started", bay=2, to="1.9")
         started = cab.swap_begins("R-fw2")

@@ -27,7 +27,7 @@ from cabinet.fleet_view import (
 )
 from tests.conftest import REPO
 from tests.daemon_harness import wait_until
-from tests.mqtt_broker import Mosquitto, free_port
+from tests.mqtt_broker import Mosquitto, free_port, tls_listener
 from tests.tls_certs import Pki, make_pki
 
 NOW = 1_718_023_500.0  # wall-clock seconds the pure tests pretend it is
@@ -655,11 +655,7 @@ def tls_broker(tmp_path: Path) -> Iterator[tuple[Mosquitto, Pki, int]]:
     tls_port = free_port()
     broker = Mosquitto(
         tmp_path,
-        extra_config=(
-            f"listener {tls_port} 127.0.0.1\n"
-            f"cafile {pki.ca}\ncertfile {pki.server_cert}\nkeyfile {pki.server_key}\n"
-            "require_certificate true\nuse_identity_as_username true\n"
-        ),
+        extra_config=(tls_listener(tls_port, pki.ca, pki.server_cert, pki.server_key)),
     )
     broker.start()
     yield broker, pki, tls_port

@@ -9,7 +9,7 @@ import pytest
 
 from sim.backend import Backend
 from tests.daemon_harness import running_cabinet, wait_until
-from tests.mqtt_broker import Mosquitto, free_port
+from tests.mqtt_broker import Mosquitto, free_port, tls_listener
 from tests.tls_certs import Pki, make_pki
 
 CAB = "cab-test"
@@ -21,11 +21,7 @@ def tls_broker(tmp_path: Path) -> Iterator[tuple[Mosquitto, Pki, int]]:
     tls_port = free_port()
     broker = Mosquitto(
         tmp_path,
-        extra_config=(
-            f"listener {tls_port} 127.0.0.1\n"
-            f"cafile {pki.ca}\ncertfile {pki.server_cert}\nkeyfile {pki.server_key}\n"
-            "require_certificate true\nuse_identity_as_username true\n"
-        ),
+        extra_config=(tls_listener(tls_port, pki.ca, pki.server_cert, pki.server_key)),
     )
     broker.start()
     yield broker, pki, tls_port

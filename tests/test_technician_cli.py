@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from protocol import bay_map
-from tests.conftest import REPO, cabinet_cmd
+from tests.conftest import REPO, cabinet_cmd, cabinet_popen
 from tests.daemon_harness import Cabinet, running_cabinet, wait_until
 
 EXIT_PROBLEM = 3
@@ -131,22 +131,7 @@ def test_events_page_and_follow(cab: Cabinet) -> None:
     seqs = [e["seq"] for e in events]
     assert seqs == list(range(seqs[0], seqs[0] + len(seqs)))
 
-    follow = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "cabinet.cli",
-            "events",
-            "--follow",
-            "--json",
-            "-c",
-            str(cab.config),
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        cwd=REPO,
-    )
+    follow = cabinet_popen("events", "--follow", "--json", "-c", str(cab.config))
     try:
         assert follow.stdout is not None
         assert json.loads(follow.stdout.readline())["seq"] == seqs[0]  # history first
@@ -174,24 +159,7 @@ def test_bus_read_and_write_go_through_the_daemon(cab: Cabinet) -> None:
 
 
 def test_selftest_exercises_a_lock_and_door_with_the_technician(cab: Cabinet) -> None:
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "cabinet.cli",
-            "selftest",
-            "--bay",
-            "2",
-            "--close-timeout",
-            "20",
-            "-c",
-            str(cab.config),
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        cwd=REPO,
-    )
+    proc = cabinet_popen("selftest", "--bay", "2", "--close-timeout", "20", "-c", str(cab.config))
     try:
         cab.wait_door(2, "open")
         cab.ctl("close", "2")  # the technician shuts the door the test popped

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import functools
+import http.server
 import json
 import os
 import subprocess
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -254,6 +257,43 @@ def test_an_operator_updates_over_mqtt(
             "the events at the backend",
             lambda: any(e["type"] == "firmware.updated" for e in backend.event_list("cab-test")),
         )
+    finally:
+        backend.close()
+
+
+@pytest.fixture
+def web(tmp_path: Path) -> Iterator[str]:
+    """A plain HTTP server for the images, as a fleet's firmware store would be."""
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    thread.join()
+
+
+def test_an_operator_updates_from_a_url(
+    cab: Cabinet, broker: Mosquitto, vendor: Path, tmp_path: Path, web: str
+) -> None:
+    image = signed(vendor, tmp_path, "2.1", 4096)
+    backend = Backend("127.0.0.1", broker.port)
+    try:
+        reply = backend.command(
+            "cab-test",
+            "firmware.update",
+            {"request_id": "fw-url-1", "args": {"source": f"{web}/{image.name}", "bays": [1]}},
+        )
+        assert reply["ok"] is True and reply["result"]["accepted"] is True
+        cab.wait_event("firmware.updated", bay=1, version="2.1", timeout=60)
+        missing = backend.command(
+            "cab-test",
+            "firmware.update",
+            {"request_id": "fw-url-2", "args": {"source": f"{web}/nothing.cfw", "bays": [1]}},
+        )
+        assert missing["ok"] is True  # accepted: the download happens afterwards
+        rejected = cab.wait_event("firmware.rejected", reason="download_failed")
+        assert "404" in rejected["detail"]
     finally:
         backend.close()
 

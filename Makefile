@@ -35,6 +35,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/swap_latency.py --swaps 20
 	$(BIN)/python bench/outbox.py
 	$(BIN)/python bench/firmware.py
+	$(BIN)/python bench/daemon_resources.py
 
 ## schemas: regenerate protocol/schemas/*.json from the message models
 schemas: $(STAMP)

@@ -1,0 +1,93 @@
+"""The daemon's resident memory and CPU at steady state: 12 bays, a swap every minute.
+
+Starts `cabinet sim` (19200 baud) and `cabinet run` with the fleet link off, lets a
+rider swap once a minute (the swap-latency bench's rider), and samples the daemon's
+/proc/<pid> every second: VmRSS, and CPU time (utime + stime) over wall time.
+Goals (DESIGN.md §6): resident memory under 60 MB, idle CPU near zero.
+
+    .venv/bin/python bench/daemon_resources.py [--minutes N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from swap_latency import BAUD, REPO, one_swap
+
+from cabinet.journal import Journal
+from cabinet.tokens import generate_keys
+from sim.launcher import start_simulator, stop_process
+
+TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmRSS")
+
+
+def cpu_s(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICKS  # utime, stime
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--minutes", type=float, default=3.0)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp_dir:
+        tmp = Path(tmp_dir)
+        sim, ready = start_simulator("--baud", str(BAUD), "--seed", "11", cwd=REPO)
+        keys = generate_keys(str(tmp / "backend"))
+        config = tmp / "cabinet.toml"
+        config.write_text(
+            f'[cabinet]\nid = "bench"\nstate_dir = "{tmp}/state"\n'
+            f'[bus]\nurl = "{ready["bus"]}"\n[scanner]\nurl = "{ready["scanner"]}"\n'
+            f'[auth]\npublic_keys = ["{keys.public}"]\n'
+        )
+        daemon = subprocess.Popen(
+            [sys.executable, "-m", "cabinet.cli", "run", "-c", str(config)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            cwd=REPO,
+        )
+        host, port = ready["control"].removeprefix("tcp://").split(":")
+        journal = tmp / "state" / "journal.db"
+        try:
+            while not journal.exists() or not Journal(journal).events():
+                time.sleep(0.1)
+            started, cpu0 = time.monotonic(), cpu_s(daemon.pid)
+            rss: list[float] = []
+            swaps, next_swap = 0, started
+            while (now := time.monotonic()) < started + args.minutes * 60:
+                if now >= next_swap:
+                    swaps += 1
+                    asyncio.run(one_swap((host, int(port)), keys.private, journal, swaps))
+                    next_swap += 60.0
+                rss.append(rss_mb(daemon.pid))
+                time.sleep(1.0)
+            wall, cpu = time.monotonic() - started, cpu_s(daemon.pid) - cpu0
+            peak_rss = max(rss)
+            final_rss = rss[-1]
+        finally:
+            stop_process(daemon)
+            stop_process(sim)
+    print(f"daemon at steady state, 12 bays at {BAUD} baud, {swaps} swaps in {wall:.0f} s")
+    print("| measure | value | goal |")
+    print("|---|---|---|")
+    print(f"| resident memory, peak | {peak_rss:.1f} MB | < 60 MB |")
+    print(f"| resident memory, at the end | {final_rss:.1f} MB | |")
+    print(f"| CPU, mean over the run | {100 * cpu / wall:.1f} % of one core | near zero |")
+
+
+if __name__ == "__main__":
+    main()

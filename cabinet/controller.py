@@ -10,9 +10,11 @@ armed). Safety interlocks and the charging policy see every reading too.
 A reading that fails is stale, not news: the last snapshot stands until the bus
 isolates the unit (a few consecutive failures), and only then is the bay
 reported offline. After a restart, ``recover`` diffs the journaled baseline
-against fresh readings before any door is opened, restarts the session's timers
-in full (the rider waited for the reboot too) and re-sends an unlock whose door
-was never seen to open.
+against fresh readings before any door is opened, keeps the session's journaled
+deadlines but gives the rider at least ``RECOVERY_GRACE_S`` (they waited for the
+reboot too) — never a full new timeout, or a daemon restarting in a loop would keep
+an abandoned session, and the cabinet, busy forever — and re-sends an unlock whose
+door was never seen to open.
 """
 
 from __future__ import annotations
@@ -86,6 +88,10 @@ HOT_BAY_INTERVAL_S = 0.1  # a session's bay is re-read this often: a door seen o
 HEARTBEAT_INTERVAL_S = 1.0  # five per board timeout: one lost broadcast never trips a board
 CHARGER_REFRESH_S = 60.0  # re-send unchanged charger settings: a rebooted board forgets them
 METER_INTERVAL_S = 10.0
+#: After a restart a running timer gets at least this long: the rider waited for the
+#: reboot. Found by the virtual fault campaign (seed 2): full re-arming on every restart
+#: let a crash-looping daemon keep a walked-away session open forever.
+RECOVERY_GRACE_S = 15.0
 
 
 class Clock(Protocol):
@@ -598,8 +604,10 @@ class CabinetController:
         with self._committing() as db:
             if self.state.phase is not Phase.IDLE:
                 machine = self.settings.machine
-                for timer in list(self.timers):
-                    self._arm(db, timer, machine.timeouts.of(timer))
+                now = self.clock.monotonic()
+                for timer, deadline in list(self.timers.items()):
+                    grace = min(machine.timeouts.of(timer), RECOVERY_GRACE_S)
+                    self._arm(db, timer, max(deadline - now, grace))
                 door_bay = self._hot_bays()
                 if (
                     self.state.phase

@@ -52,6 +52,7 @@ from cabinet.swap_machine import (
     BOARD_SILENT,
     IDLE,
     Abort,
+    BayOffline,
     CancelTimer,
     Candidate,
     Command,
@@ -92,6 +93,7 @@ METER_INTERVAL_S = 10.0
 #: reboot. Found by the virtual fault campaign (seed 2): full re-arming on every restart
 #: let a crash-looping daemon keep a walked-away session open forever.
 RECOVERY_GRACE_S = 15.0
+PENDING_PICKUPS = "pending_pickups"
 
 
 class Clock(Protocol):
@@ -176,6 +178,11 @@ class CabinetController:
         self.baseline: dict[int, BaySnapshot] = journal.snapshots()
         self.snapshots: dict[int, BaySnapshot] = {}
         self.out_of_service: dict[int, str] = journal.out_of_service()
+        # dispense bays whose board went silent while the rider was free to take the
+        # battery: bay -> [battery, rider, session], settled when the bay answers again
+        self.pending_pickups: dict[int, list[str]] = {
+            int(bay): list(v) for bay, v in (journal.setting(PENDING_PICKUPS) or {}).items()
+        }
         self.safety = SafetyMonitor(self.settings.safety)
         self.ready = False
         self.prompt = ""
@@ -226,6 +233,7 @@ class CabinetController:
             dict(self.out_of_service),
             copy.deepcopy(self.safety),
             dict(self.baseline),
+            copy.deepcopy(self.pending_pickups),
         )
         try:
             with self.journal.transaction() as db:
@@ -238,6 +246,7 @@ class CabinetController:
                 self.out_of_service,
                 self.safety,
                 self.baseline,
+                self.pending_pickups,
             ) = saved
             raise
 
@@ -290,6 +299,7 @@ class CabinetController:
                     self.ledger.to_rider(command.battery_id, command.rider_id, command.session_id),
                 )
         self.state = result.state
+        self._note_pickup_in_doubt(db, before, event)
         session_id = before.session_id or self.state.session_id
         if isinstance(event, Start):
             session_id = event.session_id
@@ -329,6 +339,44 @@ class CabinetController:
                         "detail": f"{change.battery_id} left its bay without a session",
                     },
                 )
+
+    def _note_pickup_in_doubt(
+        self, db: sqlite3.Connection, before: SwapState, event: Event
+    ) -> None:
+        """The dispense bay went silent while its door was open for the rider.
+
+        Whether they took the battery is unknown until the bay answers again; the door
+        was opened for them, so if it is gone then, it went with them (not "missing").
+        Found by the virtual fault campaign (seed 105).
+        """
+        if (
+            isinstance(event, BayOffline)
+            and before.phase is Phase.AWAITING_PICKUP
+            and event.bay == before.dispense_bay
+            and before.reserved is not None
+            and self.state.phase is Phase.IDLE
+        ):
+            self.pending_pickups[event.bay] = [before.reserved, before.rider_id, before.session_id]
+            self.journal.put_setting(db, PENDING_PICKUPS, self.pending_pickups)
+
+    def _settle_pickup(self, db: sqlite3.Connection, bay: int, snapshot: BaySnapshot) -> None:
+        pending = self.pending_pickups.get(bay)
+        if pending is None or (snapshot.battery_present and snapshot.battery_id is None):
+            return  # nothing in doubt, or the BMS has not said which battery sits there yet
+        battery_id, rider_id, session_id = self.pending_pickups.pop(bay)
+        if snapshot.battery_id != battery_id:
+            self._custody(db, self.ledger.to_rider(battery_id, rider_id, session_id))
+            self.emit(
+                db,
+                "custody.changed",
+                {
+                    "battery_id": battery_id,
+                    "from": f"bay {bay}",
+                    "to": f"rider {rider_id} (session {session_id})",
+                    "detail": "taken while the bay's board was silent",
+                },
+            )
+        self.journal.put_setting(db, PENDING_PICKUPS, self.pending_pickups)
 
     def _take_out_of_service(self, db: sqlite3.Connection, bay: int, reason: str) -> None:
         current = self.out_of_service.get(bay)
@@ -414,6 +462,7 @@ class CabinetController:
                 for event in events:
                     self._step(db, event, io)
                 if snapshot.online:
+                    self._settle_pickup(db, bay, snapshot)
                     expected = bay == self.state.return_bay and self.state.phase in (
                         Phase.AWAITING_DEPOSIT,
                         Phase.REJECTING,

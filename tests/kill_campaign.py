@@ -2,7 +2,7 @@
 
 One `cabinet sim`, one mosquitto, one backend stand-in that stays connected
 throughout, and the real `cabinet run`, killed with SIGKILL at a random instant
-(0.05-1.2 s after each start) and restarted, again and again, while a rider keeps
+(0.05-0.8 s after each start) and restarted, again and again, while a rider keeps
 swapping: scanning when the cabinet is free, putting a fresh battery into an open
 return bay, taking the battery from an open dispense bay, shutting doors — also while
 the daemon is down, as a real rider would. Afterwards:
@@ -38,7 +38,7 @@ from sim.backend import Backend
 from tests.daemon_harness import Cabinet, running_cabinet, wait_until
 from tests.mqtt_broker import Mosquitto
 
-KILL_AFTER_S = (0.05, 1.2)
+KILL_AFTER_S = (0.05, 0.8)
 SCAN_PAUSE_S = 0.3  # a person reads the screen before scanning again
 
 

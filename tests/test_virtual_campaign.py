@@ -35,3 +35,19 @@ def test_the_stuck_session_invariant_catches_the_old_recovery(
     monkeypatch.setattr(controller, "RECOVERY_GRACE_S", 1e9)  # timers re-armed in full again
     with pytest.raises(InvariantBrokenError, match=r"seed 2, step \d+: session stuck"):
         run_seed(tmp_path, 2, steps=1500, crash_rate=0.015)
+
+
+def test_a_battery_taken_while_its_bay_was_silent_goes_with_the_rider(tmp_path: Path) -> None:
+    # Found by this campaign (seed 105): the dispense bay's board went silent while its
+    # door was open for the rider, who took the battery; when the board answered again
+    # the ledger called the battery "missing" (and raised battery_missing).
+    tally = run_seed(tmp_path, 105, steps=1300)
+    assert tally.crashes > 0
+
+
+def test_the_custody_invariant_catches_the_old_silent_pickup(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(controller.CabinetController, "_note_pickup_in_doubt", lambda *_: None)
+    with pytest.raises(InvariantBrokenError, match=r"seed 105, step \d+: BAT-V00008 went with"):
+        run_seed(tmp_path, 105, steps=1300)

@@ -38,7 +38,6 @@ from typing import Any
 import structlog
 from pymodbus.exceptions import ModbusException
 
-from cabinet.bay_tracker import BaySnapshot
 from cabinet.bus_scheduler import BusScheduler, Priority
 from cabinet.controller import CabinetController, Clock
 from cabinet.custody import Where
@@ -177,13 +176,15 @@ class VirtualCabinet:
         self.tally = Tally()
         self.controller = self._controller()
         self.rider: dict[str, Any] | None = None
-        self.held: dict[str, str] = {}  # battery id -> rider who carried it off
+        # battery id -> (rider who carried it off, the bay it came from)
+        self.held: dict[str, tuple[str, int]] = {}
         self.brought = 0
         self.collected: set[str] = set()  # batteries staff took out of a full cabinet
         self.operator: dict[str, Any] | None = None
         self.faults: dict[tuple[FaultKind, int | None], float] = {}  # -> heal at
         self._timeline_seen = 0
         self._chosen_bays: set[int] = set()
+        self._events_seen = 0
         self._charging_since: dict[tuple[int, str], float] = {}
         self._phase_since: tuple[str, Phase, float] = ("", Phase.IDLE, 0.0)
 
@@ -230,8 +231,11 @@ class VirtualCabinet:
 
     # -- riders -----------------------------------------------------------------------------
 
-    def _snapshot(self, bay: int) -> BaySnapshot | None:
-        return self.controller.snapshots.get(bay)
+    def _seen(self, bay: int) -> bool:
+        """Whether the daemon's picture of ``bay`` is this step's reading."""
+        snap = self.controller.snapshots.get(bay)
+        stats = self.controller.scheduler.bus.unit_stats(bay)
+        return snap is not None and snap.online and stats.consecutive_failures == 0
 
     def rider_step(self) -> None:
         """The person at the cabinet does the next thing, if it is time."""
@@ -279,13 +283,13 @@ class VirtualCabinet:
             elif phase in (Phase.REJECTING, Phase.GIVING_BACK) and ret is not None:
                 bay = world.bays[ret]
                 if not bay.door_closed and bay.battery is not None:
-                    self.held[world.take(ret).battery_id] = rider["id"]
+                    self.held[world.take(ret).battery_id] = (rider["id"], ret)
                 elif not bay.door_closed:
                     world.close(ret)
             elif phase is Phase.AWAITING_PICKUP and out is not None:
                 bay = world.bays[out]
                 if not bay.door_closed and bay.battery is not None and rider["kind"] != "keeps":
-                    self.held[world.take(out).battery_id] = rider["id"]
+                    self.held[world.take(out).battery_id] = (rider["id"], out)
                 elif not bay.door_closed:
                     world.close(out)
         except SimCommandError:
@@ -361,12 +365,7 @@ class VirtualCabinet:
         c = self.controller
         ledger = c.ledger
         for number, bay in self.world.bays.items():
-            snap = self._snapshot(number)
-            seen = (
-                snap is not None
-                and snap.online
-                and c.scheduler.bus.unit_stats(number).consecutive_failures == 0
-            )
+            seen = self._seen(number)
             battery = bay.battery
             if seen and battery is not None and battery.identified and battery.plugged:
                 loc = ledger.location(battery.battery_id)
@@ -379,12 +378,20 @@ class VirtualCabinet:
             loc = ledger.location(battery_id)
             if loc is None or loc.where is Where.BAY:
                 raise InvariantBrokenError(f"{where}: {battery_id} collected, ledger {loc}")
-        for battery_id, rider in self.held.items():
+        for battery_id, (rider, bay) in self.held.items():
+            if not self._seen(bay):
+                continue  # the daemon cannot know yet: it will when the bay answers again
             loc = ledger.location(battery_id)
             if loc is None or loc.where is not Where.RIDER or loc.rider_id != rider:
                 raise InvariantBrokenError(f"{where}: {battery_id} went with {rider}, ledger {loc}")
-        if c.state.phase is not Phase.IDLE:
-            self._chosen_bays |= {b for b in (c.state.return_bay, c.state.dispense_bay) if b}
+        for event in c.journal.events(after_seq=self._events_seen, limit=100_000):
+            self._events_seen = event["seq"]
+            if event["type"] == "swap.started":  # the bays a session chose, as journaled
+                self._chosen_bays |= {b for b in (event["return_bay"], event["dispense_bay"]) if b}
+            elif event["type"] == "swap.door_opened":  # a bay chosen again (a door failed)
+                self._chosen_bays.add(event["bay"])
+        state = c.state  # the session's bays are journaled before any unlock is sent
+        self._chosen_bays |= {b for b in (state.return_bay, state.dispense_bay) if b}
         self._no_stuck_session(where)
         timeline = list(self.world.timeline)
         for entry in timeline[self._timeline_seen :]:

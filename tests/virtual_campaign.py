@@ -36,7 +36,6 @@ from pathlib import Path
 from typing import Any
 
 import structlog
-from pymodbus.exceptions import ModbusException
 
 from cabinet.bus_scheduler import BusScheduler, Priority
 from cabinet.controller import CabinetController, Clock
@@ -46,15 +45,15 @@ from cabinet.swap_machine import Mode, Phase, TimerExpired
 from drivers import modbus_bus
 from drivers.bus_url import parse_endpoint
 from drivers.modbus_bus import ModbusBus
-from protocol.units import ALL_UNITS, BAY_UNITS
+from protocol.units import BAY_UNITS
 from sim.cabinet_model import SimulatedCabinet
-from sim.faults import FaultKind, SimCommandError, WriteRefusedError
+from sim.direct_bus import DirectClient
+from sim.faults import FaultKind, SimCommandError
 
 STEP_S = 0.5  # about one full poll cycle of 12 bays at 19200 baud
 CHARGE_SPEEDUP = 240.0
 STUCK_S = 300.0  # the longest timeout is 90 s; restarts may add 15 s each, not more
 CHARGING_GRACE_S = 1.0  # a charger-off write lost to a CRC error is re-sent next cycle
-ILLEGAL_ADDRESS = 2
 
 
 class VirtualTime(Clock):
@@ -73,66 +72,6 @@ class VirtualTime(Clock):
 
     def __call__(self) -> float:
         return self.t
-
-
-@dataclass
-class _Response:
-    registers: list[int] = field(default_factory=list)
-    exception_code: int = 0
-
-    def isError(self) -> bool:  # noqa: N802 - pymodbus' name
-        return self.exception_code != 0
-
-
-class WorldClient:
-    """The pymodbus client's methods, answered by the simulated world (no wire)."""
-
-    def __init__(self, world: SimulatedCabinet, rng: random.Random) -> None:
-        self.world = world
-        self.rng = rng
-
-    def _silent(self, unit: int) -> bool:
-        self.world.sync()
-        if unit not in ALL_UNITS or self.world.unit_silent(unit):
-            return True
-        rate = self.world.crc_units.get(unit)
-        return rate is not None and self.rng.random() < rate
-
-    async def _read(self, unit: int, address: int, count: int, holding: bool) -> _Response:
-        if self._silent(unit):
-            raise ModbusException("no answer")
-        image = self.world.holding_image(unit) if holding else self.world.input_image(unit)
-        if any(a not in image for a in range(address, address + count)):
-            return _Response(exception_code=ILLEGAL_ADDRESS)
-        return _Response([image[a] for a in range(address, address + count)])
-
-    async def read_input_registers(self, address: int, *, count: int, device_id: int) -> _Response:
-        return await self._read(device_id, address, count, holding=False)
-
-    async def read_holding_registers(
-        self, address: int, *, count: int, device_id: int
-    ) -> _Response:
-        return await self._read(device_id, address, count, holding=True)
-
-    async def write_registers(self, address: int, values: list[int], *, device_id: int) -> Any:
-        if device_id == 0:  # broadcast: every board that hears it acts, nobody answers
-            for unit in BAY_UNITS:
-                if not self._silent(unit):
-                    self.world.write_holding(unit, address, values)
-            return None
-        if self._silent(device_id):
-            raise ModbusException("no answer")
-        try:
-            self.world.write_holding(device_id, address, values)
-        except WriteRefusedError as refused:
-            return _Response(exception_code=refused.code)
-        return _Response()
-
-    async def write_register(
-        self, address: int, value: int, *, device_id: int, no_response_expected: bool = False
-    ) -> Any:
-        del no_response_expected
-        return await self.write_registers(address, [value], device_id=device_id)
 
 
 class InvariantBrokenError(AssertionError):
@@ -190,7 +129,7 @@ class VirtualCabinet:
 
     def _controller(self) -> CabinetController:
         bus = ModbusBus(parse_endpoint("tcp://127.0.0.1:9"), clock=self.clock)
-        bus._client = WorldClient(self.world, self.rng)  # type: ignore[assignment]
+        bus._client = DirectClient(self.world, self.rng)  # type: ignore[assignment]
         return CabinetController(
             cabinet_id="cab-virtual",
             journal=Journal(self.journal_path),

@@ -283,6 +283,14 @@ def _sim(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _sim_fleet(args: argparse.Namespace) -> int:
+    from cabinet.fleet_sim import main as fleet_main  # noqa: PLC0415 - loads the simulator
+
+    if not 1 <= args.cabinets <= 1000:
+        raise CliError("--cabinets is 1-1000")
+    return fleet_main(args.cabinets, args.broker, args.duration, args.seed)
+
+
 def _sim_ctl(args: argparse.Namespace) -> int:
     from sim.control import ControlError, call  # noqa: PLC0415
     from sim.endpoints import parse_listen  # noqa: PLC0415
@@ -343,7 +351,7 @@ def _add_sim_parser(commands: Any) -> None:
         "--charge-speedup", type=float, help="batteries fill N times faster (demos; default 1)"
     )
     sim.set_defaults(handler=_sim)
-    sim_commands = sim.add_subparsers(dest="sim_command", metavar="ctl")
+    sim_commands = sim.add_subparsers(dest="sim_command", metavar="ctl | fleet")
     ctl = sim_commands.add_parser("ctl", help="act on a running simulator")
     ctl.add_argument("--control", default=os.environ.get("CABINET_SIM_CONTROL"))
     ctl.add_argument("--json", action="store_true")
@@ -368,6 +376,14 @@ def _add_sim_parser(commands: Any) -> None:
     heal.add_argument("kind", nargs="?")
     heal.add_argument("--bay", type=int)
     verbs.add_parser("state", help="print the simulated state as JSON")
+    fleet = sim_commands.add_parser(
+        "fleet", help="N simulated cabinets with their daemon logic against one broker"
+    )
+    fleet.add_argument("--cabinets", type=int, default=10, metavar="N")
+    fleet.add_argument("--broker", required=True, help="mqtt://host:port")
+    fleet.add_argument("--duration", type=float, default=60.0, metavar="S")
+    fleet.add_argument("--seed", type=int, default=1)
+    fleet.set_defaults(handler=_sim_fleet)
 
 
 def _demo(args: argparse.Namespace) -> int:

@@ -29,13 +29,14 @@ typecheck: $(STAMP)
 unit: $(STAMP)
 	$(BIN)/pytest -q
 
-## bench: bus cycle vs the wire-time minimum, swap latency, outbox drain, firmware update
+## bench: bus cycle, swap latency, outbox drain, firmware update, daemon RSS/CPU, fleet N
 bench: $(STAMP)
 	$(BIN)/python bench/bus_cycle.py
 	$(BIN)/python bench/swap_latency.py --swaps 20
 	$(BIN)/python bench/outbox.py
 	$(BIN)/python bench/firmware.py
 	$(BIN)/python bench/daemon_resources.py
+	$(BIN)/python bench/fleet.py
 
 ## schemas: regenerate protocol/schemas/*.json from the message models
 schemas: $(STAMP)

@@ -700,8 +700,9 @@ class CabinetController:
                 delay = max(0.0, min(self.timers.values()) - self.clock.monotonic())
             else:
                 delay = None
-            try:
-                await asyncio.wait_for(self._timer_wakeup.wait(), timeout=delay)
+            try:  # asyncio.timeout: wait_for can swallow a racing cancellation on 3.11
+                async with asyncio.timeout(delay):
+                    await self._timer_wakeup.wait()
             except TimeoutError:
                 now = self.clock.monotonic()
                 due = [t for t, deadline in self.timers.items() if deadline <= now]

@@ -142,8 +142,11 @@ class FleetLink:
         while True:
             self._check_backlog()
             if not self.link.connected.is_set():
+                # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation
+                # that races the event (the daemon's stop then hangs) - the campaign found it
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self.link.connected.wait(), BACKLOG_CHECK_S)
+                    async with asyncio.timeout(BACKLOG_CHECK_S):
+                        await self.link.connected.wait()
                 continue
             batch = journal.unpublished(PUBLISH_WINDOW)
             if not batch:
@@ -201,7 +204,8 @@ class FleetLink:
         """Retained state on every (re)connect and on significant change, at most 1/s."""
         while True:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._state_dirty.wait(), STATE_MIN_INTERVAL_S)
+                async with asyncio.timeout(STATE_MIN_INTERVAL_S):
+                    await self._state_dirty.wait()
             forced = self._state_dirty.is_set()
             self._state_dirty.clear()
             state = self.state()

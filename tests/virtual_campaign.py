@@ -7,7 +7,8 @@ request to the simulated world, and one virtual clock moves both. Each step adva
 time by 500 ms (a poll cycle) and does what the daemon's loops would do in it (heartbeat, a poll of
 every bay, the cabinet board, charging, due timers). Riders arrive and behave well or
 badly; fate injects bus silence and CRC errors, stuck locks and door sensors,
-overheating, smoke, mains loss, and power cuts of the daemon itself (the controller
+overheating, smoke, mains loss, broker outages (the real outbox drain against a
+broker stand-in that acknowledges or drops), and power cuts of the daemon itself (the controller
 is thrown away mid-flight and rebuilt from its journal). After every step:
 
 * custody: every battery the boards report is where the ledger says; every battery a
@@ -16,7 +17,8 @@ is thrown away mid-flight and rebuilt from its journal). After every step:
 * charging: within a second of the daemon knowing, no charger is left enabled on a
   bay the interlocks tripped, on a battery over the cell limit, or during smoke or
   mains loss (a board the daemon cannot reach stops by its own heartbeat fail-safe);
-* events: ``seq`` gap-free and ids unique, across every crash.
+* events: ``seq`` gap-free and ids unique, across every crash, and every one at the
+  broker with its id once the broker is back (resends are counted duplicates).
 
 Any failure names its seed and step; ``--seed N`` replays it exactly.
 
@@ -27,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import random
 import sys
 import time
@@ -40,6 +43,7 @@ import structlog
 from cabinet.bus_scheduler import BusScheduler, Priority
 from cabinet.controller import CabinetController, Clock
 from cabinet.custody import Where
+from cabinet.fleet_link import FleetLink
 from cabinet.journal import Journal
 from cabinet.swap_machine import Mode, Phase, TimerExpired
 from drivers import modbus_bus
@@ -72,6 +76,63 @@ class VirtualTime(Clock):
 
     def __call__(self) -> float:
         return self.t
+
+
+class VirtualBroker:
+    """The fleet broker, reduced to what the outbox needs: up or down, and what arrived."""
+
+    def __init__(self) -> None:
+        self.up = True
+        self.received: dict[int, str] = {}  # seq -> id of every event acknowledged
+        self.duplicates = 0
+        self.links: list[VirtualLink] = []
+
+    def link(self, **_callbacks: Any) -> VirtualLink:
+        """What ``FleetLink`` gets instead of an ``MqttLink``."""
+        link = VirtualLink(self)
+        self.links.append(link)
+        return link
+
+    def set_up(self, up: bool) -> None:
+        """An outage begins or ends."""
+        self.up = up
+        for link in self.links:
+            (link.connected.set if up else link.connected.clear)()
+
+
+class VirtualLink:
+    """One connection: PUBACK at once while the broker is up, a lost connection otherwise."""
+
+    def __init__(self, broker: VirtualBroker) -> None:
+        self.broker = broker
+        self.connected = asyncio.Event()
+        if broker.up:
+            self.connected.set()
+
+    def subscribe(self, _topic: str) -> None:
+        """Commands are not part of the campaign."""
+
+    def start(self) -> None:
+        """Nothing to start."""
+
+    def stop(self) -> None:
+        """Nothing to stop."""
+
+    def publish(self, _topic: str, payload: bytes, **_options: Any) -> asyncio.Future[None]:
+        """Deliver and acknowledge, or fail as a dropped connection does."""
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        if not self.broker.up:
+            future.set_exception(ConnectionError("broker unreachable"))
+            return future
+        event = json.loads(payload)
+        if "seq" in event:
+            if event["seq"] in self.broker.received:
+                self.broker.duplicates += 1
+            elif self.broker.received.get(event["seq"], event["id"]) != event["id"]:
+                raise InvariantBrokenError("a seq arrived with two ids")
+            self.broker.received[event["seq"]] = event["id"]
+        future.set_result(None)
+        return future
 
 
 class InvariantBrokenError(AssertionError):
@@ -122,6 +183,10 @@ class VirtualCabinet:
         self.operator: dict[str, Any] | None = None
         self.faults: dict[tuple[FaultKind, int | None], float] = {}  # -> heal at
         self._timeline_seen = 0
+        self.broker = VirtualBroker()
+        self._outage_until: float | None = None
+        # a stream of its own: adding outages left every other fault of a seed where it was
+        self._outage_rng = random.Random(seed * 7919 + 1)
         self._chosen_bays: set[int] = set()
         self._events_seen = 0
         self._charging_since: dict[tuple[int, str], float] = {}
@@ -142,6 +207,8 @@ class VirtualCabinet:
     async def start(self) -> None:
         """Boot (or reboot after a crash): recover from the journal and the boards."""
         self._bus_task = asyncio.ensure_future(self.controller.scheduler.run())
+        fleet = FleetLink(self.controller, self.broker.link)
+        self._drain_task = asyncio.ensure_future(fleet._drain_outbox())
         await self.controller.recover()
 
     async def daemon_step(self) -> None:
@@ -160,13 +227,19 @@ class VirtualCabinet:
     async def crash(self) -> None:
         """Power cut: the controller's memory is gone; the journal and the boards remain."""
         self.tally.crashes += 1
-        self._bus_task.cancel()
-        for task in list(self.controller._pending):
-            task.cancel()
+        await self._stop_tasks()
         self.controller.journal.close()
         self.clock.t += self.rng.uniform(1.0, 8.0)  # the reboot takes a while
         self.controller = self._controller()
         await self.start()
+
+    async def _stop_tasks(self) -> None:
+        """Cancel the daemon's tasks and let them finish before the journal closes."""
+        tasks = [self._bus_task, self._drain_task, *self.controller._pending]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self.broker.links.clear()  # a dead daemon's connection is gone with it
 
     # -- riders -----------------------------------------------------------------------------
 
@@ -278,6 +351,13 @@ class VirtualCabinet:
     def fate_step(self) -> None:
         """Inject a fault now and then; heal each one after a while."""
         now = self.clock.t
+        if self._outage_until is not None and now >= self._outage_until:
+            self.broker.set_up(True)
+            self._outage_until = None
+        elif self._outage_until is None and self._outage_rng.random() < 0.003:
+            self.broker.set_up(False)  # a broker outage: the outbox must keep everything
+            self._outage_until = now + self._outage_rng.uniform(5.0, 120.0)
+            self.tally.faults["broker_outage"] += 1
         for (kind, bay), heal_at in list(self.faults.items()):
             if now >= heal_at:
                 self.world.heal(kind, bay=bay)
@@ -368,8 +448,13 @@ class VirtualCabinet:
                 raise InvariantBrokenError(f"{where}: bay {number} charger on: {reason}")
 
     def check_events(self) -> None:
-        """Seq gap-free from 1, ids unique, across every crash."""
+        """Seq gap-free from 1, ids unique, across every crash; all at the broker, once each."""
         events = self.controller.journal.events(limit=1_000_000)
+        for event in events:
+            if self.broker.received.get(event["seq"]) != event["id"]:
+                raise InvariantBrokenError(
+                    f"seed {self.seed}: event {event['seq']} never reached the broker"
+                )
         seqs = [e["seq"] for e in events]
         if seqs != list(range(1, len(seqs) + 1)):
             raise InvariantBrokenError(f"seed {self.seed}: event seq has a gap")
@@ -393,8 +478,14 @@ class VirtualCabinet:
                 await self.crash()
             await self.daemon_step()
             self.check(step)
+        self.broker.set_up(True)
+        for _ in range(50):  # the broker is back: let the outbox drain
+            await asyncio.sleep(0)
+            await self.daemon_step()
+            if self.controller.journal.outbox_depth() == 0:
+                break
         self.check_events()
-        self._bus_task.cancel()
+        await self._stop_tasks()
         self.controller.journal.close()
         return self.tally
 

@@ -13,17 +13,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-from swap_latency import BAUD, REPO, one_swap
-
-from cabinet.journal import Journal
-from cabinet.tokens import generate_keys
-from sim.launcher import start_simulator, stop_process
+from swap_latency import BAUD, bench_cabinet, one_swap
 
 TICKS = os.sysconf("SC_CLK_TCK")
 
@@ -44,43 +38,20 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--minutes", type=float, default=3.0)
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory() as tmp_dir:
-        tmp = Path(tmp_dir)
-        sim, ready = start_simulator("--baud", str(BAUD), "--seed", "11", cwd=REPO)
-        keys = generate_keys(str(tmp / "backend"))
-        config = tmp / "cabinet.toml"
-        config.write_text(
-            f'[cabinet]\nid = "bench"\nstate_dir = "{tmp}/state"\n'
-            f'[bus]\nurl = "{ready["bus"]}"\n[scanner]\nurl = "{ready["scanner"]}"\n'
-            f'[auth]\npublic_keys = ["{keys.public}"]\n'
-        )
-        daemon = subprocess.Popen(
-            [sys.executable, "-m", "cabinet.cli", "run", "-c", str(config)],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            cwd=REPO,
-        )
-        host, port = ready["control"].removeprefix("tcp://").split(":")
-        journal = tmp / "state" / "journal.db"
-        try:
-            while not journal.exists() or not Journal(journal).events():
-                time.sleep(0.1)
-            started, cpu0 = time.monotonic(), cpu_s(daemon.pid)
-            rss: list[float] = []
-            swaps, next_swap = 0, started
-            while (now := time.monotonic()) < started + args.minutes * 60:
-                if now >= next_swap:
-                    swaps += 1
-                    asyncio.run(one_swap((host, int(port)), keys.private, journal, swaps))
-                    next_swap += 60.0
-                rss.append(rss_mb(daemon.pid))
-                time.sleep(1.0)
-            wall, cpu = time.monotonic() - started, cpu_s(daemon.pid) - cpu0
-            peak_rss = max(rss)
-            final_rss = rss[-1]
-        finally:
-            stop_process(daemon)
-            stop_process(sim)
+    with tempfile.TemporaryDirectory() as tmp_dir, bench_cabinet(Path(tmp_dir)) as cab:
+        pid = cab.daemon.pid
+        started, cpu0 = time.monotonic(), cpu_s(pid)
+        rss: list[float] = []
+        swaps, next_swap = 0, started
+        while (now := time.monotonic()) < started + args.minutes * 60:
+            if now >= next_swap:
+                swaps += 1
+                asyncio.run(one_swap(cab.control, cab.key, cab.journal, swaps))
+                next_swap += 60.0
+            rss.append(rss_mb(pid))
+            time.sleep(1.0)
+        wall, cpu = time.monotonic() - started, cpu_s(pid) - cpu0
+    peak_rss, final_rss = max(rss), rss[-1]
     print(f"daemon at steady state, 12 bays at {BAUD} baud, {swaps} swaps in {wall:.0f} s")
     print("| measure | value | goal |")
     print("|---|---|---|")

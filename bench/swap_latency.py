@@ -24,6 +24,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -95,38 +98,53 @@ async def one_swap(
     }
 
 
+@dataclass
+class BenchCabinet:
+    """`cabinet sim` + `cabinet run` at 19200 baud, started and ready."""
+
+    daemon: subprocess.Popen[bytes]
+    control: tuple[str, int]
+    key: Path
+    journal: Path
+
+
+@contextmanager
+def bench_cabinet(tmp: Path) -> Iterator[BenchCabinet]:
+    """The simulator and the daemon on free ports; both stopped afterwards."""
+    sim, ready = start_simulator("--baud", str(BAUD), "--seed", "11", cwd=REPO)
+    keys = generate_keys(str(tmp / "backend"))
+    config = tmp / "cabinet.toml"
+    config.write_text(
+        f'[cabinet]\nid = "bench"\nstate_dir = "{tmp}/state"\n'
+        f'[bus]\nurl = "{ready["bus"]}"\n[scanner]\nurl = "{ready["scanner"]}"\n'
+        f'[auth]\npublic_keys = ["{keys.public}"]\n'
+    )
+    daemon = subprocess.Popen(
+        [sys.executable, "-m", "cabinet.cli", "run", "-c", str(config)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        cwd=REPO,
+    )
+    host, port = ready["control"].removeprefix("tcp://").split(":")
+    journal = tmp / "state" / "journal.db"
+    try:
+        while not journal.exists() or not Journal(journal).events():
+            time.sleep(0.1)
+        yield BenchCabinet(daemon, (host, int(port)), keys.private, journal)
+    finally:
+        stop_process(daemon)
+        stop_process(sim)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--swaps", type=int, default=8)
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory() as tmp_dir:
-        tmp = Path(tmp_dir)
-        sim, ready = start_simulator("--baud", str(BAUD), "--seed", "11", cwd=REPO)
-        keys = generate_keys(str(tmp / "backend"))
-        config = tmp / "cabinet.toml"
-        config.write_text(
-            f'[cabinet]\nid = "bench"\nstate_dir = "{tmp}/state"\n'
-            f'[bus]\nurl = "{ready["bus"]}"\n[scanner]\nurl = "{ready["scanner"]}"\n'
-            f'[auth]\npublic_keys = ["{keys.public}"]\n'
-        )
-        daemon = subprocess.Popen(
-            [sys.executable, "-m", "cabinet.cli", "run", "-c", str(config)],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            cwd=REPO,
-        )
-        host, port = ready["control"].removeprefix("tcp://").split(":")
-        control = (host, int(port))
-        journal = tmp / "state" / "journal.db"
-        try:
-            while not journal.exists() or not Journal(journal).events():
-                time.sleep(0.1)
-            results = []
-            for n in range(1, args.swaps + 1):
-                results.append(asyncio.run(one_swap(control, keys.private, journal, n)))
-        finally:
-            stop_process(daemon)
-            stop_process(sim)
+    with tempfile.TemporaryDirectory() as tmp_dir, bench_cabinet(Path(tmp_dir)) as cab:
+        results = [
+            asyncio.run(one_swap(cab.control, cab.key, cab.journal, n))
+            for n in range(1, args.swaps + 1)
+        ]
     transaction = rtu_timing.read_transaction_time(bay_map.STATUS_COUNT, BAUD, 0.002)
     print(f"{len(results)} swaps at {BAUD} baud; one bus transaction = {transaction * 1000:.1f} ms")
     print("| measure | p50 ms | p99 ms | max ms | goal |")

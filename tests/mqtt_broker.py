@@ -7,6 +7,8 @@ import shutil
 import socket
 import subprocess
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
@@ -69,3 +71,17 @@ def tls_listener(port: int, ca: Path, cert: Path, key: Path) -> str:
         f"cafile {ca}\ncertfile {cert}\nkeyfile {key}\n"
         "require_certificate true\nuse_identity_as_username true\n"
     )
+
+
+@contextmanager
+def client_cert_broker(
+    workdir: Path, ca: Path, cert: Path, key: Path, extra: str = ""
+) -> Iterator[tuple[Mosquitto, int]]:
+    """A mosquitto with a plain test listener and one that requires client certificates."""
+    tls_port = free_port()
+    broker = Mosquitto(workdir, extra_config=extra + tls_listener(tls_port, ca, cert, key))
+    broker.start()
+    try:
+        yield broker, tls_port
+    finally:
+        broker.stop()

@@ -15,7 +15,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from sim.backend import Backend
 from tests.conftest import REPO
 from tests.daemon_harness import running_cabinet, wait_until
-from tests.mqtt_broker import Mosquitto, free_port, tls_listener
+from tests.mqtt_broker import Mosquitto, client_cert_broker
 from tests.tls_certs import Pki, make_pki
 
 ACL = REPO / "docs" / "mosquitto.acl"
@@ -26,16 +26,10 @@ TIMEOUT_S = 10
 @pytest.fixture
 def acl_broker(tmp_path: Path) -> Iterator[tuple[Mosquitto, Pki, int]]:
     pki = make_pki(tmp_path, client_cn="cab-a", more_clients=("cab-b", "backend", "cab-test"))
-    tls_port = free_port()
-    broker = Mosquitto(
-        tmp_path,
-        extra_config=(
-            f"acl_file {ACL}\n" + tls_listener(tls_port, pki.ca, pki.server_cert, pki.server_key)
-        ),
-    )
-    broker.start()
-    yield broker, pki, tls_port
-    broker.stop()
+    with client_cert_broker(
+        tmp_path, pki.ca, pki.server_cert, pki.server_key, f"acl_file {ACL}\n"
+    ) as (broker, tls_port):
+        yield broker, pki, tls_port
 
 
 class Client:

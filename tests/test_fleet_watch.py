@@ -27,7 +27,7 @@ from cabinet.fleet_view import (
 )
 from tests.conftest import REPO
 from tests.daemon_harness import wait_until
-from tests.mqtt_broker import Mosquitto, free_port, tls_listener
+from tests.mqtt_broker import Mosquitto, client_cert_broker, free_port
 from tests.tls_certs import Pki, make_pki
 
 NOW = 1_718_023_500.0  # wall-clock seconds the pure tests pretend it is
@@ -652,14 +652,11 @@ def test_username_and_password(tmp_path: Path) -> None:
 @pytest.fixture
 def tls_broker(tmp_path: Path) -> Iterator[tuple[Mosquitto, Pki, int]]:
     pki = make_pki(tmp_path, client_cn="operator")
-    tls_port = free_port()
-    broker = Mosquitto(
-        tmp_path,
-        extra_config=(tls_listener(tls_port, pki.ca, pki.server_cert, pki.server_key)),
-    )
-    broker.start()
-    yield broker, pki, tls_port
-    broker.stop()
+    with client_cert_broker(tmp_path, pki.ca, pki.server_cert, pki.server_key) as (
+        broker,
+        tls_port,
+    ):
+        yield broker, pki, tls_port
 
 
 def test_watch_over_tls_with_a_client_certificate(tls_broker: tuple[Mosquitto, Pki, int]) -> None:

@@ -9,7 +9,7 @@ import pytest
 
 from sim.backend import Backend
 from tests.daemon_harness import running_cabinet, wait_until
-from tests.mqtt_broker import Mosquitto, free_port, tls_listener
+from tests.mqtt_broker import Mosquitto, client_cert_broker
 from tests.tls_certs import Pki, make_pki
 
 CAB = "cab-test"
@@ -18,14 +18,11 @@ CAB = "cab-test"
 @pytest.fixture
 def tls_broker(tmp_path: Path) -> Iterator[tuple[Mosquitto, Pki, int]]:
     pki = make_pki(tmp_path, client_cn=CAB)
-    tls_port = free_port()
-    broker = Mosquitto(
-        tmp_path,
-        extra_config=(tls_listener(tls_port, pki.ca, pki.server_cert, pki.server_key)),
-    )
-    broker.start()
-    yield broker, pki, tls_port
-    broker.stop()
+    with client_cert_broker(tmp_path, pki.ca, pki.server_cert, pki.server_key) as (
+        broker,
+        tls_port,
+    ):
+        yield broker, pki, tls_port
 
 
 def test_a_cabinet_with_its_client_certificate_publishes_over_tls(

@@ -4,12 +4,12 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck unit bench schemas clean
+.PHONY: demo test lint typecheck unit bench schemas screenshots clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e ".[dev,demo]"
+	$(BIN)/pip install --quiet -e ".[dev,demo,display]"
 	touch $(STAMP)
 
 ## demo: broker, simulator, daemon and riders with a live view (Ctrl-C ends it with a summary)
@@ -28,6 +28,10 @@ typecheck: $(STAMP)
 
 unit: $(STAMP)
 	$(BIN)/pytest -q
+
+## screenshots: the rider's screen at both sizes in both languages (docs/rider-screen/)
+screenshots: $(STAMP)
+	$(BIN)/python tools/rider_screenshots.py
 
 ## bench: bus cycle, swap latency, outbox drain, firmware update, daemon RSS/CPU, fleet N
 bench: $(STAMP)

@@ -91,21 +91,24 @@ def diff(bay: int, prev: BaySnapshot | None, cur: BaySnapshot) -> list[Event]:
         or (prev.battery_id is not None and cur.battery_id not in (None, prev.battery_id))
     )
     inserted = cur.battery_present and (removed or not prev.battery_present)
-    # the same battery now reads differently (identified, unplugged, re-plugged): the
-    # machine judges a deposit on the latest reading, so it must hear of the change
-    identified_later = (
+    # The same battery now reads differently in any field a rule reads (identity, plug,
+    # fault bits, temperature, SoC, health, cycles): the machine judges a deposit, and
+    # re-judges it while the door is open, on the latest reading, so it must hear of
+    # every change -- a pack that faults or heats up after its first reading but before
+    # the door shuts must not be accepted on that first reading.
+    reads_differently = (
         not removed
         and not inserted
         and cur.battery is not None
         and prev.battery is not None
-        and (cur.battery_id, cur.battery.plugged) != (prev.battery_id, prev.battery.plugged)
+        and cur.battery != prev.battery
     )
     opened = not prev.door_closed or not cur.door_closed or removed or inserted
     if prev.door_closed and opened:
         events.append(DoorOpened(bay))
     if removed:
         events.append(BatteryRemoved(bay, prev.battery_id))
-    if (inserted or identified_later) and cur.battery is not None:
+    if (inserted or reads_differently) and cur.battery is not None:
         events.append(BatteryInserted(bay, cur.battery))
     if cur.door_closed and (not prev.door_closed or (opened and prev.door_closed)):
         events.append(DoorClosed(bay))

@@ -34,6 +34,7 @@ class UnitReport:
     firmware: str | None = None
     health: str = "ok"
     latency_ms: float | None = None
+    exception: bool = False  # it answered, but with a Modbus exception instead of data
 
     def as_json(self) -> dict[str, Any]:
         """Render for ``--json``."""
@@ -45,6 +46,7 @@ class UnitReport:
             "firmware": self.firmware,
             "health": self.health,
             "latency_ms": self.latency_ms,
+            "exception": self.exception,
         }
 
 
@@ -105,7 +107,7 @@ async def survey_unit(bus: ModbusBus, unit: int) -> UnitReport:
     except UnitNoAnswerError:
         return UnitReport(unit, name, False, health="no answer")
     except ExceptionReplyError as exc:
-        return UnitReport(unit, name, True, health=f"refused: {exc}")
+        return UnitReport(unit, name, True, health=f"refused: {exc}", exception=True)
     except ProtocolError as exc:
         return UnitReport(unit, name, True, health=f"bad data: {exc}")
     stats = bus.unit_stats(unit)
@@ -117,4 +119,31 @@ async def survey(bus: ModbusBus, units: tuple[int, ...] = ALL_UNITS) -> list[Uni
     return [await survey_unit(bus, unit) for unit in units]
 
 
-__all__ = ["BusError", "UnitReport", "survey", "survey_unit"]
+def scan_summary(units: list[dict[str, Any]]) -> dict[str, int]:
+    """Counts of a scan: answered with data, answered with an exception, silent (they add up).
+
+    An exception reply proves the wiring and the unit id but not the unit's health, so it
+    is not counted as "answered"; ``units`` are ``UnitReport.as_json()`` dicts (the
+    daemon's scan sends the same).
+    """
+    exception = sum(bool(u.get("exception")) for u in units)
+    silent = sum(not u["answered"] for u in units)
+    return {
+        "units": len(units),
+        "answered": len(units) - exception - silent,
+        "exception": exception,
+        "silent": silent,
+    }
+
+
+def summary_line(summary: dict[str, int]) -> str:
+    """The last line of the human ``bus scan`` output (without where it ran)."""
+    line = f"{summary['answered']} of {summary['units']} units answered"
+    if summary["exception"]:
+        line += f", {summary['exception']} answered with an exception"
+    if summary["silent"]:
+        line += f", {summary['silent']} silent"
+    return line
+
+
+__all__ = ["BusError", "UnitReport", "scan_summary", "summary_line", "survey", "survey_unit"]

@@ -52,6 +52,9 @@ class CabinetSection(_Section):
     state_dir: Path = Path("/var/lib/cabinet")
     #: the technician CLI's way in; default ``<state_dir>/control.sock``
     control_socket: Path | None = None
+    #: the journal never grows past this; at the cap (or a full disk) the cabinet refuses
+    #: riders with ``journal_unwritable`` until there is room again. Unset: the disk's size
+    journal_max_mb: float | None = Field(default=None, gt=0)
 
     @property
     def control_socket_path(self) -> Path:
@@ -66,6 +69,11 @@ class BusSection(_Section):
     timeout_ms: int = Field(default=250, ge=20, le=2000)
     isolate_after: int = Field(default=3, ge=1, le=100)
     reprobe_interval_s: float = Field(default=5.0, gt=0, le=600)
+    #: a unit isolated for this long raises its alarm (``board_silent``, ``meter_silent``, ...)
+    offline_alarm_s: float = Field(default=60.0, ge=0, le=86400)
+    #: no unit answering for this long makes the daemon unhealthy: the systemd watchdog
+    #: goes hungry and ``cabinet doctor`` fails, so a cabinet talking to nobody is restarted
+    silence_unhealthy_s: float = Field(default=30.0, ge=1, le=3600)
 
     _check_url = field_validator("url")(_endpoint_url)
 
@@ -74,6 +82,9 @@ class ScannerSection(_Section):
     """``[scanner]``: the QR scanner's serial port or TCP stream."""
 
     url: str | None = None
+    #: refused scans journaled one by one per minute; the rest are counted into one
+    #: ``auth.refused_burst`` event per burst (a forged-QR flood must not fill the journal)
+    refused_scans_per_minute: int = Field(default=10, ge=1, le=600)
 
     @field_validator("url")
     @classmethod
@@ -97,14 +108,40 @@ class AuthSection(_Section):
     """``[auth]``: public keys whose holders may sign rider QR tokens."""
 
     public_keys: list[Path] = Field(default_factory=list)
+    #: app swaps (``cmd/swap.start``) must carry a challenge the cabinet's screen showed
+    #: within its validity window, once (DESIGN.md §4.4); off: a challenge is checked if given
+    require_challenge: bool = False
+
+
+class DisplaySection(_Section):
+    """``[display]``: the rider's kiosk page (cabinet/display/), off unless enabled.
+
+    Off, the web server is not even imported: a cabinet without a screen stays lean.
+    """
+
+    enabled: bool = False
+    bind: str = "127.0.0.1"
+    port: int = Field(default=8080, ge=0, le=65535)
+    language: Literal["en", "zh-CN"] = "en"
+    orientation: Literal["landscape", "portrait"] = "landscape"
+    #: the QR code's challenge is replaced this often; a scanned one stays valid one more period
+    challenge_rotate_s: float = Field(default=30.0, ge=1.0, le=600.0)
+    #: spoken prompts: ``{file}`` is replaced by a WAV clip; unset: silent
+    audio_command: str | None = None
+    volume: int = Field(default=80, ge=0, le=100)
+    #: ``"22:00-07:00"``: no voice in these local hours (the screen still shows everything)
+    quiet_hours: str | None = Field(default=None, pattern=r"^\d{2}:\d{2}-\d{2}:\d{2}$")
 
 
 class FirmwareSection(_Section):
     """``[firmware]``: public keys whose holders may sign bay-board firmware images."""
 
     public_keys: list[Path] = Field(default_factory=list)
-    #: ``cmd/firmware.update`` by URL: larger downloads are refused
+    #: ``cmd/firmware.update`` by URL or path: larger images are refused
     max_download_bytes: int = Field(default=2 * 1024 * 1024, ge=1024, le=64 * 1024 * 1024)
+    #: ``cmd/firmware.update`` by path: only regular files in here; default
+    #: ``<state_dir>/firmware`` (a path names a FIFO or a device just as easily)
+    image_dir: Path | None = None
 
 
 class SwapSection(_Section):
@@ -149,7 +186,13 @@ class CabinetConfig(_Section):
     firmware: FirmwareSection = FirmwareSection()
     swap: SwapSection = SwapSection()
     charging: ChargingSection = ChargingSection()
+    display: DisplaySection = DisplaySection()
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    @property
+    def firmware_image_dir(self) -> Path:
+        """Where ``cmd/firmware.update`` may take an image by path."""
+        return self.firmware.image_dir or self.cabinet.state_dir / "firmware"
 
 
 def _parse_env_value(raw: str) -> Any:

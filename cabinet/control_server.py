@@ -15,7 +15,6 @@ import base64
 import contextlib
 import json
 import os
-import time
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict
 from pathlib import Path
@@ -61,7 +60,9 @@ class AlreadyRunningError(Exception):
 
 
 class _Args(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    """A request's arguments: no unknown fields and no coercion (``true`` is not unit 1)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 class EventsArgs(_Args):
@@ -140,7 +141,8 @@ class ControlServer:
         self.fleet = fleet
         self.firmware = firmware or FirmwareService(controller, [])
         self.path = config.cabinet.control_socket_path
-        self.started_at = time.time()
+        # monotonic: NTP setting a 1970 clock after boot must not add 56 years to the uptime
+        self.started_at = controller.clock.monotonic()
         self._verbs: dict[str, Handler] = {
             "status": self._status,
             "bays": self._bays,
@@ -243,7 +245,7 @@ class ControlServer:
             "cabinet_id": c.cabinet_id,
             "version": __version__,
             "boot_id": c.boot_id,
-            "uptime_s": round(time.time() - self.started_at),
+            "uptime_s": round(c.clock.monotonic() - self.started_at),
             "ready": c.ready,
             "refusal": c.refusal(),
             "session": _dump(views.session_view(c)),

@@ -9,25 +9,29 @@ armed). Safety interlocks and the charging policy see every reading too.
 
 A reading that fails is stale, not news: the last snapshot stands until the bus
 isolates the unit (a few consecutive failures), and only then is the bay
-reported offline. After a restart, ``recover`` diffs the journaled baseline
-against fresh readings before any door is opened, keeps the session's journaled
-deadlines but gives the rider at least ``RECOVERY_GRACE_S`` (they waited for the
-reboot too) — never a full new timeout, or a daemon restarting in a loop would keep
-an abandoned session, and the cabinet, busy forever — and re-sends an unlock whose
-door was never seen to open.
+reported offline (``bay.offline``/``unit.offline`` once, an alarm after
+``offline_alarm_s``, see ``unit_presence``). A charger-off or contactor-open is
+done only once reading the board back confirms it; until then it is re-sent at
+safety priority and ``safety_write_failed`` stands. After a restart, ``recover``
+diffs the journaled baseline against fresh readings before any door is opened,
+keeps the session's journaled deadlines but gives the rider at least
+``RECOVERY_GRACE_S`` (they waited for the reboot too) — never a full new
+timeout, or a daemon restarting in a loop would keep an abandoned session, and
+the cabinet, busy forever — and re-sends an unlock whose door was never seen to
+open.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
 import sqlite3
-import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
-from typing import Any, Protocol
+from typing import Any
 
 import structlog
 
@@ -36,7 +40,9 @@ from cabinet.battery_rules import DispenseRules, rank_dispensable
 from cabinet.bay_tracker import OFFLINE, BaySnapshot, diff, snapshot_from_status
 from cabinet.bus_scheduler import BusScheduler, Priority
 from cabinet.charging_policy import BayChargeView, ChargingRules, plan
-from cabinet.journal import Journal
+from cabinet.clock import Clock, SystemClock  # one clock for the daemon (cabinet/clock.py)
+from cabinet.display.challenges import ChallengeBook
+from cabinet.journal import Journal, JournalError
 from cabinet.safety import (
     AbortSession,
     Alarm,
@@ -58,6 +64,7 @@ from cabinet.swap_machine import (
     Command,
     CustodyToBay,
     CustodyToRider,
+    DispensableNow,
     Emit,
     Event,
     LockJammed,
@@ -74,17 +81,27 @@ from cabinet.swap_machine import (
     TimerExpired,
     Unlock,
 )
+from cabinet.unit_presence import DEFAULT_OFFLINE_ALARM_S, PresenceEvent, UnitPresence
 from drivers.boards import BayBoard, CabinetBoard, EnergyMeter
-from drivers.modbus_bus import BusError, ExceptionReplyError, ModbusBus, UnitIsolatedError
+from drivers.modbus_bus import (
+    HEARTBEAT_FAILSAFE_EXCEPTION,
+    BusError,
+    BusUnavailableError,
+    ExceptionReplyError,
+    ModbusBus,
+    UnitIsolatedError,
+)
 from protocol import bay_map
 from protocol.cabinet_map import CabinetStatus
 from protocol.errors import ProtocolError, UnknownMapVersionError
 from protocol.meter_map import MeterReading
-from protocol.units import BAY_UNITS
+from protocol.units import BAY_UNITS, CABINET_BOARD_UNIT, ENERGY_METER_UNIT
 
 log = structlog.get_logger("controller")
 
-HEARTBEAT_FAILSAFE_CODE = 4  # bay board refuses an unlock with 0x04 while in fail-safe
+# A bay board in heartbeat fail-safe refuses an unlock with 0x06 (busy: retry after a
+# heartbeat); 0x04 (device failure) is a failing board. Rule in docs/hardware.md.
+HEARTBEAT_FAILSAFE_CODE = HEARTBEAT_FAILSAFE_EXCEPTION
 HOT_BAY_INTERVAL_S = 0.1  # a session's bay is re-read this often: a door seen open within ~0.1 s
 HEARTBEAT_INTERVAL_S = 1.0  # five per board timeout: one lost broadcast never trips a board
 CHARGER_REFRESH_S = 60.0  # re-send unchanged charger settings: a rebooted board forgets them
@@ -94,30 +111,18 @@ METER_INTERVAL_S = 10.0
 #: let a crash-looping daemon keep a walked-away session open forever.
 RECOVERY_GRACE_S = 15.0
 PENDING_PICKUPS = "pending_pickups"
-
-
-class Clock(Protocol):
-    """Where the controller gets time from (DESIGN.md §3.6)."""
-
-    def monotonic(self) -> float:
-        """Seconds for intervals."""
-        ...
-
-    def wall(self) -> float:
-        """Seconds since the epoch, for deadlines that survive a reboot and for timestamps."""
-        ...
-
-
-class SystemClock:
-    """The real clocks."""
-
-    def monotonic(self) -> float:
-        """``time.monotonic``."""
-        return time.monotonic()
-
-    def wall(self) -> float:
-        """``time.time``."""
-        return time.time()
+#: A poll cycle never starts sooner than this after the previous one started. A healthy
+#: cycle takes longer anyway (12 bays + cabinet board: ~0.1 s of wire at 115200 baud,
+#: ~0.9 s at 9600); this only bites when every call fails at once (adapter gone, every
+#: unit isolated), where it caps the poller at 4 cycles a second instead of a busy loop.
+MIN_POLL_CYCLE_S = 0.25
+#: Pauses between tries of an unconfirmed safety write: quick at first (one lost frame),
+#: then once a second for as long as it takes — never a busy loop on a dead board.
+SAFETY_RETRY_S = (0.2, 0.4, 0.8, 1.0)
+#: Pauses between attempts to reopen a lost adapter or gateway.
+BUS_REOPEN_S = (0.5, 1.0, 2.0, 5.0, 10.0)
+DEFAULT_SILENCE_UNHEALTHY_S = 30.0  # ten heartbeat timeouts: no unit answering is not a blip
+UNITS_OFFLINE = "units_offline"
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,6 +133,10 @@ class ControllerSettings:
     dispense: DispenseRules = field(default_factory=DispenseRules)
     charging: ChargingRules = field(default_factory=ChargingRules)
     safety: SafetyLimits = field(default_factory=SafetyLimits)
+    #: a silent unit raises its alarm after this long (``bus.offline_alarm_s``)
+    offline_alarm_s: float = DEFAULT_OFFLINE_ALARM_S
+    #: no unit answering for this long makes the daemon unhealthy (``bus.silence_unhealthy_s``)
+    silence_unhealthy_s: float = DEFAULT_SILENCE_UNHEALTHY_S
 
 
 def _material(snapshot: BaySnapshot) -> tuple[Any, ...]:
@@ -141,6 +150,36 @@ def _material(snapshot: BaySnapshot) -> tuple[Any, ...]:
         snapshot.battery.plugged if snapshot.battery else None,
         snapshot.lock_jammed,
     )
+
+
+#: Phases in which the session's reserved battery (or its fall-backs) may still change.
+RESERVATION_PHASES = frozenset(
+    {Phase.OPENING_RETURN, Phase.AWAITING_DEPOSIT, Phase.OPENING_DISPENSE}
+)
+
+#: A safety write's target: ("charger", bay) or ("contactor", None).
+SafetyTarget = tuple[str, int | None]
+
+
+@dataclass(slots=True)
+class SafetyWrite:
+    """A charger-off or contactor-open not yet confirmed by reading the board back."""
+
+    target: SafetyTarget
+    due: float  # monotonic: the next try
+    tries: int = 0
+    busy: bool = False  # a try is on the bus now
+    alarmed: bool = False  # its ``safety_write_failed`` alarm is journaled
+    error: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class BusOutage:
+    """The adapter or gateway cannot be reached."""
+
+    error: str
+    since: float  # monotonic
+    since_wall: float
 
 
 class CabinetController:
@@ -186,6 +225,11 @@ class CabinetController:
         self.safety = SafetyMonitor(self.settings.safety)
         self.ready = False
         self.prompt = ""
+        self.prompt_code = ""
+        #: (session id, language) a ``swap.start`` asked for: the rider's screen and voice
+        self.rider_language: tuple[str, str] | None = None
+        #: the screen's QR challenges (set by the daemon when shown or required)
+        self.challenges: ChallengeBook | None = None
         self.boot_id = uuid.uuid4().hex
         self._timer_wakeup = asyncio.Event()
         self.changed = asyncio.Event()  # an event was journaled: the fleet link drains it
@@ -200,6 +244,22 @@ class CabinetController:
         self.cabinet_status: CabinetStatus | None = None
         self._pending: set[asyncio.Task[None]] = set()
         self.on_unlock_sent: Callable[[int], None] | None = None  # for latency measurement
+        self.journal_alarm: str | None = None  # why the journal cannot be written (an alarm)
+        # -- bus truth: who answers, which safety writes are unconfirmed, is the bus there
+        self.presence = UnitPresence.from_json(
+            journal.setting(UNITS_OFFLINE),
+            offline_alarm_s=self.settings.offline_alarm_s,
+            now=self.clock.monotonic(),
+            wall=self.clock.wall(),
+        )
+        self.safety_writes: dict[SafetyTarget, SafetyWrite] = {}
+        self._safety_wakeup = asyncio.Event()
+        self.last_answer_at = self.clock.monotonic()  # a unit answered (any unit, any call)
+        self._answers_seen = 0
+        self.bus_lost: BusOutage | None = None
+        self._heartbeat_failing = False
+        self.poll_cycles = 0
+        self._journal_alarm_stored = False  # its alarm.raised made it into the journal
 
     # -- the journal-first step --------------------------------------------------------------
 
@@ -281,7 +341,8 @@ class CabinetController:
                 elif command.type == "swap.failed":
                     outcome = str(command.data.get("reason"))
             elif isinstance(command, Prompt):
-                self.prompt = command.text
+                # the rider's screen and voice key on the code
+                self.prompt, self.prompt_code = command.text, command.code
                 log.info("prompt", code=command.code, text=command.text)
             elif isinstance(command, MarkBayFaulty):
                 self._take_out_of_service(db, command.bay, command.reason)
@@ -430,8 +491,14 @@ class CabinetController:
                 await self._heartbeat(Priority.UNLOCK)
                 sent = await self.scheduler.submit(Priority.UNLOCK, unlock_if_still_wanted)
         except ExceptionReplyError as exc:
-            log.warning("unlock_refused", bay=bay, error=str(exc))
-            if exc.code != HEARTBEAT_FAILSAFE_CODE:
+            failsafe = exc.code == HEARTBEAT_FAILSAFE_CODE
+            log.warning(
+                "unlock_refused",
+                bay=bay,
+                error=str(exc),
+                cause="heartbeat fail-safe" if failsafe else "board failure",
+            )
+            if not failsafe:
                 self._feed([LockJammed(bay)])
             return
         except BusError as exc:
@@ -446,49 +513,85 @@ class CabinetController:
 
     # -- observations -------------------------------------------------------------------------
 
+    def _moves_machine(self, events: list[Event]) -> bool:
+        """Whether ``events`` would change the session or make it act (a pure dry run)."""
+        state = self.state
+        for event in events:
+            result = self.settings.machine.step(state, event)
+            if result.commands or result.state != state:
+                return True
+            state = result.state
+        return False
+
     def observe_bay(self, bay: int, snapshot: BaySnapshot) -> None:
         """Take a fresh reading of ``bay`` through tracker, machine, ledger and interlocks."""
         prev = self.baseline.get(bay)
-        events = diff(bay, prev, snapshot)
+        events: list[Event] = diff(bay, prev, snapshot)
         io: list[Command] = []
         safety: list[SafetyAction] = []
         if snapshot.online:
             cell = snapshot.battery.cell_temp_c if snapshot.battery else None
             safety = self.safety.observe_bay(bay, self.clock.monotonic(), cell, snapshot.bay_temp_c)
         material = prev is None or _material(prev) != _material(snapshot)
+        if self.ready and self.state.phase in RESERVATION_PHASES:
+            # the reserved battery is re-judged on every reading until its door opens
+            # (after this reading's safety trips, before this reading's door-shut); not
+            # during recovery, while some bays are not yet re-read and would look absent
+            events.insert(0, DispensableNow(self._dispensable_now({bay: snapshot})))
         back = snapshot.online and self.out_of_service.get(bay) == BOARD_SILENT
-        if events or material or safety or back:
-            with self._committing() as db:
-                for event in events:
-                    self._step(db, event, io)
-                if snapshot.online:
-                    self._settle_pickup(db, bay, snapshot)
-                    expected = bay == self.state.return_bay and self.state.phase in (
-                        Phase.AWAITING_DEPOSIT,
-                        Phase.REJECTING,
-                        Phase.GIVING_BACK,
-                    )
-                    for change in self.ledger.observe_bay(
-                        bay,
-                        snapshot.battery_id,
-                        present=snapshot.battery_present,
-                        expected=expected,
-                    ):
-                        self._custody(db, change)
-                self.journal.put_snapshot(db, bay, snapshot)
-                self._safety_journal(db, safety)
-                if back:
-                    del self.out_of_service[bay]
-                    self.journal.set_service(db, bay, in_service=True, reason="")
-                    self.emit(
-                        db,
-                        "bay.enabled",
-                        {"bay": bay, "by": "controller", "reason": "board answering again"},
-                    )
+        try:
+            # the tracker reports every changed reading (a charging pack's SoC each poll); only
+            # those that move the machine are worth a journal write
+            if self._moves_machine(events) or material or safety or back:
+                self._commit_reading(bay, snapshot, events, safety, io, back=back)
+        except BaseException:
+            # making a bay safe needs no record: a charger-off is carried out even when the
+            # journal could not be written (a full disk must not keep a hot pack charging)
+            self._safety_io([a for a in safety if not isinstance(a, AbortSession)])
+            raise
         self.baseline[bay] = snapshot
         self.snapshots[bay] = snapshot
         self._carry_out(io)
         self._safety_io(safety)
+
+    def _commit_reading(
+        self,
+        bay: int,
+        snapshot: BaySnapshot,
+        events: list[Event],
+        safety: list[SafetyAction],
+        io: list[Command],
+        *,
+        back: bool,
+    ) -> None:
+        """Journal what one reading changed, memory and disk together (see ``_committing``)."""
+        with self._committing() as db:
+            for event in events:
+                self._step(db, event, io)
+            if snapshot.online:
+                self._settle_pickup(db, bay, snapshot)
+                expected = bay == self.state.return_bay and self.state.phase in (
+                    Phase.AWAITING_DEPOSIT,
+                    Phase.REJECTING,
+                    Phase.GIVING_BACK,
+                )
+                for change in self.ledger.observe_bay(
+                    bay,
+                    snapshot.battery_id,
+                    present=snapshot.battery_present,
+                    expected=expected,
+                ):
+                    self._custody(db, change)
+            self.journal.put_snapshot(db, bay, snapshot)
+            self._safety_journal(db, safety)
+            if back:
+                del self.out_of_service[bay]
+                self.journal.set_service(db, bay, in_service=True, reason="")
+                self.emit(
+                    db,
+                    "bay.enabled",
+                    {"bay": bay, "by": "controller", "reason": "board answering again"},
+                )
 
     def _safety_journal(self, db: sqlite3.Connection, actions: list[SafetyAction]) -> None:
         for action in actions:
@@ -504,12 +607,12 @@ class CabinetController:
     def _safety_io(self, actions: list[SafetyAction]) -> None:
         for action in actions:
             if isinstance(action, ChargerOff):
-                self._spawn(self._charger(action.bay, 0.0, Priority.SAFETY))
+                self._make_safe(("charger", action.bay))
             elif isinstance(action, AllChargersOff):
                 for bay in BAY_UNITS:
-                    self._spawn(self._charger(bay, 0.0, Priority.SAFETY))
+                    self._make_safe(("charger", bay))
             elif isinstance(action, OpenContactor):
-                self._spawn(self._contactor(closed=False, priority=Priority.SAFETY))
+                self._make_safe(("contactor", None))
             elif isinstance(action, AbortSession) and self.state.phase is not Phase.IDLE:
                 self._feed([Abort(action.reason)])
 
@@ -524,26 +627,42 @@ class CabinetController:
             status = await self.scheduler.submit(
                 priority, lambda bus: BayBoard(bus, bay).read_status()
             )
+        except BusUnavailableError as exc:
+            self._bus_unavailable(exc)
+            return  # nobody was asked: the bay's picture is stale, not news
         except UnitIsolatedError:
+            self._presence_silent(bay)
             self.observe_bay(bay, OFFLINE)
             return
         except UnknownMapVersionError as exc:
+            self._presence_answered(bay)
             with self._committing() as db:
                 self._take_out_of_service(db, bay, str(exc))
             return
         except (BusError, ProtocolError):
             if self.scheduler.bus.is_isolated(bay):
+                self._presence_silent(bay)
                 self.observe_bay(bay, OFFLINE)
             return  # stale: the last snapshot stands until the unit is isolated
-        self.observe_bay(bay, snapshot_from_status(status))
+        self._presence_answered(bay)
+        try:
+            self.observe_bay(bay, snapshot_from_status(status))
+        except JournalError:
+            return  # not recorded, so not acted on: the next reading retries (journal.py logs it)
 
     async def _read_cabinet(self) -> None:
         try:
             status = await self.scheduler.submit(
                 Priority.ROUTINE, lambda bus: CabinetBoard(bus).read_status()
             )
-        except (BusError, ProtocolError):
+        except BusUnavailableError as exc:
+            self._bus_unavailable(exc)
             return
+        except (BusError, ProtocolError):
+            if self.scheduler.bus.is_isolated(CABINET_BOARD_UNIT):
+                self._presence_silent(CABINET_BOARD_UNIT)
+            return
+        self._presence_answered(CABINET_BOARD_UNIT)
         self.cabinet_status = status
         actions = self.safety.observe_cabinet(
             smoke=status.smoke, mains_present=status.mains_present
@@ -554,16 +673,19 @@ class CabinetController:
             self._safety_io(actions)
         want_closed = not self.safety.smoke and not self.safety.mains_lost
         if status.contactor_closed != want_closed:
-            priority = Priority.ROUTINE if want_closed else Priority.SAFETY
-            await self._contactor(closed=want_closed, priority=priority)
+            if want_closed:
+                await self._contactor(closed=True, priority=Priority.ROUTINE)
+            else:  # this reading is the read-back: the contactor is still closed
+                self._make_safe(("contactor", None))
 
     async def _contactor(self, *, closed: bool, priority: Priority) -> None:
+        """Close the contactor (routine: the next cabinet reading checks it)."""
         try:
             await self.scheduler.submit(
                 priority, lambda bus: CabinetBoard(bus).set_contactor(closed=closed)
             )
         except BusError as exc:
-            log.warning("contactor_write_failed", closed=closed, error=str(exc))
+            log.info("contactor_write_failed", closed=closed, error=str(exc))
 
     async def _charger(self, bay: int, amps: float, priority: Priority) -> None:
         enabled = amps > 0.0
@@ -605,7 +727,13 @@ class CabinetController:
                 lambda bus: bus.broadcast_register(bay_map.CommandReg.HEARTBEAT, counter),
             )
         except BusError as exc:
-            log.warning("heartbeat_failed", error=str(exc))
+            if not self._heartbeat_failing:  # once per episode, not once a second
+                log.warning("heartbeat_failed", error=str(exc))
+            self._heartbeat_failing = True
+        else:
+            if self._heartbeat_failing:
+                log.info("heartbeat_sent_again")
+            self._heartbeat_failing = False
 
     async def heartbeat_forever(self) -> None:
         """Tell the boards we are alive, in a task of its own so a poller crash cannot stop it."""
@@ -637,8 +765,213 @@ class CabinetController:
             self.meter = await self.scheduler.submit(
                 Priority.ROUTINE, lambda bus: EnergyMeter(bus).read()
             )
-        except (BusError, ProtocolError):
+        except BusUnavailableError as exc:
+            self._bus_unavailable(exc)
             return
+        except (BusError, ProtocolError):
+            if self.scheduler.bus.is_isolated(ENERGY_METER_UNIT):
+                self._presence_silent(ENERGY_METER_UNIT)
+            return
+        self._presence_answered(ENERGY_METER_UNIT)
+
+    # -- bus truth: who answers, and is the bus there at all --------------------------------
+
+    def _presence_answered(self, unit: int) -> None:
+        now, wall = self.clock.monotonic(), self.clock.wall()
+        self._journal_presence(lambda p: p.answered(unit, now=now, wall=wall))
+
+    def _presence_silent(self, unit: int) -> None:
+        now, wall = self.clock.monotonic(), self.clock.wall()
+        self._journal_presence(lambda p: p.silent(unit, now=now, wall=wall))
+
+    def _presence_alarms_due(self) -> None:
+        now = self.clock.monotonic()
+        self._journal_presence(lambda p: p.due(now))
+
+    def _journal_presence(self, change: Callable[[UnitPresence], list[PresenceEvent]]) -> None:
+        """Journal a unit going silent, its alarm or its recovery, with the outages kept.
+
+        The change is made on a copy, kept only once journaled: news the journal did not
+        take is news again on the next reading, not lost.
+        """
+        presence = copy.deepcopy(self.presence)
+        events = change(presence)
+        if not events:
+            self.presence = presence
+            return
+        try:
+            with self._committing() as db:
+                for event in events:
+                    self.emit(db, event.type, event.data)
+                self.journal.put_setting(db, UNITS_OFFLINE, presence.as_json())
+        except JournalError:
+            return  # journal_unwritable is its own alarm; the log has the event lines
+        self.presence = presence
+        for event in events:
+            level = log.info if event.type.endswith("online") else log.warning
+            level("unit_presence", type=event.type, **event.data)
+
+    def unit_silence_s(self) -> float:
+        """Seconds since any unit last answered anything (a read, a write, an exception)."""
+        answers = sum(stats.ok for stats in self.scheduler.bus.stats.values())
+        if answers != self._answers_seen:
+            self._answers_seen = answers
+            self.last_answer_at = self.clock.monotonic()
+        return self.clock.monotonic() - self.last_answer_at
+
+    def _bus_unavailable(self, exc: BusUnavailableError) -> None:
+        """The adapter or gateway is gone: news once; the poller reopens it."""
+        if self.bus_lost is not None:
+            return
+        self.bus_lost = BusOutage(str(exc), self.clock.monotonic(), self.clock.wall())
+        log.error("bus_lost", error=str(exc))
+        try:
+            with self._committing() as db:
+                self.emit(db, "bus.lost", {"error": str(exc)})
+        except JournalError:
+            pass
+
+    async def _reopen_bus(self) -> None:
+        """Reopen the adapter with back-off until it opens, then say how long it was gone."""
+        tries = 0
+        while True:
+            await asyncio.sleep(BUS_REOPEN_S[min(tries, len(BUS_REOPEN_S) - 1)])
+            tries += 1
+            try:
+                await self.scheduler.submit(Priority.SAFETY, _reopen)
+            except BusUnavailableError as exc:
+                if tries == 1:
+                    log.warning("bus_reopen_failing", error=str(exc))
+                continue
+            break
+        lost, self.bus_lost = self.bus_lost, None
+        assert lost is not None
+        outage_s = round(self.clock.wall() - lost.since_wall, 1)
+        log.info("bus_restored", outage_s=outage_s, tries=tries)
+        try:
+            with self._committing() as db:
+                self.emit(db, "bus.restored", {"outage_s": outage_s})
+        except JournalError:
+            pass
+
+    # -- safety writes: confirmed by reading the board back -----------------------------------
+
+    def _make_safe(self, target: SafetyTarget) -> None:
+        """Charger off / contactor open, now, and again until a read-back confirms it."""
+        write = self.safety_writes.get(target)
+        if write is None:
+            write = self.safety_writes[target] = SafetyWrite(target, due=self.clock.monotonic())
+        if write.due <= self.clock.monotonic():  # else its back-off is running
+            self._spawn(self._try_safety_write(target))
+
+    def _safety_still_wanted(self, target: SafetyTarget) -> bool:
+        kind, bay = target
+        if kind == "contactor":
+            return self.safety.smoke or self.safety.mains_lost
+        assert bay is not None
+        return not self.safety.charging_allowed(bay)
+
+    async def _try_safety_write(self, target: SafetyTarget) -> None:
+        """One try: the write at SAFETY priority, then the read-back that confirms it."""
+        write = self.safety_writes.get(target)
+        if write is None or write.busy:
+            return
+        write.busy = True
+        try:
+            if not self._safety_still_wanted(target):
+                self._safety_settled(write, "no longer required")
+                return
+            error = await self._safety_attempt(target)
+        finally:
+            write.busy = False
+        if error is None:
+            self._safety_settled(write, "confirmed by read-back")
+            return
+        write.tries += 1
+        write.error = error
+        pause = SAFETY_RETRY_S[min(write.tries - 1, len(SAFETY_RETRY_S) - 1)]
+        write.due = self.clock.monotonic() + pause
+        self._safety_wakeup.set()
+        if not write.alarmed:
+            what = "charger off" if target[0] == "charger" else "main contactor open"
+            log.error("safety_write_failed", target=target[0], bay=target[1], error=error)
+            write.alarmed = self._safety_alarm(
+                write, active=True, detail=f"{what} not confirmed: {error}"
+            )
+
+    async def _safety_attempt(self, target: SafetyTarget) -> str | None:
+        """Write and read back; None if confirmed, else why not."""
+        kind, bay = target
+        problem: str | None = None
+        try:
+            if kind == "charger":
+                assert bay is not None
+                await self.scheduler.submit(
+                    Priority.SAFETY,
+                    lambda bus: BayBoard(bus, bay).set_charger(enabled=False, current_limit_a=0.0),
+                )
+            else:
+                await self.scheduler.submit(
+                    Priority.SAFETY, lambda bus: CabinetBoard(bus).set_contactor(closed=False)
+                )
+        except BusError as exc:  # the reply may be lost while the write landed: read back
+            problem = f"write failed: {exc}"
+        try:
+            if kind == "charger":
+                assert bay is not None
+                regs = await self.scheduler.submit(
+                    Priority.SAFETY,
+                    lambda bus: bus.read_holding(bay, bay_map.CommandReg.CHARGER_ENABLE, 1),
+                )
+                still_on = bool(regs[0])
+            else:
+                status = await self.scheduler.submit(
+                    Priority.SAFETY, lambda bus: CabinetBoard(bus).read_status()
+                )
+                still_on = status.contactor_closed
+        except (BusError, ProtocolError) as exc:
+            return f"{problem}; read-back failed: {exc}" if problem else f"read-back failed: {exc}"
+        if still_on:
+            board = "the board" if kind == "charger" else "the cabinet board"
+            return f"{board} still reads {'charger enabled' if kind == 'charger' else 'closed'}"
+        if kind == "charger":
+            assert bay is not None
+            self._commanded[bay] = (False, 0.0, self.clock.monotonic())
+        return None
+
+    def _safety_settled(self, write: SafetyWrite, how: str) -> None:
+        if write.alarmed and not self._safety_alarm(write, active=False, detail=how):
+            write.due = self.clock.monotonic() + SAFETY_RETRY_S[-1]  # cleared on a later try
+            return
+        self.safety_writes.pop(write.target, None)
+        if write.tries:
+            log.info("safety_write_settled", target=write.target[0], bay=write.target[1], how=how)
+
+    def _safety_alarm(self, write: SafetyWrite, *, active: bool, detail: str) -> bool:
+        try:
+            with self._committing() as db:
+                self.emit(
+                    db,
+                    "alarm.raised" if active else "alarm.cleared",
+                    {"kind": "safety_write_failed", "bay": write.target[1], "detail": detail},
+                )
+        except JournalError:
+            return False  # not journaled: raised or cleared on the next try
+        return True
+
+    async def safety_writes_forever(self) -> None:
+        """Re-try every unconfirmed safety write when its back-off is over."""
+        while True:
+            self._safety_wakeup.clear()
+            now = self.clock.monotonic()
+            for target, write in list(self.safety_writes.items()):
+                if write.due <= now and not write.busy:
+                    await self._try_safety_write(target)
+            pending = [w.due for w in self.safety_writes.values() if not w.busy]
+            delay = max(0.0, min(pending) - self.clock.monotonic()) if pending else None
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(delay):
+                    await self._safety_wakeup.wait()
 
     # -- long-running loops ------------------------------------------------------------------
 
@@ -682,15 +1015,33 @@ class CabinetController:
         self._timer_wakeup.set()
 
     async def poll_forever(self) -> None:
-        """The poll cycle: every bay once, the session's bays often, heartbeat, charging."""
+        """The poll cycle: every bay once, the session's bays often, heartbeat, charging.
+
+        Paced: a cycle starts at most every ``MIN_POLL_CYCLE_S`` (the session's bays are
+        still read every ``HOT_BAY_INTERVAL_S`` meanwhile), and a lost adapter is reopened
+        with back-off before the next cycle — so calls that fail at once never make a
+        busy loop.
+        """
         while True:
+            started = self.clock.monotonic()
+            if self.bus_lost is not None:
+                await self._reopen_bus()
             for bay in BAY_UNITS:
                 await self._read_bay(bay, Priority.ROUTINE)
                 await self._read_hot_bays()
             await self._read_cabinet()
             await self._apply_charging()
             await self._read_meter_if_due()
+            self._presence_alarms_due()
             self.last_cycle_at = self.clock.monotonic()
+            self.poll_cycles += 1
+            await self._pace(started)
+
+    async def _pace(self, started: float) -> None:
+        """Wait out the rest of the minimum cycle, keeping the session's bays fresh."""
+        while (left := started + MIN_POLL_CYCLE_S - self.clock.monotonic()) > 0:
+            await asyncio.sleep(min(left, HOT_BAY_INTERVAL_S))
+            await self._read_hot_bays()
 
     async def timers_forever(self) -> None:
         """Turn deadlines into ``TimerExpired`` events."""
@@ -710,23 +1061,38 @@ class CabinetController:
 
     # -- session requests ---------------------------------------------------------------------
 
-    def _start_event(self, rider_id: str, mode: Mode) -> Start:
-        usable = {
+    def _usable_bays(self, latest: dict[int, BaySnapshot]) -> dict[int, BaySnapshot]:
+        """Bays a session may use now: answering, shut, in service, not tripped."""
+        return {
             bay: snap
-            for bay, snap in self.snapshots.items()
+            for bay, snap in {**self.snapshots, **latest}.items()
             if snap.online
             and snap.door_closed
             and bay not in self.out_of_service
             and bay not in self.safety.tripped
         }
-        empty = tuple(sorted(bay for bay, snap in usable.items() if not snap.battery_present))
+
+    def _dispensable_now(self, latest: dict[int, BaySnapshot]) -> tuple[Candidate, ...]:
+        """Batteries that may be handed out by their latest readings, best first.
+
+        The session's own return bay is never a candidate: after a deposit it holds the
+        rider's battery, which goes back to them as such, not as a "fresh" one.
+        """
+        usable = self._usable_bays(latest)
         ranked = rank_dispensable(
-            ((bay, snap.battery) for bay, snap in usable.items() if snap.battery is not None),
+            (
+                (bay, snap.battery)
+                for bay, snap in usable.items()
+                if snap.battery is not None and bay != self.state.return_bay
+            ),
             self.settings.dispense,
         )
-        dispensable = tuple(
-            Candidate(bay, b.battery_id) for bay, b in ranked if b.battery_id is not None
-        )
+        return tuple(Candidate(bay, b.battery_id) for bay, b in ranked if b.battery_id is not None)
+
+    def _start_event(self, rider_id: str, mode: Mode) -> Start:
+        usable = self._usable_bays({})
+        empty = tuple(sorted(bay for bay, snap in usable.items() if not snap.battery_present))
+        dispensable = self._dispensable_now({})
         return Start(uuid.uuid4().hex[:12], rider_id, mode, empty, dispensable)
 
     def set_bay_service(self, bay: int, *, in_service: bool, reason: str, by: str) -> None:
@@ -780,6 +1146,8 @@ class CabinetController:
         """Why no session can start now, or None."""
         if not self.ready:
             return "not_ready"
+        if not self.journal_writable():
+            return "journal_unwritable"
         if self.state.phase is not Phase.IDLE:
             return "busy"
         if self.maintenance is not None:
@@ -787,6 +1155,45 @@ class CabinetController:
         if not self.safety.swaps_allowed:
             return "safety_lockout"
         return None
+
+    def journal_writable(self) -> bool:
+        """Whether the journal takes writes (re-tried while it does not).
+
+        Nothing is decided without the journal, so while it cannot be written no rider is
+        accepted and the ``journal_unwritable`` alarm stands: in ``status`` and ``state``
+        at once, in the event stream as soon as an event can be stored again.
+        """
+        trouble = self.journal.trouble(self.clock.monotonic())
+        if trouble is not None and self.journal_alarm is None:
+            log.error("journal_unwritable_refusing_riders", reason=trouble)
+            self.journal_alarm = trouble
+            self._journal_alarm_stored = self._store_journal_alarm(raised=True, cleared=False)
+        elif trouble is None and self.journal_alarm is not None:
+            raised = not self._journal_alarm_stored
+            if self._store_journal_alarm(raised=raised, cleared=True):
+                log.info("journal_writable_accepting_riders")
+                self.journal_alarm = None
+        return trouble is None
+
+    def _store_journal_alarm(self, *, raised: bool, cleared: bool) -> bool:
+        detail = f"the journal cannot be written: {self.journal_alarm}"
+        try:
+            with self._committing() as db:
+                if raised:
+                    self.emit(
+                        db,
+                        "alarm.raised",
+                        {"kind": "journal_unwritable", "bay": None, "detail": detail},
+                    )
+                if cleared:
+                    self.emit(
+                        db,
+                        "alarm.cleared",
+                        {"kind": "journal_unwritable", "bay": None, "detail": "writable again"},
+                    )
+        except JournalError:
+            return False  # a full disk usually takes this too: stored once there is room
+        return True
 
     def refuse_session(self, rider_id: str, reason: str, source: str) -> None:
         """Record that a rider was turned away before any door opened."""
@@ -817,6 +1224,12 @@ class CabinetController:
         """Wait for unlocks and safety writes in flight (tests, shutdown)."""
         while self._pending:
             await asyncio.gather(*list(self._pending), return_exceptions=True)
+
+
+async def _reopen(bus: ModbusBus) -> None:
+    """Close and reopen the port (a job on the bus master: no transaction is in flight)."""
+    bus.close()
+    await bus.connect()
 
 
 def _with_id(event: Event) -> SwapState:

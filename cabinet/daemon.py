@@ -26,10 +26,12 @@ from cabinet.charging_policy import ChargingRules
 from cabinet.config import CabinetConfig
 from cabinet.control_server import AlreadyRunningError, ControlServer
 from cabinet.controller import CabinetController, ControllerSettings
+from cabinet.display.challenges import ChallengeBook
 from cabinet.doctor import FleetFacts
 from cabinet.firmware_service import FirmwareFetcher, FirmwareService
 from cabinet.fleet_link import FleetLink
-from cabinet.journal import Journal
+from cabinet.journal import Journal, JournalError
+from cabinet.refusal_limit import Burst, RefusalLimit
 from cabinet.swap_machine import Mode, SwapMachine, Timeouts
 from cabinet.systemd_notify import Notifier
 from cabinet.task_health import TaskHealth
@@ -68,6 +70,8 @@ def settings_from(config: CabinetConfig) -> ControllerSettings:
             power_budget_w=config.charging.power_budget_w,
             ready_soc_pct=swap.dispense_min_soc_pct,
         ),
+        offline_alarm_s=config.bus.offline_alarm_s,
+        silence_unhealthy_s=config.bus.silence_unhealthy_s,
     )
 
 
@@ -115,26 +119,86 @@ async def _connect_bus(bus: ModbusBus) -> None:
             return
 
 
+SCAN_SOURCE = "qr"
+
+
+class ScanRefusals:
+    """The scanner's refusals: a few journaled one by one, the rest summarised per burst.
+
+    The decision is ``RefusalLimit``'s (sans-I/O); this journals the summaries when they
+    fall due, from a task of their own so that a burst that simply stops is reported too.
+    """
+
+    def __init__(self, controller: CabinetController, per_minute: int) -> None:
+        self.controller = controller
+        self.limit = RefusalLimit(per_minute)
+        self._wakeup = asyncio.Event()
+
+    def admit(self, reason: str) -> bool:
+        """True: journal this refusal; False: it was counted into the burst's summary."""
+        clock = self.controller.clock
+        admitted = self.limit.admit(
+            SCAN_SOURCE, reason, now=clock.monotonic(), ts_ms=int(clock.wall() * 1000)
+        )
+        if not admitted:
+            self._wakeup.set()
+        return admitted
+
+    async def summarise_forever(self) -> None:
+        """Journal each burst's ``auth.refused_burst`` once it went quiet or its minute ended."""
+        clock = self.controller.clock
+        while True:
+            self._wakeup.clear()
+            due_at = self.limit.next_due()
+            if due_at is None:
+                await self._wakeup.wait()
+                continue
+            await asyncio.sleep(max(0.0, due_at - clock.monotonic()))
+            for burst in self.limit.due(clock.monotonic()):
+                self._journal(burst)
+
+    def _journal(self, burst: Burst) -> None:
+        summary = {
+            "source": burst.source,
+            "count": burst.count,
+            "first_ts": burst.first_ts,
+            "last_ts": burst.last_ts,
+            "reasons": burst.reasons,
+        }
+        log.info("scans_refused_burst", **summary)
+        try:
+            with self.controller.journal.transaction() as db:
+                self.controller.emit(db, "auth.refused_burst", summary)
+        except JournalError:
+            pass  # journal_unwritable: the log line above has the figures
+
+
 async def scanner_loop(config: CabinetConfig, controller: CabinetController) -> None:
     """Read scans forever; verify each token offline and start a session for its rider."""
     url = config.scanner.url
     if url is None:
         return
     keys = [load_public_key(path) for path in config.auth.public_keys]
+    refusals = ScanRefusals(controller, config.scanner.refused_scans_per_minute)
+    summaries = asyncio.create_task(refusals.summarise_forever())
     failures = 0
-    while True:
-        try:
-            async for item in read_scans(url):
-                failures = 0
-                if isinstance(item, ScanGarbage):
-                    log.info("scan_garbage", reason=item.reason)
-                    continue
-                handle_scan(item, keys, config.cabinet.id, controller)
-        except ScannerUnavailableError as exc:
-            if failures == 0:
-                log.warning("scanner_unavailable", error=str(exc))
-            failures += 1
-            await asyncio.sleep(RESTART_BACKOFF_S[min(failures, len(RESTART_BACKOFF_S) - 1)])
+    try:
+        while True:
+            try:
+                async for item in read_scans(url):
+                    failures = 0
+                    if isinstance(item, ScanGarbage):
+                        if refusals.admit("garbage"):
+                            log.info("scan_garbage", reason=item.reason)
+                        continue
+                    handle_scan(item, keys, config.cabinet.id, controller, refusals)
+            except ScannerUnavailableError as exc:
+                if failures == 0:
+                    log.warning("scanner_unavailable", error=str(exc))
+                failures += 1
+                await asyncio.sleep(RESTART_BACKOFF_S[min(failures, len(RESTART_BACKOFF_S) - 1)])
+    finally:
+        summaries.cancel()
 
 
 def handle_scan(
@@ -142,23 +206,44 @@ def handle_scan(
     keys: list[Ed25519PublicKey],
     cabinet_id: str,
     controller: CabinetController,
+    refusals: ScanRefusals | None = None,
 ) -> None:
-    """Verify a scanned token and start the session it authorises, or record the refusal."""
-    now = int(time.time())
+    """Verify a scanned token and start the session it authorises, or record the refusal.
+
+    Refusals are rate-limited (``refusals``); a valid token never waits for anything.
+    With the journal unwritable the rider is refused (``journal_unwritable``) and the
+    scanner carries on: nothing here may take the scanner task down.
+    """
+
+    def refuse(reason: str, detail: str, rider: str | None, *, session: bool) -> None:
+        if refusals is not None and not refusals.admit(reason):
+            return
+        log.info("scan_refused", reason=reason, detail=detail, rider_id=rider)
+        try:
+            if session and rider is not None:
+                controller.refuse_session(rider, reason, "qr")
+            else:
+                controller.refuse_authorisation(reason, detail, rider)
+        except JournalError:
+            pass  # logged once by the journal; status and state show journal_unwritable
+
+    now = int(controller.clock.wall())  # the injected clock; unset -> clock_unset refusal
     try:
         claims = verify(scan.text, keys, now=now, cabinet_id=cabinet_id)
     except TokenRefusedError as exc:
-        log.info("token_refused", reason=exc.reason, detail=str(exc))
-        controller.refuse_authorisation(exc.reason, str(exc), None)
+        refuse(exc.reason, str(exc), None, session=False)
         return
     refusal = controller.refusal()
     if refusal is not None:  # the token stays good: the rider can scan again in a moment
-        controller.refuse_session(claims.rider, refusal, "qr")
+        refuse(refusal, f"cannot start a session now: {refusal}", claims.rider, session=True)
         return
-    if not controller.journal.use_token(claims.nonce, claims.exp, now):
-        controller.refuse_authorisation("replayed", "token was already used", claims.rider)
-        return
-    controller.request_session(claims.rider, Mode(claims.mode), "qr")
+    try:
+        if not controller.journal.use_token(claims.nonce, claims.exp, now):
+            refuse("replayed", "token was already used", claims.rider, session=False)
+            return
+        controller.request_session(claims.rider, Mode(claims.mode), "qr")
+    except JournalError as exc:
+        refuse("journal_unwritable", str(exc), claims.rider, session=True)
 
 
 def health_problem(tasks: TaskHealth, controller: CabinetController) -> str | None:
@@ -170,6 +255,9 @@ def health_problem(tasks: TaskHealth, controller: CabinetController) -> str | No
         age = controller.clock.monotonic() - controller.last_cycle_at
         if age > POLL_STALL_S:
             return f"no full poll cycle for {age:.0f} s"
+    silence = controller.unit_silence_s()
+    if silence > controller.settings.silence_unhealthy_s:  # a loop that runs is not enough
+        return f"no unit has answered on the bus for {silence:.0f} s"
     return None
 
 
@@ -207,6 +295,10 @@ def _stop_on_signals() -> asyncio.Event:
     return stop
 
 
+def _journal_cap(megabytes: float | None) -> int | None:
+    return None if megabytes is None else int(megabytes * 1024 * 1024)
+
+
 def controller_for(config: CabinetConfig) -> CabinetController:
     """The journal, the bus and the controller described by the configuration."""
     bus = ModbusBus(
@@ -217,13 +309,53 @@ def controller_for(config: CabinetConfig) -> CabinetController:
     )
     return CabinetController(
         cabinet_id=config.cabinet.id,
-        journal=Journal(Path(config.cabinet.state_dir) / JOURNAL_FILE),
+        journal=Journal(
+            Path(config.cabinet.state_dir) / JOURNAL_FILE,
+            max_bytes=_journal_cap(config.cabinet.journal_max_mb),
+        ),
         scheduler=BusScheduler(bus),
         settings=settings_from(config),
     )
 
 
-async def run_daemon(config: CabinetConfig, config_path: Path | None = None) -> int:
+def rider_side(
+    config: CabinetConfig,
+    controller: CabinetController,
+    start: Callable[[str, Callable[[], Awaitable[None]]], None],
+) -> None:
+    """The QR challenges (when shown or required) and the rider's kiosk page (when enabled).
+
+    aiohttp and segno are imported only here, only with ``[display] enabled``: a
+    cabinet without a screen stays lean.
+    """
+    settings = config.display
+    if settings.enabled or config.auth.require_challenge:
+        controller.challenges = ChallengeBook(
+            controller.journal,
+            config.cabinet.id,
+            controller.clock,
+            rotate_s=settings.challenge_rotate_s,
+            required=config.auth.require_challenge,
+        )
+    if not settings.enabled or controller.challenges is None:
+        return
+    try:
+        from cabinet.display.server import DisplayServer  # noqa: PLC0415 - lean when off
+    except ImportError as exc:
+        log.error("display_unavailable", error=f"{exc}: pip install 'swap-cabinet[display]'")
+        return
+    from cabinet.display.voice import Voice  # noqa: PLC0415
+
+    voice = Voice(
+        settings.audio_command,
+        config.cabinet.state_dir / "voice",
+        volume=settings.volume,
+        quiet_hours=settings.quiet_hours,
+    )
+    start("display", DisplayServer(controller, settings, controller.challenges, voice).run)
+
+
+async def run_daemon(config: CabinetConfig, config_path: Path | None = None) -> int:  # noqa: PLR0915
     """Run until SIGTERM/SIGINT; return the exit code."""
     structlog.contextvars.bind_contextvars(cabinet_id=config.cabinet.id)
     firmware_keys = _firmware_keys(config)
@@ -267,6 +399,7 @@ async def run_daemon(config: CabinetConfig, config_path: Path | None = None) -> 
         await _connect_bus(bus)
         start("bus_master", scheduler.run)
         start("heartbeat", controller.heartbeat_forever)
+        start("safety_writes", controller.safety_writes_forever)
         notifier.notify(status="reconciling the journal with the boards")
         await controller.recover()
         notifier.notify(ready="1", status="running")
@@ -286,9 +419,12 @@ async def run_daemon(config: CabinetConfig, config_path: Path | None = None) -> 
                 controller,
                 lambda **kw: mqtt_link_for(config, **kw),
                 telemetry_interval_s=config.mqtt.telemetry_interval_s,
-                firmware=FirmwareFetcher(firmware, config.firmware.max_download_bytes),
+                firmware=FirmwareFetcher(
+                    firmware, config.firmware.max_download_bytes, config.firmware_image_dir
+                ),
             )
             start("fleet_link", fleet.run)
+        rider_side(config, controller, start)
         await stop.wait()
         notifier.notify(stopping="1", status="stopping")
     finally:

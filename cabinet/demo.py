@@ -17,6 +17,7 @@ import contextlib
 import json
 import random
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -71,13 +72,21 @@ class Tally:
         return sum(r.outcome == "completed" for r in self.results)
 
 
-def _config(tmp: Path, sim: dict[str, Any], broker_url: str) -> Path:
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _config(tmp: Path, sim: dict[str, Any], broker_url: str, screen_port: int) -> Path:
     config = {
         "cabinet": {"id": CABINET_ID, "state_dir": str(tmp / "state")},
         "bus": {"url": sim["bus"]},
         "scanner": {"url": sim["scanner"]},
         "mqtt": {"url": broker_url, "telemetry_interval_s": 10},
-        "auth": {"public_keys": [str(tmp / "backend.pub")]},
+        # app riders scan the screen's dynamic QR code (through the backend stand-in)
+        "auth": {"public_keys": [str(tmp / "backend.pub")], "require_challenge": True},
+        "display": {"enabled": True, "port": screen_port},
         # short enough that a rider who walks away does not stall the demo for long
         "swap": {"deposit_timeout_s": 15, "take_back_timeout_s": 20, "pickup_timeout_s": 20},
     }
@@ -134,6 +143,7 @@ class Demo:
         self.tally = Tally()
         self.started = time.monotonic()
         self.socket = tmp / "state" / "control.sock"
+        self.screen_url = ""
 
     async def run(self, duration_s: float | None, live: bool) -> int:
         """Start everything, let riders come until stopped, summarise; the exit code."""
@@ -157,11 +167,13 @@ class Demo:
         backend = None
         try:
             pair = generate_keys(str(self.tmp / "backend"))
-            config = _config(self.tmp, sim, broker_url)
+            self.screen_url = screen_url = f"http://127.0.0.1:{(screen_port := _free_port())}/"
+            config = _config(self.tmp, sim, broker_url, screen_port)
             daemon = _spawn_daemon(config, self.tmp / "daemon.log")
             backend = await asyncio.to_thread(Backend, host, int(port), mqtt5=False)
             await _wait_ready(self.socket, daemon)
             self.say(f"broker {broker_url}, simulator {sim['bus']}, daemon ready")
+            self.say(f"the cabinet's screen: open {screen_url} in a browser")
             control = sim["control"].removeprefix("tcp://").split(":")
             world = Surroundings(
                 sim_control=(control[0], int(control[1])),
@@ -169,7 +181,7 @@ class Demo:
                 cabinet_id=CABINET_ID,
                 backend_key=load_private_key(pair.private),
                 forger_key=Ed25519PrivateKey.generate(),
-                app_swap=lambda rider: backend.authorise_swap(CABINET_ID, rider),
+                app_swap=lambda rider: backend.app_swap(screen_url, rider),
                 rng=random.Random(self.seed),
                 say=(lambda _line: None) if live else self.say,
             )
@@ -254,6 +266,7 @@ class Demo:
                 completed=self.tally.completed,
                 failed=len(self.tally.results) - self.tally.completed,
                 elapsed_s=time.monotonic() - self.started,
+                screen_url=self.screen_url,
             )
             sys.stdout.write(CLEAR + "\n".join(render(frame)) + "\n")
             sys.stdout.flush()

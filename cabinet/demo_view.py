@@ -30,6 +30,7 @@ class Frame:
     completed: int = 0
     failed: int = 0
     elapsed_s: float = 0.0
+    screen_url: str = ""  # the rider's kiosk page, for a browser
 
 
 def soc_bar(soc: float | None) -> str:
@@ -85,6 +86,8 @@ def render(frame: Frame) -> list[str]:
         "",
         " BAY DOOR    BATTERY      CHARGE             CELL    CHARGER",
     ]
+    if frame.screen_url:
+        lines.insert(2, f" rider's screen: open {frame.screen_url} in a browser")
     lines += [_bay_line(bay, session) for bay in frame.bays]
     lines.append("")
     if session is None:

@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
 
+from cabinet.clock import clock_is_set, unset_clock_detail
 from cabinet.config import CabinetConfig, ConfigError, load, secret_problems
 from cabinet.controller import CabinetController
 from cabinet.task_health import TaskHealth
@@ -28,7 +29,6 @@ ERROR_RATE_WARN = 0.05  # one exchange in twenty failing: the line or a board ne
 OUTBOX_WARN_DEPTH = 100  # a few minutes of a busy cabinet: the broker is not taking events
 DISK_FAIL_BYTES = 50 * 1024 * 1024  # the journal needs room for its WAL to commit at all
 DISK_WARN_BYTES = 500 * 1024 * 1024
-EARLIEST_SANE_YEAR = 2025  # a board without RTC battery boots in 1970
 NTP_SYNC_FLAG = Path("/run/systemd/timesync/synchronized")
 
 
@@ -53,9 +53,10 @@ class FleetFacts:
     connected: bool
 
 
-def _daemon(tasks: TaskHealth, started_at: float) -> Check:
+def _daemon(tasks: TaskHealth, started_at: float, now: float) -> Check:
+    """``started_at`` and ``now`` are the injected clock's monotonic seconds."""
     failing = tasks.failing()
-    uptime = int(time.time() - started_at)
+    uptime = int(now - started_at)
     if failing:
         names = ", ".join(f"{n} ({s.last_error})" for n, s in sorted(failing.items()))
         return Check("daemon", "fail", f"tasks failing: {names}")
@@ -72,6 +73,17 @@ def _poll(c: CabinetController) -> Check:
     if age > POLL_STALE_S:
         return Check("poll", "fail", f"last full poll cycle {age:.0f} s ago: the bus is stuck")
     return Check("poll", "ok", f"last full poll cycle {age:.1f} s ago")
+
+
+def _bus(c: CabinetController) -> Check:
+    """Whether anybody answers: a poll loop that runs against silence is not healthy."""
+    silence = c.unit_silence_s()
+    cycles = f"{c.poll_cycles} poll cycles"
+    if c.bus_lost is not None:
+        return Check("bus", "fail", f"bus lost ({c.bus_lost.error}); reopening; {cycles}")
+    if silence > c.settings.silence_unhealthy_s:
+        return Check("bus", "fail", f"no unit has answered for {silence:.0f} s; {cycles}")
+    return Check("bus", "ok", f"a unit answered {silence:.1f} s ago; {cycles}")
 
 
 def _bus_units(c: CabinetController) -> Iterable[Check]:
@@ -109,10 +121,10 @@ def _mqtt(c: CabinetController, fleet: FleetFacts | None) -> Iterable[Check]:
 
 
 def _clock(c: CabinetController) -> Check:
-    now = time.time()
-    year = time.gmtime(now).tm_year
-    if year < EARLIEST_SANE_YEAR:
-        return Check("clock", "fail", f"clock says {year}: tokens and timestamps are wrong")
+    """The daemon's injected clock: unset (an RTC at 1970) fails, since tokens are refused."""
+    now = c.clock.wall()
+    if not clock_is_set(now):
+        return Check("clock", "fail", unset_clock_detail(now))
     last = c.journal.last_event()
     if last is not None and last["ts"] / 1000 > now + 1:
         behind = last["ts"] / 1000 - now
@@ -166,6 +178,14 @@ def _alarms(c: CabinetController) -> Iterable[Check]:
     for bay, reason in sorted(c.safety.tripped.items()):
         found = True
         yield Check("alarm", "fail", f"bay {bay} over temperature ({reason}); `cabinet bay enable`")
+    for unit in sorted(c.presence.outages):
+        found = True
+        yield Check("alarm", "warn", f"{unit_name(unit)} not answering on the bus")
+    for kind, target_bay in sorted(c.safety_writes, key=str):
+        found = True
+        what = "charger off" if kind == "charger" else "main contactor open"
+        where = f" (bay {target_bay})" if target_bay is not None else ""
+        yield Check("alarm", "fail", f"{what}{where} not confirmed by the board")
     for bay, reason in sorted(c.out_of_service.items()):
         if bay not in c.safety.tripped:
             found = True
@@ -185,8 +205,9 @@ def run_checks(
 ) -> list[Check]:
     """The whole report, in the order a technician reads it."""
     return [
-        _daemon(tasks, started_at),
+        _daemon(tasks, started_at, c.clock.monotonic()),
         _poll(c),
+        _bus(c),
         *_bus_units(c),
         *_mqtt(c, fleet),
         _clock(c),

@@ -17,7 +17,8 @@ from typing import Any
 from cabinet.cli_output import EXIT_OK, EXIT_PROBLEM, CliError, print_json, print_json_line, table
 from cabinet.technician_cli import ask, bay_number, common_options
 from cabinet.tokens import KeyFileError, load_private_key
-from firmware_bridge.image import build_image, parse_version
+from firmware_bridge.image import HEADER_BYTES, build_image, parse_version
+from firmware_bridge.image_file import ImageSourceError, load_image_file
 from protocol.firmware_map import BOARD_TYPES, MAX_IMAGE_BYTES
 from protocol.units import BAY_UNITS
 
@@ -83,12 +84,12 @@ class _Bar:
 def _update(args: argparse.Namespace) -> int:
     if not args.all and not args.bay:
         raise CliError("say which bays: --bay N (repeatable) or --all")
-    try:
-        data = Path(args.image).read_bytes()
-    except OSError as exc:
-        raise CliError(f"cannot read {args.image}: {exc.strerror or exc}") from None
-    if len(data) > MAX_IMAGE_BYTES + 4096:
-        raise CliError(f"{args.image} is too large for a bay board")
+    try:  # a regular file only: a FIFO or a device would hang the command (docs/firmware.md)
+        data = load_image_file(Path(args.image), MAX_IMAGE_BYTES + HEADER_BYTES)
+    except ImageSourceError as exc:
+        if exc.reason == "too_large":
+            raise CliError(f"{args.image} is too large for a bay board") from None
+        raise CliError(str(exc)) from None
     request = {
         "image_b64": base64.b64encode(data).decode(),
         "bays": list(BAY_UNITS) if args.all else args.bay,

@@ -13,6 +13,7 @@ quarter), ``firmware.updated``, ``firmware.failed``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 import urllib.parse
 import urllib.request
@@ -26,6 +27,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from cabinet.bus_scheduler import Priority
 from cabinet.controller import CabinetController
+from cabinet.journal import JournalError
 from cabinet.swap_machine import Phase
 from drivers.boards import BayBoard
 from drivers.modbus_bus import BusError, ModbusBus
@@ -36,6 +38,7 @@ from firmware_bridge.image import (
     check_signature,
     parse_image,
 )
+from firmware_bridge.image_file import ImageSourceError, inside, open_image, read_image
 from firmware_bridge.updater import BayUpdater, Progress, UpdateFailedError, read_status
 from protocol import bay_map
 from protocol import firmware_map as fw
@@ -140,6 +143,13 @@ class FirmwareService:
         """Flash ``image`` onto each of ``bays`` in turn; one result per bay."""
         if self._running.locked():
             raise FirmwareRefusedError("busy", "another firmware update is running")
+        if (
+            not self.controller.journal_writable()
+        ):  # every step is journaled, bays go out of service
+            raise FirmwareRefusedError(
+                "journal_unwritable",
+                f"the journal cannot be written: {self.controller.journal_alarm}",
+            )
         async with self._running:
             results = []
             for bay in bays:
@@ -238,22 +248,33 @@ class FirmwareService:
 
 
 class FirmwareFetcher:
-    """``cmd/firmware.update``: the image by path on the device or by http(s) URL.
+    """``cmd/firmware.update``: the image by path in ``firmware.image_dir`` or by http(s) URL.
 
-    The command is answered at once (accepted, or refused with the reason); the update
-    itself runs in the background and reports through events, because flashing a
-    bay takes longer than any reply should wait.
+    The command is answered at once (accepted, or refused with the reason); reading,
+    downloading and flashing happen in the background and report through events,
+    because none of them may hold up the event loop (docs/firmware.md, "Nothing that
+    can block runs on the event loop"). Only what costs no waiting is checked before
+    the reply: the scheme, that a path lies in the image directory, and — on the
+    descriptor opened with ``O_NONBLOCK`` — that it is a regular file within the cap.
     """
 
-    def __init__(self, service: FirmwareService, max_bytes: int) -> None:
+    def __init__(self, service: FirmwareService, max_bytes: int, image_dir: Path) -> None:
         self.service = service
         self.max_bytes = max_bytes
+        self.image_dir = image_dir
+        with contextlib.suppress(OSError):  # where operators put images; no read-only surprise
+            image_dir.mkdir(mode=0o750, parents=True, exist_ok=True)
         self._tasks: set[asyncio.Task[None]] = set()
 
     def start(self, source: str, bays: list[int], *, force: bool) -> dict[str, Any]:
-        """Validate what can be validated now, then update in the background."""
+        """Validate what can be validated without waiting, then update in the background."""
         if self.service.busy:
             raise FirmwareRefusedError("busy", "another firmware update is running")
+        if not self.service.controller.journal_writable():
+            alarm = self.service.controller.journal_alarm
+            raise FirmwareRefusedError(
+                "journal_unwritable", f"the journal cannot be written: {alarm}"
+            )
         scheme = urllib.parse.urlsplit(source).scheme
         if scheme in ("http", "https"):
             self._spawn(self._fetch_and_update(source, bays, force))
@@ -261,19 +282,29 @@ class FirmwareFetcher:
         if scheme not in ("", "file"):
             raise FirmwareRefusedError("invalid_source", f"unsupported source {source!r}")
         path = Path(urllib.parse.urlsplit(source).path if scheme == "file" else source)
-        image = self.service.load(self._read(path), by="operator")
-        self._spawn(self._update(image, bays, force))
-        return {"accepted": True, "bays": bays, "version": image.version_str}
-
-    def _read(self, path: Path) -> bytes:
         try:
-            with path.open("rb") as file:
-                data = file.read(self.max_bytes + 1)
-        except OSError as exc:
-            raise FirmwareRefusedError("unreadable", f"cannot read {path}: {exc}") from None
-        if len(data) > self.max_bytes:
-            raise FirmwareRefusedError("too_large", f"{path} is over {self.max_bytes} bytes")
-        return data
+            fd = open_image(inside(path, self.image_dir), self.max_bytes)
+        except ImageSourceError as exc:
+            raise FirmwareRefusedError(exc.reason, str(exc)) from None
+        self._spawn(self._read_and_update(fd, path, bays, force))
+        return {"accepted": True, "bays": bays, "source": source}
+
+    async def _read_and_update(self, fd: int, path: Path, bays: list[int], force: bool) -> None:
+        try:
+            data = await asyncio.to_thread(read_image, fd, path, self.max_bytes)
+        except ImageSourceError as exc:
+            self._rejected(exc.reason, str(exc))
+            return
+        try:
+            image = self.service.load(data, by="operator")
+        except FirmwareRefusedError:
+            return  # journaled by load
+        await self._update(image, bays, force)
+
+    def _rejected(self, reason: str, detail: str) -> None:
+        self.service.event(
+            "firmware.rejected", {"reason": reason, "detail": detail, "by": "operator"}
+        )
 
     def _download(self, url: str) -> bytes:
         request = urllib.request.Request(url, headers={"User-Agent": "swap-cabinet"})  # noqa: S310 - scheme checked
@@ -312,6 +343,14 @@ class FirmwareFetcher:
             )
 
     def _spawn(self, work: Awaitable[None]) -> None:
-        task = asyncio.ensure_future(work)
+        task = asyncio.ensure_future(self._logged(work))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+    @staticmethod
+    async def _logged(work: Awaitable[None]) -> None:
+        """A background update that cannot journal stops with one clear line, no traceback."""
+        try:
+            await work
+        except JournalError as exc:
+            log.error("firmware_update_stopped", error=str(exc))

@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -29,8 +28,9 @@ from pydantic import BaseModel, ValidationError
 from cabinet import __version__, views
 from cabinet.controller import CabinetController
 from cabinet.firmware_service import FirmwareFetcher, FirmwareRefusedError
+from cabinet.journal import JournalError
 from cabinet.swap_machine import Mode, Phase
-from drivers.mqtt_link import Message, MqttLink
+from drivers.mqtt_link import Message, MqttLink, PublishRefusedError
 from protocol import messages, topics
 from protocol.units import BAY_UNITS
 
@@ -43,6 +43,13 @@ BACKLOG_CHECK_S = 5.0  # how often the backlog is measured while the broker is a
 #: Unpublished events that raise the ``outbox_backlog`` alarm (~days of a busy cabinet
 #: offline; a few hundred MB). Events are never dropped: the alarm asks a person to act.
 OUTBOX_ALARM_DEPTH = 100_000
+#: The largest command payload that is parsed at all (docs/mqtt.md §3): real commands
+#: are well under 1 KiB; a bigger one is refused (``payload_too_large``) unparsed.
+MAX_COMMAND_BYTES = 64 * 1024
+#: Backoff after the broker refuses an event (PUBACK >= 0x80): a refusal is a
+#: configuration problem (ACL, quota) that a person fixes, so retry soon, then rarely.
+REFUSED_RETRY_MIN_S = 1.0
+REFUSED_RETRY_MAX_S = 60.0
 
 
 def _json(model: BaseModel) -> bytes:
@@ -72,12 +79,10 @@ class FleetLink:
         self.controller = controller
         self.firmware = firmware
         self.cabinet_id = controller.cabinet_id
-        offline = messages.Status(
-            ts=views.now_ms(), online=False, version=__version__, boot_id=controller.boot_id
-        )
+        self._connect_ms = self._now_ms()  # when the current connection attempt began
         self.link = link_factory(
             will_topic=topics.status(self.cabinet_id),
-            will_payload=_json(offline),
+            will_payload=self._will,
             on_connected=self._on_connected,
             on_message=self._on_message,
         )
@@ -97,6 +102,8 @@ class FleetLink:
         self._last_state: messages.State | None = None
         self.telemetry_dropped = 0  # samples not sent while the broker was unreachable
         self._backlog_alarm = False
+        self._refused_alarm: str | None = None  # the active publish_refused alarm's detail
+        self._refused_delay_s = REFUSED_RETRY_MIN_S
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -119,7 +126,7 @@ class FleetLink:
         if not self.link.connected.is_set():
             return
         offline = messages.Status(
-            ts=views.now_ms(), online=False, version=__version__, boot_id=self.controller.boot_id
+            ts=self._now_ms(), online=False, version=__version__, boot_id=self.controller.boot_id
         )
         with contextlib.suppress(Exception):
             await asyncio.wait_for(
@@ -127,9 +134,25 @@ class FleetLink:
                 OFFLINE_PUBACK_WAIT_S,
             )
 
+    def _will(self) -> bytes:
+        """The last will, built before each connection attempt (paho's thread).
+
+        Its ``ts`` is the attempt's start + 1 ms and that connection's ``online: true``
+        carries the start itself, so "latest status by ts" ends on the will when the
+        cabinet dies; the next connection starts later still (docs/mqtt.md §6).
+        """
+        self._connect_ms = self._now_ms()
+        offline = messages.Status(
+            ts=self._connect_ms + 1,
+            online=False,
+            version=__version__,
+            boot_id=self.controller.boot_id,
+        )
+        return _json(offline)
+
     def _on_connected(self) -> None:
         online = messages.Status(
-            ts=views.now_ms(), online=True, version=__version__, boot_id=self.controller.boot_id
+            ts=self._connect_ms, online=True, version=__version__, boot_id=self.controller.boot_id
         )
         self.link.publish(topics.status(self.cabinet_id), _json(online), retain=True)
         self._state_dirty.set()
@@ -157,33 +180,89 @@ class FleetLink:
                 self.link.publish(topics.events(self.cabinet_id), self._event(e)) for e in batch
             ]
             acked_upto = 0
+            refused: PublishRefusedError | None = None
             for event, future in zip(batch, futures, strict=True):
                 try:
                     await future
                 except ConnectionError:
                     break  # stay in order: resend from the first unacknowledged one
+                except PublishRefusedError as exc:
+                    refused = exc  # not a delivery: it stays in the outbox, in order
+                    break
                 acked_upto = int(event["seq"])
             if acked_upto:
-                journal.mark_published(acked_upto)
-            self._state_dirty.set()
+                await self._mark_published(acked_upto)
+            # no forced state here: events alone are not a state change, and the
+            # retained state honours its deadbands (``significant``)
+            if refused is not None:
+                await self._back_off_refused(refused)
+            elif acked_upto:
+                self._publish_accepted()
+
+    async def _back_off_refused(self, refused: PublishRefusedError) -> None:
+        """Alarm once, then wait before resending: a refusing broker is not hammered."""
+        if self._refused_alarm is None:
+            self._refused_alarm = self._alarm("alarm.raised", "publish_refused", str(refused))
+            if self._refused_alarm is not None:
+                log.warning("publish_refused", topic=refused.topic, reason=str(refused))
+        await asyncio.sleep(self._refused_delay_s)
+        self._refused_delay_s = min(self._refused_delay_s * 2, REFUSED_RETRY_MAX_S)
+
+    def _publish_accepted(self) -> None:
+        """The broker takes our events again: clear the refusal alarm, reset the backoff."""
+        self._refused_delay_s = REFUSED_RETRY_MIN_S
+        if self._refused_alarm is not None:
+            detail = f"the broker accepts events again (was: {self._refused_alarm})"
+            if self._alarm("alarm.cleared", "publish_refused", detail) is not None:
+                log.info("publish_accepted_again")
+                self._refused_alarm = None
+
+    def _alarm(self, type_: str, kind: str, detail: str) -> str | None:
+        """Journal an alarm event; ``None`` if the journal cannot be written (retried later)."""
+        try:
+            with self.controller.journal.transaction() as db:
+                self.controller.emit(db, type_, {"kind": kind, "bay": None, "detail": detail})
+        except JournalError:
+            return None
+        return detail
+
+    async def _mark_published(self, upto_seq: int) -> None:
+        """Record the PUBACKs; with the journal unwritable, wait for room rather than resend.
+
+        Nothing new can be journaled meanwhile, so there is nothing else to publish.
+        """
+        while True:
+            try:
+                self.controller.journal.mark_published(upto_seq)
+            except JournalError:
+                await asyncio.sleep(BACKLOG_CHECK_S)
+            else:
+                return
 
     def _check_backlog(self) -> None:
         """Raise ``outbox_backlog`` once when the outbox grows past its cap, clear it once."""
         over = self.controller.journal.outbox_depth() >= OUTBOX_ALARM_DEPTH
-        if over != self._backlog_alarm:
-            self._backlog_alarm = over
+        if over == self._backlog_alarm:
+            return
+        detail = (
+            f"{OUTBOX_ALARM_DEPTH}+ events wait for the broker"
+            if over
+            else "the backlog is back under its cap"
+        )
+        try:
             with self.controller.journal.transaction() as db:
                 self.controller.emit(
                     db,
                     "alarm.raised" if over else "alarm.cleared",
-                    {
-                        "kind": "outbox_backlog",
-                        "bay": None,
-                        "detail": f"{OUTBOX_ALARM_DEPTH}+ events wait for the broker"
-                        if over
-                        else "the backlog is back under its cap",
-                    },
+                    {"kind": "outbox_backlog", "bay": None, "detail": detail},
                 )
+        except JournalError:
+            return  # disk full: raised (or cleared) on a later check, once it can be stored
+        self._backlog_alarm = over
+
+    def _now_ms(self) -> int:
+        """``ts`` from the controller's injected clock (one clock for the daemon)."""
+        return int(self.controller.clock.wall() * 1000)
 
     def _event(self, event: dict[str, Any]) -> bytes:
         data = {k: v for k, v in event.items() if k not in {"seq", "id", "type", "ts"}}
@@ -253,6 +332,15 @@ class FleetLink:
         self.link.publish(target, json.dumps(reply).encode(), properties=props)
 
     def _handle(self, name: str, payload: bytes) -> dict[str, Any]:
+        if len(payload) > MAX_COMMAND_BYTES:
+            # refused before any parsing: a huge payload would cost memory for good
+            error = messages.ReplyError(
+                code="payload_too_large",
+                message=f"payload of {len(payload)} bytes is over the {MAX_COMMAND_BYTES} cap",
+            )
+            reply = self._reply(name, None, ok=False, error=error)
+            self._record(name, None, reply)
+            return reply
         request_id = _request_id_of(payload)
         try:
             command, handler = self._parse(name, payload)
@@ -267,6 +355,9 @@ class FleetLink:
                 result=exc.result,
                 error=messages.ReplyError(code=exc.code, message=str(exc)),
             )
+        except JournalError as exc:  # disk full: the command did nothing, and says why
+            error = messages.ReplyError(code="journal_unwritable", message=str(exc))
+            reply = self._reply(name, request_id, ok=False, error=error)
         self._record(name, request_id, reply)
         return reply
 
@@ -309,7 +400,7 @@ class FleetLink:
         error: messages.ReplyError | None = None,
     ) -> dict[str, Any]:
         return messages.Reply(
-            ts=views.now_ms(),
+            ts=self._now_ms(),
             request_id=request_id,
             command=name,
             ok=ok,
@@ -320,9 +411,11 @@ class FleetLink:
     def _record(self, name: str, request_id: str | None, reply: dict[str, Any]) -> None:
         error = reply.get("error") or {}
         duplicate = error.get("code") == "duplicate_request"
-        with self.controller.journal.transaction() as db:
+        with contextlib.suppress(JournalError), self.controller.journal.transaction() as db:
             if request_id is not None and not duplicate:
-                self.controller.journal.put_command_reply(db, request_id, reply, time.time())
+                self.controller.journal.put_command_reply(
+                    db, request_id, reply, self.controller.clock.wall()
+                )
             self.controller.emit(
                 db,
                 "command.handled",
@@ -343,10 +436,26 @@ class FleetLink:
 
     def _swap_start(self, args: dict[str, Any]) -> dict[str, Any]:
         parsed = self._args(messages.SwapStartArgs, args)
+        book = self.controller.challenges  # the screen's QR challenges (cabinet/display)
+        if book is not None:
+            bad = book.check(parsed.challenge)
+            if bad is not None:
+                detail = f"challenge {parsed.challenge or '(none)'}: {bad}"
+                self.controller.refuse_authorisation(bad, detail, parsed.rider_id)
+                raise CommandError(bad, f"swap refused: {bad.replace('_', ' ')}")
+        elif parsed.challenge is not None:  # no screen, so it showed no challenge
+            self.controller.refuse_authorisation(
+                "unknown_challenge", "this cabinet shows no QR challenge", parsed.rider_id
+            )
+            raise CommandError("unknown_challenge", "swap refused: unknown challenge")
         refusal = self.controller.request_session(parsed.rider_id, Mode(parsed.mode), "mqtt")
         if refusal is not None:
             raise CommandError(refusal, f"cannot start a session now: {refusal}")
         state = self.controller.state
+        if book is not None and state.phase is not Phase.IDLE:
+            book.use(parsed.challenge)
+        if parsed.lang is not None and state.session_id:
+            self.controller.rider_language = (state.session_id, parsed.lang)
         if state.phase is Phase.IDLE:  # refused by the machine (no battery, no bay)
             raise CommandError(
                 "refused", "the cabinet could not start the session (see the swap.failed event)"

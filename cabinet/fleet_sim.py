@@ -98,6 +98,7 @@ class SimCabinet:
         async with asyncio.TaskGroup() as group:
             group.create_task(c.scheduler.run())
             group.create_task(c.heartbeat_forever())
+            group.create_task(c.safety_writes_forever())
             await c.recover()
             group.create_task(c.poll_forever())
             group.create_task(c.timers_forever())

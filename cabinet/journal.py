@@ -14,6 +14,7 @@ cannot be replayed across a reboot.
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 import uuid
 from collections.abc import Iterator
@@ -22,13 +23,22 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+import structlog
+
 from cabinet.battery_rules import BatteryObs
 from cabinet.bay_tracker import BaySnapshot
 from cabinet.custody import CustodyLedger, Location, Where
 from cabinet.swap_machine import Candidate, Mode, Phase, SwapState, Timer
 
+log = structlog.get_logger("journal")
+
 SCHEMA_VERSION = 1
 EVENT_HISTORY = 10_000  # published events kept for `cabinet events`; unpublished are never pruned
+#: The idempotency window of remote commands (docs/mqtt.md): a retried ``request_id``
+#: within a day — and among the last 10,000 — gets its original reply; a backend
+#: retries within seconds, so a day is generous while the table stays under ~10 MB.
+COMMAND_WINDOW_S = 24 * 3600.0
+COMMAND_WINDOW_MAX = 10_000
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -53,11 +63,36 @@ CREATE TABLE IF NOT EXISTS used_tokens (nonce TEXT PRIMARY KEY, expires INTEGER 
 CREATE TABLE IF NOT EXISTS commands (
     request_id TEXT PRIMARY KEY, reply TEXT NOT NULL, at REAL NOT NULL
 );
+CREATE INDEX IF NOT EXISTS commands_at ON commands (at);
 """
 
 
 class JournalError(Exception):
     """The journal cannot be opened or written (disk full, permissions, corruption)."""
+
+
+class JournalUnwritableError(JournalError):
+    """A write failed for want of storage (disk full, I/O error, read-only): not a bug.
+
+    The cabinet goes on without it — it refuses riders, visibly, and keeps polling —
+    and resumes by itself once a write succeeds again (docs/swap.md).
+    """
+
+
+#: SQLite's primary result codes that mean "the storage let us down", not "a bug":
+#: SQLITE_READONLY, SQLITE_IOERR, SQLITE_CORRUPT, SQLITE_FULL, SQLITE_CANTOPEN, SQLITE_NOTADB
+_STORAGE_CODES = frozenset({8, 10, 11, 13, 14, 26})
+PROBE_INTERVAL_S = 1.0  # an unwritable journal is re-tried at most this often (two fsyncs)
+PROBE_BYTES = 64 * 1024  # room for a swap's worth of events before saying "writable again"
+#: Below this much room (disk or ``journal_max_mb``) no new session starts: a swap
+#: journals a few KiB, and one that cannot journal half-way has a door open and a
+#: battery in flight with nothing recorded. Far better to refuse the rider at the scan.
+LOW_WATER_BYTES = 256 * 1024
+
+
+def _storage_failure(exc: BaseException) -> bool:
+    code = getattr(exc, "sqlite_errorcode", None)
+    return isinstance(exc, sqlite3.Error) and code is not None and code & 0xFF in _STORAGE_CODES
 
 
 def state_to_json(state: SwapState) -> str:
@@ -99,12 +134,15 @@ def snapshot_from_json(text: str) -> BaySnapshot:
 class Journal:
     """One SQLite database in WAL mode; every write method commits atomically."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, max_bytes: int | None = None) -> None:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")  # a confirmed deposit survives power loss
+            if max_bytes is not None:  # ``cabinet.journal_max_mb``: full before the disk is
+                (page,) = self._db.execute("PRAGMA page_size").fetchone()
+                self._db.execute(f"PRAGMA max_page_count = {max(1, max_bytes // int(page))}")
             self._db.executescript(_SCHEMA)
             self._db.execute(
                 "INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),)
@@ -112,6 +150,10 @@ class Journal:
         except (sqlite3.Error, OSError) as exc:
             raise JournalError(f"cannot open the journal at {path}: {exc}") from exc
         self.path = path
+        #: why the last write failed for want of storage ("database or disk is full"), or
+        #: None once a write succeeds; the controller refuses riders while it is set
+        self.problem: str | None = None
+        self._last_probe = float("-inf")
 
     def close(self) -> None:
         """Close the database."""
@@ -119,17 +161,93 @@ class Journal:
 
     @contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
-        """One atomic unit: all of it is on disk, or none of it."""
+        """One atomic unit: all of it is on disk, or none of it.
+
+        A write that fails for want of storage raises ``JournalUnwritableError`` with
+        SQLite's own reason (disk full), and sets ``problem`` until a write succeeds.
+        """
         try:
             self._db.execute("BEGIN IMMEDIATE")
         except sqlite3.Error as exc:
+            if _storage_failure(exc):
+                raise self._unwritable(exc) from exc
             raise JournalError(f"journal unavailable: {exc}") from exc
         try:
             yield self._db
             self._db.execute("COMMIT")
-        except BaseException:
-            self._db.execute("ROLLBACK")
+        except BaseException as exc:
+            self._rollback()
+            if _storage_failure(exc):
+                raise self._unwritable(exc) from exc
             raise
+        if self.problem is not None:
+            log.info("journal_writable_again", was=self.problem)
+            self.problem = None
+
+    def _rollback(self) -> None:
+        # SQLite may already have rolled back by itself (SQLITE_FULL, SQLITE_IOERR): a
+        # ROLLBACK then fails with "no transaction is active" and would hide the real error
+        if not self._db.in_transaction:
+            return
+        try:
+            self._db.execute("ROLLBACK")
+        except sqlite3.Error as exc:
+            log.error("journal_rollback_failed", error=str(exc))
+
+    def _unwritable(self, exc: BaseException) -> JournalUnwritableError:
+        if self.problem is None:  # once per episode: the scans and polls that follow say nothing
+            log.error("journal_unwritable", error=str(exc), path=str(self.path))
+        self.problem = str(exc)
+        return JournalUnwritableError(f"the journal cannot be written: {exc}")
+
+    def trouble(self, now: float) -> str | None:
+        """Why a whole swap could not be journaled now (disk full, I/O error), or None.
+
+        Cheap while all is well (a ``statvfs`` and three pragmas, no write); after a
+        failed write it re-tries (``writable``) so the cabinet resumes by itself.
+        """
+        if not self.writable(now):
+            return self.problem
+        room = self.room()
+        if room < LOW_WATER_BYTES:
+            return f"only {room // 1024} KiB left for the journal (database or disk is full)"
+        return None
+
+    def room(self) -> int:
+        """Bytes the journal can still grow by: free disk space, and ``journal_max_mb``."""
+        try:
+            disk = os.statvfs(self.path.parent)
+            room = disk.f_bavail * disk.f_frsize
+            (page,) = self._db.execute("PRAGMA page_size").fetchone()
+            (count,) = self._db.execute("PRAGMA page_count").fetchone()
+            (free,) = self._db.execute("PRAGMA freelist_count").fetchone()
+            (cap,) = self._db.execute("PRAGMA max_page_count").fetchone()
+        except (OSError, sqlite3.Error):
+            return 0
+        return int(min(room + free * page, (cap - count + free) * page))
+
+    def writable(self, now: float) -> bool:
+        """Whether writes succeed; when they did not, try again (at most once a second).
+
+        The probe claims ``PROBE_BYTES`` and gives them back, so "writable again" means
+        there is room for more than one small event, not just a lucky free page.
+        """
+        if self.problem is None:
+            return True
+        if now - self._last_probe < PROBE_INTERVAL_S:
+            return False
+        self._last_probe = now
+        try:
+            with self.transaction() as db:
+                db.execute(
+                    "INSERT OR REPLACE INTO meta VALUES ('space_probe', zeroblob(?))",
+                    (PROBE_BYTES,),
+                )
+            with self.transaction() as db:
+                db.execute("DELETE FROM meta WHERE key = 'space_probe'")
+        except JournalError:
+            return False
+        return True
 
     # -- writes (inside a transaction) ------------------------------------------------------
 
@@ -239,10 +357,26 @@ class Journal:
     def put_command_reply(
         db: sqlite3.Connection, request_id: str, reply: dict[str, Any], now: float
     ) -> None:
-        """Remember the reply to ``request_id`` (inside the command's transaction)."""
+        """Remember the reply to ``request_id`` (inside the command's transaction).
+
+        The memory is an idempotency *window*, not a history: replies older than
+        ``COMMAND_WINDOW_S`` or beyond the newest ``COMMAND_WINDOW_MAX`` are forgotten, so a
+        backend polling ``state.get`` with fresh ids cannot grow the flash forever.
+        """
         db.execute(
             "INSERT OR REPLACE INTO commands VALUES (?, ?, ?)", (request_id, json.dumps(reply), now)
         )
+        db.execute("DELETE FROM commands WHERE at < ?", (now - COMMAND_WINDOW_S,))
+        # rowids grow with every insert (a replaced id gets a new one): the oldest go first
+        db.execute(
+            "DELETE FROM commands WHERE rowid <= (SELECT max(rowid) FROM commands) - ?",
+            (COMMAND_WINDOW_MAX,),
+        )
+
+    def command_memory(self) -> int:
+        """How many command replies are remembered (bounded by the idempotency window)."""
+        (count,) = self._db.execute("SELECT count(*) FROM commands").fetchone()
+        return int(count)
 
     # -- runtime settings ----------------------------------------------------------------------
 

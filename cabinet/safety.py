@@ -87,8 +87,13 @@ class SafetyMonitor:
 
     @property
     def swaps_allowed(self) -> bool:
-        """No new session while smoke is detected."""
-        return not self.smoke
+        """No new session while smoke is detected or mains is lost.
+
+        Without mains the cabinet runs on the boards' backup supply: a session already
+        running may finish its doors while the boards answer (docs/swap.md §4), but a new
+        rider is not promised a battery the cabinet may not be able to release.
+        """
+        return not self.smoke and not self.mains_lost
 
     def charging_allowed(self, bay: int) -> bool:
         """Whether the interlocks let ``bay`` charge at all."""

@@ -21,7 +21,7 @@ before any door opens if nothing dispensable is left.
 from __future__ import annotations
 
 import enum
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -118,7 +118,11 @@ class DoorClosed:
 
 @dataclass(frozen=True, slots=True)
 class BatteryInserted:
-    """The presence switch saw a battery arrive (identified or not)."""
+    """A battery arrived (identified or not), or the one present now reads differently.
+
+    The bay tracker sends it again whenever any field a rule reads changes (fault bits,
+    temperature, SoC, health, plug, identity), so ``battery`` is always the latest reading.
+    """
 
     bay: int
     battery: BatteryObs
@@ -154,6 +158,19 @@ class TimerExpired:
 
 
 @dataclass(frozen=True, slots=True)
+class DispensableNow:
+    """The runtime's latest ranking of the batteries that may be handed out, best first.
+
+    The reserved battery was chosen at ``Start``; it may trip (heat, a BMS fault, a
+    silent board, its bay taken out of service, SoC drop) before its door opens. The
+    runtime re-ranks on every reading and the machine, which stays free of I/O, decides
+    whether the reservation still stands.
+    """
+
+    candidates: tuple[Candidate, ...]
+
+
+@dataclass(frozen=True, slots=True)
 class Abort:
     """Safety or an operator ends the session now; no further door is opened."""
 
@@ -169,6 +186,7 @@ Event = (
     | LockJammed
     | BayOffline
     | TimerExpired
+    | DispensableNow
     | Abort
 )
 
@@ -314,6 +332,8 @@ class SwapMachine:
 
     timeouts: Timeouts = field(default_factory=Timeouts)
     rules: DepositRules = field(default_factory=DepositRules)
+    #: None means :data:`TRANSITIONS`; the graph test swaps in a deliberately broken one
+    table: Mapping[tuple[Phase, type], Handler] | None = None
 
     def step(self, state: SwapState, event: Event) -> Transition:
         """Apply one event. Illegal (phase, event) pairs are rejected and change nothing."""
@@ -324,7 +344,9 @@ class SwapMachine:
             # e.g. the reserved bay while the rider deposits: its unlock, when it comes, will
             # fail and the next candidate is tried; nothing is lost by waiting till then
             return Transition(state)
-        handler = TRANSITIONS.get((state.phase, type(event)))
+        handler = (TRANSITIONS if self.table is None else self.table).get(
+            (state.phase, type(event))
+        )
         if handler is None:
             return Transition(state, (), f"{type(event).__name__} is not expected in {state.phase}")
         return handler(self, state, event)
@@ -384,7 +406,10 @@ def _complete(state: SwapState) -> Transition:
 
 def _open_dispense(m: SwapMachine, state: SwapState, *before: Command) -> Transition:
     bay = state.dispense_bay
-    assert bay is not None
+    if bay is None:  # every candidate tripped after the start (see ``_rejudge_reserved``)
+        if state.deposited is not None:
+            return _give_back(m, state, *before)
+        return _fail(state, "no_dispensable_battery", prompt="no charged battery available")
     return Transition(
         replace(state, phase=Phase.OPENING_DISPENSE),
         (
@@ -840,6 +865,37 @@ def _giveback_problem(_m: SwapMachine, state: SwapState, ev: Any) -> Transition:
     )
 
 
+def _rejudge_reserved(_m: SwapMachine, state: SwapState, ev: DispensableNow) -> Transition:
+    """Keep the reservation while its battery is still dispensable, else take the next one.
+
+    Before the dispense door is unlocked the reserved battery itself is re-judged; once
+    the unlock is out (``OPENING_DISPENSE``) only the fall-backs behind it are refreshed,
+    so that a door that fails to open is replaced by a battery that is good *now*.
+    """
+    if not state.dispensable:
+        return Transition(state)  # a return: nothing to hand out
+    reserved = state.dispensable[0]
+    if reserved in ev.candidates or state.phase is Phase.OPENING_DISPENSE:
+        refreshed = (reserved, *(c for c in ev.candidates if c != reserved))
+        return Transition(replace(state, dispensable=refreshed))
+    nxt = ev.candidates[0] if ev.candidates else None
+    return Transition(
+        replace(state, dispensable=ev.candidates),
+        (
+            Emit(
+                "swap.dispense_reassigned",
+                {
+                    **_ids(state),
+                    "from_bay": reserved.bay,
+                    "to_bay": nxt.bay if nxt else None,
+                    "reserved": nxt.battery_id if nxt else None,
+                    "reason": "not_dispensable",
+                },
+            ),
+        ),
+    )
+
+
 def _abort(_m: SwapMachine, state: SwapState, ev: Abort) -> Transition:
     extra: tuple[Command, ...] = ()
     if state.deposited is not None and state.dispensed is None:
@@ -892,4 +948,14 @@ TRANSITIONS: dict[tuple[Phase, type], Handler] = {
     (Phase.GIVING_BACK, LockJammed): _giveback_problem,
     (Phase.GIVING_BACK, BayOffline): _giveback_problem,
     **{(phase, Abort): _abort for phase in ACTIVE_PHASES},
+    # the reserved battery is re-judged until its door is unlocked; afterwards (and in a
+    # rejection or give-back, where nothing is handed out) a fresh ranking changes nothing
+    **{
+        (phase, DispensableNow): _rejudge_reserved
+        for phase in (Phase.OPENING_RETURN, Phase.AWAITING_DEPOSIT, Phase.OPENING_DISPENSE)
+    },
+    **{
+        (phase, DispensableNow): _ignore
+        for phase in (Phase.IDLE, Phase.REJECTING, Phase.AWAITING_PICKUP, Phase.GIVING_BACK)
+    },
 }

@@ -6,7 +6,9 @@ Python bindings (``systemd-python``) need libsystemd headers to build, which a
 cabinet's image should not carry for ten lines of socket code.
 
 The watchdog is fed only while the daemon is healthy: every supervised task
-running (none in a crash loop) and the poll cycle completing. A hung event loop
+running (none in a crash loop), the poll cycle completing, and some unit on the bus
+answering within ``bus.silence_unhealthy_s`` — a loop that runs against a dead line
+is not healthy, so such a daemon is restarted and reported. A hung event loop
 feeds nothing either, because the feeding is a task on that same loop. systemd then
 restarts the daemon, which recovers from its journal.
 """

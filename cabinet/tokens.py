@@ -3,7 +3,10 @@
 Verification needs no network: the cabinet holds the backend's public keys
 (``auth.public_keys``). A token is refused, with a reason code, if it is
 malformed, signed by no trusted key, expired, issued in the future, meant for
-another cabinet, or already used (the replay check is the journal's).
+another cabinet, or already used (the replay check is the journal's). With the
+cabinet's clock unset (cabinet/clock.py: before 2025-01-01) a correctly signed token
+is refused with ``clock_unset``: its expiry cannot be judged, so it is neither
+accepted nor refused by accident.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from pydantic import ValidationError
 
+from cabinet.clock import clock_is_set, unset_clock_detail
 from protocol.rider_token import TokenClaims, TokenFormatError, assemble, signing_input, split
 
 CLOCK_SKEW_S = 300  # a cabinet's clock may drift between NTP syncs; tokens live minutes
@@ -108,7 +112,10 @@ def issue(
 def verify(
     token: str, keys: list[Ed25519PublicKey], *, now: int, cabinet_id: str | None = None
 ) -> TokenClaims:
-    """Check signature, validity window and audience; the caller checks single use."""
+    """Check signature, validity window and audience; the caller checks single use.
+
+    ``now`` is the injected clock's wall time (epoch seconds).
+    """
     try:
         signed, body, signature = split(token.strip())
         claims = TokenClaims.model_validate_json(body)
@@ -123,6 +130,8 @@ def verify(
             continue
     else:
         raise TokenRefusedError("bad_signature", "token is not signed by a trusted key")
+    if not clock_is_set(now):
+        raise TokenRefusedError("clock_unset", unset_clock_detail(now))
     if now > claims.exp:
         raise TokenRefusedError("expired", f"token expired {now - claims.exp} s ago")
     if claims.iat > now + CLOCK_SKEW_S:

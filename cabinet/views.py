@@ -12,7 +12,7 @@ import time
 from cabinet.controller import CabinetController
 from cabinet.swap_machine import Phase
 from protocol import messages
-from protocol.units import BAY_UNITS
+from protocol.units import BAY_UNITS, CABINET_BOARD_UNIT, ENERGY_METER_UNIT
 
 
 def now_ms() -> int:
@@ -43,6 +43,7 @@ def bay_views(c: CabinetController) -> list[messages.BayView]:
                 charging=snap.charging if online and snap else None,
                 in_service=bay not in c.out_of_service,
                 out_of_service_reason=c.out_of_service.get(bay),
+                offline_since=_ms(c.presence.offline_since(bay)),
             )
         )
     return bays
@@ -64,11 +65,27 @@ def session_view(c: CabinetController) -> messages.SessionView | None:
 
 def cabinet_view(c: CabinetController) -> messages.CabinetView:
     """The cabinet-wide safety picture."""
+    refusal = c.refusal()
     return messages.CabinetView(
         smoke=c.safety.smoke,
         mains_present=not c.safety.mains_lost,
-        swaps_allowed=c.safety.swaps_allowed,
+        # a cabinet that cannot journal cannot swap either, whatever its sensors say
+        swaps_allowed=c.safety.swaps_allowed and refusal != "journal_unwritable",
+        refusal=refusal,
+        board_online=_online(c, CABINET_BOARD_UNIT, c.cabinet_status is not None),
+        meter_online=_online(c, ENERGY_METER_UNIT, c.meter is not None),
     )
+
+
+def _ms(wall: float | None) -> int | None:
+    return None if wall is None else int(wall * 1000)
+
+
+def _online(c: CabinetController, unit: int, heard: bool) -> bool | None:
+    """False while the unit is isolated; None until it has either answered or gone silent."""
+    if c.presence.offline_since(unit) is not None:
+        return False
+    return True if heard else None
 
 
 def state_message(c: CabinetController) -> messages.State:
@@ -85,7 +102,8 @@ def state_message(c: CabinetController) -> messages.State:
 def telemetry_message(c: CabinetController, dropped: int) -> messages.Telemetry:
     """Periodic measurements, including how the outbox is doing."""
     meter = None
-    if c.meter is not None:
+    # a silent unit's last reading is stale, never republished as fresh (DESIGN.md §3.7)
+    if c.meter is not None and c.presence.offline_since(ENERGY_METER_UNIT) is None:
         meter = messages.MeterView(
             voltage_v=round(c.meter.voltage_v, 2),
             current_a=round(c.meter.current_a, 3),
@@ -105,7 +123,9 @@ def telemetry_message(c: CabinetController, dropped: int) -> messages.Telemetry:
     return messages.Telemetry(
         ts=now_ms(),
         cabinet_id=c.cabinet_id,
-        cabinet_temp_c=c.cabinet_status.cabinet_temp_c if c.cabinet_status else None,
+        cabinet_temp_c=c.cabinet_status.cabinet_temp_c
+        if c.cabinet_status and c.presence.offline_since(CABINET_BOARD_UNIT) is None
+        else None,
         meter=meter,
         bays=bays,
         outbox_depth=c.journal.outbox_depth(),

@@ -16,14 +16,17 @@ logged once.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import logging
 import os
+import termios
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import serial
 import structlog
 from pymodbus.client import AsyncModbusSerialClient, AsyncModbusTcpClient
 from pymodbus.exceptions import ConnectionException, ModbusException
@@ -31,7 +34,7 @@ from pymodbus.framer import FramerRTU, FramerType
 
 from drivers.bus_url import Endpoint, SerialEndpoint, TcpEndpoint
 from protocol import rtu_timing
-from protocol.units import unit_name
+from protocol.units import BAY_UNITS, unit_name
 
 # pymodbus logs each timeout with a frame dump; per-unit health below logs a unit going
 # bad once and recovering once, which is what a technician can act on.
@@ -42,8 +45,17 @@ log = structlog.get_logger("bus")
 DEFAULT_TIMEOUT_S = 0.25  # ~4x a 23-register read at 9600 baud; seconds would stall the line
 DEFAULT_ISOLATE_AFTER = 3  # consecutive failures: one bad frame is noise, three is a dead board
 DEFAULT_REPROBE_INTERVAL_S = 5.0  # a few poll cycles: recovery noticed fast, silence cheap
+PRECISE_TAIL_S = 0.001  # the event loop's timer granularity: shorter waits are slept exactly
 BROADCAST_TURNAROUND_S = 0.01  # boards act on a broadcast within 10 ms (our firmware's spec)
 CONNECT_ATTEMPTS = 3
+FC_READ_HOLDING = 3
+FC_READ_INPUT = 4
+FC_WRITE_SINGLE = 6
+FC_WRITE_MULTIPLE = 16
+# A bay board in heartbeat fail-safe refuses an unlock with 0x06 SLAVE DEVICE BUSY ("try
+# again later": after a heartbeat it accepts); 0x04 SLAVE DEVICE FAILURE is a failing board.
+HEARTBEAT_FAILSAFE_EXCEPTION = 0x06
+EXCEPTION_BIT = 0x80  # an exception reply carries the request's function code with bit 7 set
 NEVER_DISCONNECT = 2**31  # pymodbus closes a connection after this many silent requests
 
 
@@ -67,6 +79,23 @@ class UnitGarbledError(UnitNoAnswerError):
     """The unit answered but its reply failed the CRC check (noise, termination, baud)."""
 
 
+class UnitBadReplyError(UnitNoAnswerError):
+    """The unit answered, but not the reply the Modbus spec prescribes for the request.
+
+    A reply's function code must be the request's (bit 7 set for an exception); a reply
+    to another function is a frame from a confused board or a second master, not data.
+    """
+
+
+class UnitBadEchoError(UnitBadReplyError):
+    """The unit's reply to a write is not the echo the Modbus spec prescribes.
+
+    FC06 echoes address and value, FC16 address and quantity; anything else means the
+    write may not have landed as sent (another master on the line, a firmware bug), so
+    the write is not reported done.
+    """
+
+
 class UnitIsolatedError(UnitNoAnswerError):
     """The unit is isolated after repeated failures and was not due for a re-probe."""
 
@@ -75,11 +104,17 @@ class ExceptionReplyError(BusError):
     """The unit answered with a Modbus exception: it heard us and refused."""
 
     def __init__(self, unit: int, code: int) -> None:
-        super().__init__(
-            f"{unit_name(unit)} refused the request: {_EXCEPTION_NAMES.get(code, code)}"
-        )
+        reason = _EXCEPTION_NAMES.get(code, str(code))
+        if code == HEARTBEAT_FAILSAFE_EXCEPTION and unit in BAY_UNITS:
+            reason += " (heartbeat fail-safe: write the heartbeat register first)"
+        super().__init__(f"{unit_name(unit)} refused the request: {reason}")
         self.unit = unit
         self.code = code
+
+    @property
+    def heartbeat_failsafe(self) -> bool:
+        """Whether a bay board refused because it is in heartbeat fail-safe, not failing."""
+        return self.code == HEARTBEAT_FAILSAFE_EXCEPTION and self.unit in BAY_UNITS
 
 
 _EXCEPTION_NAMES = {
@@ -99,6 +134,7 @@ class UnitStats:
     ok: int = 0
     timeouts: int = 0
     crc_errors: int = 0
+    bad_replies: int = 0  # wrong function code or a write reply that is not an echo
     exception_replies: int = 0
     consecutive_failures: int = 0
     isolated: bool = False
@@ -119,6 +155,7 @@ class UnitStats:
             "ok": self.ok,
             "timeouts": self.timeouts,
             "crc_errors": self.crc_errors,
+            "bad_replies": self.bad_replies,
             "exception_replies": self.exception_replies,
             "isolated": self.isolated,
             "latency_ms": {
@@ -161,8 +198,38 @@ class ModbusBus:
     _client: AsyncModbusTcpClient | AsyncModbusSerialClient | None = None
     _lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     _exchange: _Exchange = field(default_factory=_Exchange)
+    _quiet_until: float = 0.0  # perf_counter time before which the line must stay silent
 
     # -- connection ---------------------------------------------------------------------
+
+    @property
+    def inter_frame_gap_s(self) -> float:
+        """The silence kept between frames: t3.5 on a serial line, none through a gateway.
+
+        An RTU receiver finds the end of a frame by 3.5 characters of silence (1.75 ms
+        above 19200 baud); a request sent sooner after the previous reply runs into it and
+        both are lost. pymodbus' async serial client does not wait, so the master does.
+        A gateway frames the TCP side itself and keeps the gap on its own line.
+        """
+        if isinstance(self.endpoint, SerialEndpoint):
+            return rtu_timing.inter_frame_gap(self.endpoint.baud)
+        return 0.0
+
+    async def _keep_inter_frame_gap(self) -> None:
+        """Wait until t3.5 has passed since the line's last frame (a no-op if it has)."""
+        wait = self._quiet_until - time.perf_counter()
+        if wait <= 0:
+            return
+        if wait > PRECISE_TAIL_S:
+            await asyncio.sleep(wait - PRECISE_TAIL_S)
+        remaining = self._quiet_until - time.perf_counter()
+        if remaining > 0:
+            # the event loop wakes up to ~1 ms late: the last stretch (< 1 ms) is slept
+            # exactly, so the gap costs the poll cycle no more than t3.5 itself
+            time.sleep(remaining)  # noqa: ASYNC251 - deliberate, bounded by PRECISE_TAIL_S
+
+    def _line_went_quiet(self) -> None:
+        self._quiet_until = time.perf_counter() + self.inter_frame_gap_s
 
     def _make_client(self) -> AsyncModbusTcpClient | AsyncModbusSerialClient:
         common: dict[str, Any] = {
@@ -192,12 +259,21 @@ class ModbusBus:
     async def connect(self) -> None:
         """Open the port or the gateway connection, or say precisely why it cannot be opened."""
         if isinstance(self.endpoint, SerialEndpoint):
-            _check_serial_port(self.endpoint.path)
+            _check_serial_port(self.endpoint)
         self._client = self._make_client()
         # pymodbus uses the (short) reply timeout for the TCP connect as well: give a
         # gateway a few tries before calling it unreachable.
         for _ in range(CONNECT_ATTEMPTS):
-            if await self._client.connect():
+            try:
+                connected = await self._client.connect()
+            except (serial.SerialException, termios.error, OSError, ValueError) as exc:
+                # a pty takes a setting once and refuses it on the next open: the probe
+                # above can pass and the real open still fail
+                self._client = None
+                if isinstance(self.endpoint, SerialEndpoint):
+                    raise _port_problem(self.endpoint, exc) from exc
+                raise BusUnavailableError(f"cannot connect to the bus at {self.endpoint}") from exc
+            if connected:
                 return
         self._client.close()
         self._client = None
@@ -227,6 +303,7 @@ class ModbusBus:
             rtu_timing.read_reply_bytes(count),
             retries,
             lambda c: c.read_input_registers(address, count=count, device_id=unit),
+            function_code=FC_READ_INPUT,
         )
 
     async def read_holding(
@@ -238,28 +315,33 @@ class ModbusBus:
             rtu_timing.read_reply_bytes(count),
             retries,
             lambda c: c.read_holding_registers(address, count=count, device_id=unit),
+            function_code=FC_READ_HOLDING,
         )
 
     async def write_register(
         self, unit: int, address: int, value: int, *, retries: int = 0
     ) -> None:
-        """Write one holding register (FC06)."""
+        """Write one holding register (FC06); the reply must echo ``address`` and ``value``."""
         await self._transact(
             unit,
             rtu_timing.WRITE_SINGLE_BYTES,
             retries,
             lambda c: c.write_register(address, value, device_id=unit),
+            function_code=FC_WRITE_SINGLE,
+            echo=(address, value),
         )
 
     async def write_registers(
         self, unit: int, address: int, values: list[int], *, retries: int = 0
     ) -> None:
-        """Write consecutive holding registers (FC16)."""
+        """Write consecutive holding registers (FC16); the reply must echo address and count."""
         await self._transact(
             unit,
             rtu_timing.WRITE_SINGLE_BYTES,
             retries,
             lambda c: c.write_registers(address, values, device_id=unit),
+            function_code=FC_WRITE_MULTIPLE,
+            echo=(address, len(values)),
         )
 
     async def broadcast_register(self, address: int, value: int) -> None:
@@ -272,11 +354,13 @@ class ModbusBus:
             client = self._client
             if client is None:
                 raise BusUnavailableError("the bus is not connected")
+            await self._keep_inter_frame_gap()
             try:
                 await client.write_register(address, value, device_id=0, no_response_expected=True)
             except ConnectionException as exc:
                 raise BusUnavailableError(f"lost the bus at {self.endpoint}: {exc}") from exc
             await asyncio.sleep(BROADCAST_TURNAROUND_S)
+            self._line_went_quiet()
 
     def unit_stats(self, unit: int) -> UnitStats:
         """Statistics of ``unit``, created on first use."""
@@ -292,7 +376,11 @@ class ModbusBus:
         expected_bytes: int,
         retries: int,
         call: Callable[[Any], Any],
+        *,
+        function_code: int,
+        echo: tuple[int, int] | None = None,
     ) -> list[int]:
+        """One request/reply; ``echo`` is the (address, value-or-count) a write's reply repeats."""
         stats = self.unit_stats(unit)
         now = self.clock()
         if (
@@ -311,6 +399,7 @@ class ModbusBus:
                 stats.requests += 1
                 stats.last_attempt = self.clock()
                 self._exchange = _Exchange(expected_bytes)
+                await self._keep_inter_frame_gap()
                 started = time.perf_counter()
                 try:
                     response = await call(client)
@@ -319,11 +408,17 @@ class ModbusBus:
                 except ModbusException:
                     failure = self._no_answer(unit, stats)
                     continue
+                finally:
+                    self._line_went_quiet()
+                problem = _reply_problem(response, function_code, echo)
+                if problem is not None:
+                    failure = self._bad_reply(unit, stats, problem, echo is not None)
+                    continue
                 self._answered(unit, stats, time.perf_counter() - started)
                 if response.isError():
                     stats.exception_replies += 1
                     raise ExceptionReplyError(unit, int(getattr(response, "exception_code", 0)))
-                return list(response.registers)
+                return list(getattr(response, "registers", []))
         assert failure is not None
         raise failure
 
@@ -353,6 +448,16 @@ class ModbusBus:
         message = f"{unit_name(unit)}: {what} within {self.timeout_s * 1000:.0f} ms"
         return UnitGarbledError(unit, message) if garbled else UnitNoAnswerError(unit, message)
 
+    def _bad_reply(
+        self, unit: int, stats: UnitStats, problem: str, echo: bool
+    ) -> UnitBadReplyError:
+        stats.bad_replies += 1
+        stats.consecutive_failures += 1
+        if stats.consecutive_failures == 1:
+            log.warning("unit_failing", unit=unit, name=unit_name(unit), problem=problem)
+        error = UnitBadEchoError if echo else UnitBadReplyError
+        return error(unit, f"{unit_name(unit)}: {problem}")
+
     def _answered(self, unit: int, stats: UnitStats, latency: float) -> None:
         if stats.consecutive_failures:
             log.info(
@@ -369,18 +474,150 @@ class ModbusBus:
         stats.latency_max_s = max(stats.latency_max_s, latency)
 
 
-def _check_serial_port(path: str) -> None:
-    """Turn the usual ways a serial port cannot be opened into one actionable line."""
+def _reply_problem(response: Any, function_code: int, echo: tuple[int, int] | None) -> str | None:
+    """What makes ``response`` not the spec's reply to the request, or None if it is."""
+    answered = int(getattr(response, "function_code", 0)) & ~EXCEPTION_BIT
+    if answered != function_code:
+        return f"replied with function {answered} to a function {function_code} request"
+    if response.isError() or echo is None:
+        return None
+    address = int(getattr(response, "address", -1))
+    if function_code == FC_WRITE_MULTIPLE:
+        heard = (address, int(getattr(response, "count", -1)))
+    else:
+        heard = (address, int((list(getattr(response, "registers", [])) or [-1])[0]))
+    if heard == echo:
+        return None
+    return (
+        f"the reply to a write at {echo[0]} echoed {heard[0]}={heard[1]}, not {echo[0]}={echo[1]}"
+    )
+
+
+def _check_serial_port(endpoint: SerialEndpoint) -> None:
+    """Open the port as the master will, and turn every way that fails into one actionable line.
+
+    The probe uses pyserial with ``exclusive=True`` (a ``flock``), as pymodbus' serial
+    transport does, so a port already held by another master (the daemon) is refused: two
+    masters on one RS-485 line corrupt each other's frames. Then each setting is applied
+    and read back, because a port may refuse one either loudly (EINVAL) or silently (a
+    pseudo-terminal drops parity and would then talk 8N1 while we believe 8E1).
+    """
+    path = endpoint.path
     if not os.path.exists(path):  # noqa: PTH110 - a device path, not a project file
         raise BusUnavailableError(f"serial port {path} does not exist (is the adapter plugged in?)")
     try:
-        fd = os.open(path, os.O_RDWR | os.O_NOCTTY | os.O_NONBLOCK)
-    except PermissionError as exc:
-        raise BusUnavailableError(
+        _open_port(path).close()
+    except (serial.SerialException, termios.error, OSError, ValueError) as exc:
+        raise _port_problem(endpoint, exc) from exc
+    refused = _refused_setting(endpoint)
+    if refused is not None:
+        raise _setting_refused(path, refused)
+
+
+def _open_port(path: str) -> serial.Serial:
+    # do_not_open + open(): no setting is changed before the lock is taken
+    port = serial.Serial(exclusive=True, timeout=0)
+    port.port = path
+    port.open()
+    return port
+
+
+def _port_problem(endpoint: SerialEndpoint, exc: BaseException) -> BusUnavailableError:
+    path = endpoint.path
+    code = exc.args[0] if exc.args and isinstance(exc.args[0], int) else None
+    if code in {errno.EACCES, errno.EPERM}:
+        return BusUnavailableError(
             f"permission denied opening {path} (is the user in the dialout group?)"
-        ) from exc
-    except OSError as exc:
-        if exc.errno == errno.EBUSY:
-            raise BusUnavailableError(f"{path} is in use by another process") from exc
-        raise BusUnavailableError(f"cannot open {path}: {exc.strerror}") from exc
-    os.close(fd)
+        )
+    if code in {errno.EAGAIN, errno.EBUSY} or "exclusively lock" in str(exc):
+        return BusUnavailableError(
+            f"serial port {path} is in use by another bus master (the cabinet daemon?); one "
+            "master per line: run `cabinet bus scan -c FILE` without --bus to go through "
+            "the daemon"
+        )
+    refused = _refused_setting(endpoint)
+    if refused is not None:
+        return _setting_refused(path, refused)
+    return BusUnavailableError(f"cannot open {path}: {exc}")
+
+
+def _setting_refused(path: str, setting: str) -> BusUnavailableError:
+    hint = " (a pseudo-terminal takes only parity=N)" if _is_pty(path) else ""
+    return BusUnavailableError(
+        f"serial port {path} refuses {setting}: use settings the port supports{hint}"
+    )
+
+
+_TermiosAttrs = list[Any]
+
+
+_Trial = tuple[str, Callable[[_TermiosAttrs], None], Callable[[_TermiosAttrs], bool]]
+
+
+def _setting_trials(endpoint: SerialEndpoint) -> list[_Trial]:
+    """(setting, how to apply it to termios attributes, whether a read-back shows it)."""
+    speed = getattr(termios, f"B{endpoint.baud}")
+    cflag = 2
+
+    def set_speed(attrs: _TermiosAttrs) -> None:
+        attrs[4] = attrs[5] = speed
+
+    trials: list[_Trial] = [
+        (f"baud={endpoint.baud}", set_speed, lambda a: a[4] == speed and a[5] == speed)
+    ]
+    if endpoint.parity != "N":
+        odd = termios.PARODD if endpoint.parity == "O" else 0
+
+        def set_parity(attrs: _TermiosAttrs) -> None:
+            attrs[cflag] = (attrs[cflag] & ~termios.PARODD) | termios.PARENB | odd
+
+        trials.append(
+            (
+                f"parity={endpoint.parity}",
+                set_parity,
+                lambda a: a[cflag] & (termios.PARENB | termios.PARODD) == termios.PARENB | odd,
+            )
+        )
+    if endpoint.stopbits == 2:
+
+        def set_stopbits(attrs: _TermiosAttrs) -> None:
+            attrs[cflag] |= termios.CSTOPB
+
+        trials.append(("stopbits=2", set_stopbits, lambda a: bool(a[cflag] & termios.CSTOPB)))
+    return trials
+
+
+def _refused_setting(endpoint: SerialEndpoint) -> str | None:
+    """The first of baud, parity and stop bits the port refuses or silently drops, if any."""
+    try:
+        fd = os.open(endpoint.path, os.O_RDWR | os.O_NOCTTY | os.O_NONBLOCK)
+    except OSError:
+        return None
+    try:
+        original = termios.tcgetattr(fd)
+        try:
+            for setting, apply, applied in _setting_trials(endpoint):
+                attrs = termios.tcgetattr(fd)
+                apply(attrs)
+                try:
+                    termios.tcsetattr(fd, termios.TCSANOW, attrs)
+                except termios.error:
+                    return setting
+                if not applied(termios.tcgetattr(fd)):
+                    return setting
+        finally:
+            with contextlib.suppress(termios.error):
+                termios.tcsetattr(fd, termios.TCSANOW, original)
+    except termios.error:
+        return None  # not a terminal at all: nothing to check
+    finally:
+        os.close(fd)
+    return None
+
+
+def _is_pty(path: str) -> bool:
+    """Whether ``path`` is a Unix98 pseudo-terminal (major numbers 136-143)."""
+    try:
+        return os.major(os.stat(path).st_rdev) in range(136, 144)  # noqa: PTH116
+    except OSError:
+        return False

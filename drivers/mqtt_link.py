@@ -34,10 +34,26 @@ KEEPALIVE_S = 30  # the broker declares us dead (last will) within 1.5x this
 RECONNECT_MIN_S = 1
 RECONNECT_MAX_S = 30
 UNSUPPORTED_PROTOCOL_VERSION = 132
+REASON_FAILURE = 0x80  # MQTT 5: a PUBACK/PUBREC reason code from here up is a refusal
 
 
 class MqttUrlError(ValueError):
     """An ``mqtt.url`` that cannot name a broker."""
+
+
+class PublishRefusedError(Exception):
+    """The broker answered a QoS 1 publish with a failure reason code (MQTT 5, >= 0x80).
+
+    Not a delivery: the broker did not take the message (ACL, quota, payload format).
+    MQTT 3.1.1 has no reason code in PUBACK, so a 3.1.1 broker that refuses a publish
+    acknowledges it anyway (or drops the connection) and this is never raised.
+    """
+
+    def __init__(self, topic: str, code: int, name: str) -> None:
+        super().__init__(f"{topic}: 0x{code:02X} {name}")
+        self.topic = topic
+        self.code = code
+        self.name = name
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,7 +106,7 @@ class MqttLink:
         *,
         client_id: str,
         will_topic: str,
-        will_payload: bytes,
+        will_payload: bytes | Callable[[], bytes],
         username: str | None = None,
         password: str | None = None,
         tls: TlsFiles | None = None,
@@ -105,7 +121,7 @@ class MqttLink:
         self._on_connected = on_connected
         self._on_message = on_message
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._pending: dict[int, asyncio.Future[None]] = {}
+        self._pending: dict[int, tuple[str, asyncio.Future[None]]] = {}
         self._subscriptions: list[str] = []
         self.connected = asyncio.Event()
         self.protocol = paho.MQTTv5
@@ -128,7 +144,7 @@ class MqttLink:
                     str(self._tls.key_file) if self._tls.key_file else None,
                 )
             client.tls_set_context(context)
-        client.will_set(self._will[0], self._will[1], qos=1, retain=True)
+        self._set_will(client)
         client.reconnect_delay_set(RECONNECT_MIN_S, RECONNECT_MAX_S)
         client.max_inflight_messages_set(1000)  # the outbox drains a backlog at full speed
         client.max_queued_messages_set(0)
@@ -137,7 +153,12 @@ class MqttLink:
         client.on_publish = self._paho_publish
         client.on_message = self._paho_message
         client.on_socket_open = self._paho_socket_open
+        client.on_pre_connect = self._paho_pre_connect
         return client
+
+    def _set_will(self, client: paho.Client) -> None:
+        topic, payload = self._will
+        client.will_set(topic, payload() if callable(payload) else payload, qos=1, retain=True)
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -160,7 +181,7 @@ class MqttLink:
         with contextlib.suppress(Exception):
             self._client.disconnect()
         self._client.loop_stop()
-        for future in self._pending.values():
+        for _topic, future in self._pending.values():
             if not future.done():
                 future.set_exception(ConnectionError("link stopped before PUBACK"))
         self._pending.clear()
@@ -179,6 +200,9 @@ class MqttLink:
         """Send; the future resolves on PUBACK (QoS 1) or once written (QoS 0)."""
         assert self._loop is not None, "start() first"
         future: asyncio.Future[None] = self._loop.create_future()
+        # fire-and-forget publishes (status, state, replies) never await their future:
+        # retrieve its exception so a disconnect is not logged as "never retrieved"
+        future.add_done_callback(_retrieve)
         info = self._client.publish(topic, payload, qos=qos, retain=retain, properties=properties)
         if info.rc != paho.MQTT_ERR_SUCCESS:
             future.set_exception(ConnectionError(paho.error_string(info.rc)))
@@ -186,7 +210,7 @@ class MqttLink:
         if qos == 0:
             future.set_result(None)
         else:
-            self._pending[info.mid] = future
+            self._pending[info.mid] = (topic, future)
         return future
 
     def subscribe(self, topic_filter: str) -> None:
@@ -201,6 +225,11 @@ class MqttLink:
         if self._loop is not None and not self._loop.is_closed():
             self._loop.call_soon_threadsafe(fn, *args)
 
+    def _paho_pre_connect(self, client: paho.Client, _userdata: Any) -> None:
+        # before every (re)connection attempt, in paho's thread: a will built now carries a
+        # ts later than anything this connection publishes (docs/mqtt.md §6)
+        self._set_will(client)
+
     def _paho_socket_open(self, _client: Any, _userdata: Any, sock: Any) -> None:
         with contextlib.suppress(OSError, AttributeError):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -211,8 +240,9 @@ class MqttLink:
     def _paho_disconnect(self, _c: Any, _u: Any, _flags: Any, reason: Any, _p: Any) -> None:
         self._hop(self._disconnected, str(reason))
 
-    def _paho_publish(self, _c: Any, _u: Any, mid: int, _reason: Any, _p: Any) -> None:
-        self._hop(self._acked, mid)
+    def _paho_publish(self, _c: Any, _u: Any, mid: int, reason: Any, _p: Any) -> None:
+        # MQTT 5: the PUBACK's reason code; 3.1.1 has none and paho reports success
+        self._hop(self._acked, mid, int(getattr(reason, "value", 0)), str(reason))
 
     def _paho_message(self, _c: Any, _u: Any, msg: paho.MQTTMessage) -> None:
         props = getattr(msg, "properties", None)
@@ -254,18 +284,28 @@ class MqttLink:
             log.warning("mqtt_disconnected", reason=reason)
         self.connected.clear()
         # paho forgets in-flight messages with a clean session: the outbox resends them
-        for future in self._pending.values():
+        for _topic, future in self._pending.values():
             if not future.done():
                 future.set_exception(ConnectionError("disconnected before PUBACK"))
         self._pending.clear()
 
-    def _acked(self, mid: int) -> None:
+    def _acked(self, mid: int, code: int, name: str) -> None:
         # publish() registers its mid before paho's thread can hop an ack here, so an
         # unknown mid is a QoS 0 message or one already failed by a disconnect: ignore it
-        future = self._pending.pop(mid, None)
-        if future is not None and not future.done():
+        pending = self._pending.pop(mid, None)
+        if pending is None or pending[1].done():
+            return
+        topic, future = pending
+        if code >= REASON_FAILURE:
+            future.set_exception(PublishRefusedError(topic, code, name))
+        else:
             future.set_result(None)
 
     def _message(self, message: Message) -> None:
         if self._on_message is not None:
             self._on_message(message)
+
+
+def _retrieve(future: asyncio.Future[None]) -> None:
+    if not future.cancelled():
+        future.exception()

@@ -2,22 +2,42 @@
 
 Every payload carries ``v`` (this schema version) and ``ts`` (UTC, milliseconds).
 Commands are validated strictly: an unknown field is an error, so a backend typo is
-answered with a precise reply instead of being silently ignored.
+answered with a precise reply instead of being silently ignored, and command arguments
+are *strict* types (pydantic strict mode): ``true`` is not bay 1 and ``"3"`` is not bay 3,
+exactly as the shipped JSON Schemas say (issue 15).
+
+The schemas are strict enough for an independent validator to enforce what docs/mqtt.md
+promises: ``v`` is required and ``const 1``, ``state.bays`` has exactly 12 entries, SoC
+and health are 0-100, phases/modes/doors/error codes are the catalogue's
+(protocol/catalogue.py), a reply carries ``result`` and ``error`` together only for
+``duplicate_request``, and each event type has its own ``data`` schema.
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Final, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, create_model
 
-SCHEMA_VERSION = 1
+from protocol.catalogue import EVENTS, REPLY_ERROR_CODES, DoorName, ModeName, PhaseName
+
+SCHEMA_VERSION: Final = 1
+
+#: a state of charge or health: the BMS reports 0-100, anything else is a bad reading
+Percent = Annotated[float, Field(ge=0.0, le=100.0)]
+
+
+def _require_v(schema: dict[str, Any]) -> None:
+    """``v`` has a default in Python but is required on the wire (consumers dispatch on it)."""
+    required = schema.setdefault("required", [])
+    if "v" not in required:
+        required.insert(0, "v")
 
 
 class _Message(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, json_schema_extra=_require_v)
 
-    v: int = SCHEMA_VERSION
+    v: Literal[1] = SCHEMA_VERSION
     ts: int = Field(description="UTC milliseconds")
 
 
@@ -36,17 +56,20 @@ class BayView(BaseModel):
 
     bay: int = Field(ge=1, le=12)
     online: bool
-    door: Literal["open", "closed"] | None
+    door: DoorName | None
     locked: bool | None
     battery_id: str | None
     battery_present: bool | None
-    soc_pct: float | None
-    health_pct: float | None
+    soc_pct: Percent | None
+    health_pct: Percent | None
     cell_temp_c: float | None
     bay_temp_c: float | None
     charging: bool | None
     in_service: bool
     out_of_service_reason: str | None = None
+    offline_since: int | None = Field(
+        default=None, description="UTC ms since when the bay's board does not answer"
+    )
 
 
 class CabinetView(BaseModel):
@@ -57,6 +80,16 @@ class CabinetView(BaseModel):
     smoke: bool | None
     mains_present: bool | None
     swaps_allowed: bool
+    board_online: bool | None = Field(
+        default=None, description="the cabinet board answers on the bus (None: not yet asked)"
+    )
+    meter_online: bool | None = Field(
+        default=None, description="the energy meter answers on the bus (None: not yet asked)"
+    )
+    refusal: str | None = Field(
+        default=None,
+        description="why no swap can start now (e.g. journal_unwritable, safety_lockout, busy)",
+    )
 
 
 class SessionView(BaseModel):
@@ -66,8 +99,8 @@ class SessionView(BaseModel):
 
     session_id: str
     rider_id: str
-    mode: str
-    phase: str
+    mode: ModeName
+    phase: PhaseName
     return_bay: int | None
     dispense_bay: int | None
 
@@ -77,7 +110,7 @@ class State(_Message):
 
     cabinet_id: str
     cabinet: CabinetView
-    bays: list[BayView]
+    bays: list[BayView] = Field(min_length=12, max_length=12, description="bays 1-12, in order")
     session: SessionView | None
 
 
@@ -87,7 +120,7 @@ class Event(_Message):
     cabinet_id: str
     seq: int = Field(ge=1)
     id: str
-    type: str
+    type: str = Field(description="one of protocol/catalogue.py EVENTS; the schema is per type")
     data: dict[str, Any]
 
 
@@ -107,8 +140,8 @@ class BayTelemetry(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    bay: int
-    soc_pct: float | None
+    bay: int = Field(ge=1, le=12)
+    soc_pct: Percent | None
     cell_temp_c: float | None
     bay_temp_c: float | None
     charging: bool | None
@@ -135,19 +168,25 @@ class Command(BaseModel):
     args: dict[str, Any] = Field(default_factory=dict)
 
 
-class SwapStartArgs(BaseModel):
+class _Args(BaseModel):
+    """Command arguments: unknown fields are errors and types are strict (no coercion)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+
+class SwapStartArgs(_Args):
     """``cmd/swap.start``: the backend authorises a swap for a rider (online path)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
     rider_id: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._:-]+$")
-    mode: Literal["swap", "pickup", "return"] = "swap"
+    mode: ModeName = "swap"
+    #: the cabinet screen's QR challenge the rider's app scanned (docs/mqtt.md)
+    challenge: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_-]{8,64}$")
+    #: the rider's language for the screen and voice during this session
+    lang: Literal["en", "zh-CN"] | None = None
 
 
-class BayArgs(BaseModel):
+class BayArgs(_Args):
     """``cmd/bay.open``, ``bay.enable``: which bay."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     bay: int = Field(ge=1, le=12)
 
@@ -158,19 +197,15 @@ class BayDisableArgs(BayArgs):
     reason: str = Field(min_length=1, max_length=200)
 
 
-class SettingsArgs(BaseModel):
+class SettingsArgs(_Args):
     """``cmd/settings.set``: the runtime settings a backend may change."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     telemetry_interval_s: float | None = Field(default=None, ge=5.0, le=3600.0)
     dispense_min_soc_pct: float | None = Field(default=None, ge=50.0, le=100.0)
 
 
-class FirmwareUpdateArgs(BaseModel):
+class FirmwareUpdateArgs(_Args):
     """``cmd/firmware.update``: a signed image by path on the device or http(s) URL."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     source: str = Field(min_length=1, max_length=2048, description="path, file:// or http(s)://")
     bays: list[Annotated[int, Field(ge=1, le=12)]] | None = Field(
@@ -179,10 +214,8 @@ class FirmwareUpdateArgs(BaseModel):
     force: bool = Field(default=False, description="flash even if not newer")
 
 
-class NoArgs(BaseModel):
+class NoArgs(_Args):
     """Commands that take no arguments (``state.get``)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 class ReplyError(BaseModel):
@@ -190,12 +223,45 @@ class ReplyError(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    code: str
+    #: not a Literal at run time: a reply must always go out, even with a code the
+    #: catalogue forgot; the schema's enum (and the traffic test) catch that instead
+    code: str = Field(json_schema_extra={"enum": list(REPLY_ERROR_CODES)})
     message: str
+
+
+def _reply_rule(schema: dict[str, Any]) -> None:
+    """docs/mqtt.md §2: ``result`` or ``error``, the other null; both only for a duplicate.
+
+    ``ok: true`` has no error; ``ok: false`` has one; a refusal carries a ``result`` only
+    when its code is ``duplicate_request`` (the first attempt's reply, §3.1).
+    """
+    _require_v(schema)
+    null = {"const": None}
+    schema["allOf"] = [
+        {
+            "if": {"properties": {"ok": {"const": True}}, "required": ["ok"]},
+            "then": {"properties": {"error": null}},
+            "else": {"properties": {"error": {"type": "object"}}, "required": ["error"]},
+        },
+        {
+            "if": {
+                "properties": {"error": {"type": "object"}},
+                "required": ["error"],
+                "not": {
+                    "properties": {
+                        "error": {"properties": {"code": {"const": "duplicate_request"}}}
+                    }
+                },
+            },
+            "then": {"properties": {"result": null}},
+        },
+    ]
 
 
 class Reply(_Message):
     """The answer to a command (to the MQTT 5 response topic, else ``reply``)."""
+
+    model_config = ConfigDict(json_schema_extra=_reply_rule)
 
     request_id: str | None
     command: str | None
@@ -204,11 +270,37 @@ class Reply(_Message):
     error: ReplyError | None = None
 
 
+def _typed_event(type_: str) -> type[Event]:
+    """The envelope with ``type`` fixed to one catalogue entry and ``data`` its model."""
+    name = "".join(part.capitalize() for part in type_.replace("_", ".").split(".")) + "Event"
+    fixed_type: Any = Literal[type_]  # built at run time: one literal per catalogue entry
+    return create_model(
+        name,
+        __base__=Event,
+        __doc__=f"``{type_}``: {EVENTS[type_].doc}",
+        type=(fixed_type, ...),
+        data=(EVENTS[type_].data, ...),
+    )
+
+
+def event_schema() -> dict[str, Any]:
+    """``events``: one schema per event type (a ``oneOf`` discriminated by ``type``).
+
+    An event whose ``data`` does not match its type, or whose type is not in the
+    catalogue, is invalid.
+    """
+    union: Any = Union[tuple(_typed_event(type_) for type_ in EVENTS)]  # noqa: UP007
+    adapter: TypeAdapter[Any] = TypeAdapter(Annotated[union, Field(discriminator="type")])
+    schema = adapter.json_schema()
+    schema["title"] = "Event"
+    schema["description"] = Event.__doc__
+    return schema
+
+
 #: Every message with a generated schema under protocol/schemas/.
 SCHEMAS: dict[str, type[BaseModel]] = {
     "status": Status,
     "state": State,
-    "event": Event,
     "command": Command,
     "telemetry": Telemetry,
     "cmd.swap.start.args": SwapStartArgs,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+import urllib.request
 import uuid
 from collections import defaultdict
 from typing import Any
@@ -40,12 +41,17 @@ class Backend:
         self._mqtt5 = mqtt5
         self.events: dict[str, list[dict[str, Any]]] = defaultdict(list)  # in arrival order
         self.duplicates: dict[str, int] = defaultdict(int)
+        self.state_publishes: dict[str, int] = defaultdict(int)  # deadbands are tested on it
         self._seen_ids: set[str] = set()
         self.status: dict[str, dict[str, Any]] = {}
         self.state: dict[str, dict[str, Any]] = {}
         self.replies: dict[str, dict[str, Any]] = {}
         # under replies/<client id>/: what the broker ACL (docs/mosquitto.acl) lets it read
-        self._reply_topic = f"replies/{client_id}/{uuid.uuid4().hex}"
+        # one per cabinet: replies/<client id>/<cabinet id>/<random> (the cabinet's name in
+        # it is what the ACL lets that cabinet, and only it, answer on)
+        self._reply_root = f"replies/{client_id}"
+        self._reply_nonce = uuid.uuid4().hex
+        self._reply_topic = f"{self._reply_root}/+/{self._reply_nonce}"
         # the demo's broker speaks 3.1.1 only: replies then come on cabinets/<id>/reply
         if mqtt5:
             self._client = paho.Client(
@@ -95,7 +101,8 @@ class Backend:
             return
         parts = msg.topic.split("/")
         with self._lock:
-            if msg.topic == self._reply_topic or (len(parts) == 3 and parts[2] == "reply"):
+            mine = msg.topic.startswith(self._reply_root + "/") and parts[-1] == self._reply_nonce
+            if mine or (len(parts) == 3 and parts[2] == "reply"):
                 self.replies[str(payload.get("request_id"))] = payload
                 return
             if len(parts) != 3 or parts[0] != topics.ROOT:
@@ -111,6 +118,7 @@ class Backend:
                 self.status[cabinet] = payload
             elif kind == "state":
                 self.state[cabinet] = payload
+                self.state_publishes[cabinet] += 1
 
     def event_list(self, cabinet_id: str) -> list[dict[str, Any]]:
         """Unique events of one cabinet, sorted by seq."""
@@ -137,7 +145,7 @@ class Backend:
         with self._lock:
             self.replies.pop(key, None)
         props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
-        props.ResponseTopic = self._reply_topic
+        props.ResponseTopic = f"{self._reply_root}/{cabinet_id}/{self._reply_nonce}"
         props.CorrelationData = key.encode()
         self._client.publish(
             topics.command(cabinet_id, name), body, qos=1, properties=props if self._mqtt5 else None
@@ -150,10 +158,45 @@ class Backend:
             time.sleep(0.02)
         raise TimeoutError(f"no reply to {name} ({key})")
 
-    def authorise_swap(self, cabinet_id: str, rider_id: str, mode: str = "swap") -> dict[str, Any]:
+    def authorise_swap(
+        self,
+        cabinet_id: str,
+        rider_id: str,
+        mode: str = "swap",
+        *,
+        challenge: str | None = None,
+        lang: str | None = None,
+    ) -> dict[str, Any]:
         """The online path: the rider scanned the cabinet's QR with the app."""
+        args: dict[str, Any] = {"rider_id": rider_id, "mode": mode}
+        if challenge is not None:
+            args["challenge"] = challenge
+        if lang is not None:
+            args["lang"] = lang
         return self.command(
-            cabinet_id,
-            "swap.start",
-            {"request_id": uuid.uuid4().hex, "args": {"rider_id": rider_id, "mode": mode}},
+            cabinet_id, "swap.start", {"request_id": uuid.uuid4().hex, "args": args}
         )
+
+    def app_swap(
+        self, screen_url: str, rider_id: str, mode: str = "swap", *, lang: str | None = None
+    ) -> dict[str, Any]:
+        """Play the rider's app: scan the cabinet screen's QR code, then authorise the swap.
+
+        The code is read from the screen's ``/challenge`` endpoint (what the QR encodes:
+        ``swapcab:1:<cabinet id>:<challenge>``, docs/mqtt.md).
+        """
+        cabinet_id, challenge = scan_screen(screen_url)
+        return self.authorise_swap(cabinet_id, rider_id, mode, challenge=challenge, lang=lang)
+
+
+def scan_screen(screen_url: str, timeout_s: float = 5.0) -> tuple[str, str]:
+    """(cabinet id, challenge) from the QR payload the cabinet's screen shows now."""
+    url = screen_url.rstrip("/") + "/challenge"
+    if not url.startswith(("http://", "https://")):
+        raise ValueError(f"not a screen URL: {screen_url}")
+    with urllib.request.urlopen(url, timeout=timeout_s) as response:  # noqa: S310 - checked
+        payload = str(json.load(response)["payload"])
+    prefix, version, cabinet_id, challenge = payload.split(":")
+    if (prefix, version) != ("swapcab", "1"):
+        raise ValueError(f"not a cabinet QR code: {payload}")
+    return cabinet_id, challenge

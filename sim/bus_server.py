@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from pymodbus.constants import ExcCodes
-from pymodbus.framer import FramerType
+from pymodbus.framer import FramerRTU, FramerType
 from pymodbus.server import ModbusTcpServer
 from pymodbus.simulator import DataType, SimData, SimDevice
 
@@ -107,6 +107,8 @@ class SimulatedBus:
         self._broadcast = False  # the latest request was addressed to unit 0 (everyone)
         self._gateway_rx: float | None = None  # a request's first byte at the pty gateway
         self._line_free_at = 0.0  # when the previous transaction left the wire
+        # The last write request heard per unit: its normal reply is an echo (see _echo).
+        self._write_requests: dict[int, bytes] = {}
 
     # -- devices ------------------------------------------------------------------------
 
@@ -207,7 +209,11 @@ class SimulatedBus:
                 counters.bytes_out += reply_bytes
             counters.busy_s += wire
             self._line_free_at = began + wire
-            await precise_sleep_until(self._line_free_at)
+            # The reply reaches the master when its last byte does; the t3.5 of silence
+            # after it is the master's to keep (a request arriving sooner waits for
+            # _line_free_at above, as the gateway of an RTU-over-TCP line would).
+            trailing_gap = 0.0 if silent else rtu_timing.inter_frame_gap(self.baud)
+            await precise_sleep_until(self._line_free_at - trailing_gap)
         return result
 
     def _serve(
@@ -222,6 +228,8 @@ class SimulatedBus:
         start_address, address, count = window
         world = self.world
         world.sync()
+        if world.board_failing(unit):
+            return ExcCodes.DEVICE_FAILURE
         if set_values is not None and function_code in (WRITE_SINGLE, WRITE_MULTIPLE):
             try:
                 world.write_holding(unit, address, [int(v) for v in set_values])
@@ -243,10 +251,16 @@ class SimulatedBus:
             self._last_rx = self._gateway_rx or time.perf_counter()
             self._gateway_rx = None
             self._broadcast = bool(data) and data[0] == 0
+            if len(data) >= rtu_timing.WRITE_SINGLE_BYTES and data[1] in (
+                WRITE_SINGLE,
+                WRITE_MULTIPLE,
+            ):
+                self._write_requests[data[0]] = bytes(data)
             return data
         if not data:
             return data
         unit = data[0]
+        data = self._echo(data)
         if unit not in self.counters or self.world.unit_silent(unit):
             if unit in self.counters:
                 self.counters[unit].dropped += 1
@@ -256,6 +270,22 @@ class SimulatedBus:
             self.counters[unit].corrupted += 1
             return data[:-1] + bytes([data[-1] ^ 0xFF])
         return data
+
+    def _echo(self, reply: bytes) -> bytes:
+        """A write's normal reply as the Modbus spec words it, whatever the register holds now.
+
+        pymodbus builds the reply from the register image after the write, and a board
+        that acts on a write (the unlock magic is consumed, the register reads back 0)
+        would then answer something other than what it was sent; a standard master
+        rejects that. FC06 echoes the whole request; FC16 echoes address and quantity.
+        """
+        request = self._write_requests.pop(reply[0], None)
+        if request is None or len(reply) < 2 or reply[1] != request[1]:
+            return reply  # not a write's normal reply (an exception has bit 7 set)
+        if request[1] == WRITE_SINGLE:
+            return request[: rtu_timing.WRITE_SINGLE_BYTES]
+        head = request[:6]
+        return head + FramerRTU.compute_CRC(head).to_bytes(2, "big")
 
     def request_arriving(self) -> None:
         """The pty gateway saw request bytes: the line time starts now, not after the relay."""

@@ -24,6 +24,7 @@ from protocol.units import BAY_UNITS, CABINET_BOARD_UNIT, ENERGY_METER_UNIT
 from sim.bootloader import FIRMWARE_VERSION, Bootloader
 from sim.faults import (
     CABINET_FAULTS,
+    DEVICE_BUSY,
     DEVICE_FAILURE,
     ILLEGAL_ADDRESS,
     ILLEGAL_VALUE,
@@ -137,6 +138,11 @@ class SimulatedCabinet:
             return True
         bay = self.bays.get(unit)
         return bay is not None and bay.boot.silent(self._t)
+
+    def board_failing(self, unit: int) -> bool:
+        """Whether ``unit`` answers every request with exception 0x04 (device failure)."""
+        bay = self.bays.get(unit)
+        return bay is not None and FaultKind.BOARD_FAILURE in bay.faults
 
     def _chargers_powered(self) -> bool:
         return self.board.contactor_closed and FaultKind.MAINS_LOSS not in self.cabinet_faults
@@ -326,12 +332,16 @@ class SimulatedCabinet:
         elif address == bay_map.CommandReg.UNLOCK:
             if value != bay_map.UNLOCK_MAGIC:
                 raise WriteRefusedError(ILLEGAL_VALUE, "unlock needs the magic value")
+            if FaultKind.LOCK_FAILURE in bay.faults:
+                raise WriteRefusedError(DEVICE_FAILURE, "lock driver failed: door stays locked")
             if not bay.heartbeat_ok(self._t):
-                raise WriteRefusedError(DEVICE_FAILURE, "heartbeat fail-safe: door stays locked")
+                raise WriteRefusedError(DEVICE_BUSY, "heartbeat fail-safe: door stays locked")
             self._unlock(bay)
         elif address == bay_map.CommandReg.CHARGER_ENABLE:
             if value not in (0, 1):
                 raise WriteRefusedError(ILLEGAL_VALUE, "charger enable is 0 or 1")
+            if FaultKind.CHARGER_STUCK in bay.faults and not value:
+                return  # acknowledged on the wire, never applied: only a read-back tells
             bay.charger_enabled = bool(value)
         elif address == bay_map.CommandReg.CHARGER_CURRENT_LIMIT:
             amps = value * bay_map.AMP_SCALE
@@ -362,6 +372,8 @@ class SimulatedCabinet:
         if address == cabinet_map.CommandReg.FAN:
             self.board.fan_on = bool(value)
         elif address == cabinet_map.CommandReg.MAIN_CONTACTOR:
+            if FaultKind.CONTACTOR_STUCK in self.cabinet_faults and not value:
+                return  # welded contacts: the write is acknowledged, nothing opens
             self.board.contactor_closed = bool(value)
         else:
             raise WriteRefusedError(ILLEGAL_ADDRESS, f"no writable register {address}")

@@ -21,12 +21,23 @@ from sim.cabinet_model import SimulatedCabinet
 from sim.faults import WriteRefusedError
 
 ILLEGAL_ADDRESS = 2
+DEVICE_FAILURE = 4
+EXCEPTION_BIT = 0x80
 
 
 @dataclass
 class _Response:
+    """A reply as pymodbus decodes it: function code (bit 7 on an exception), echo fields."""
+
+    function_code: int
     registers: list[int] = field(default_factory=list)
     exception_code: int = 0
+    address: int = 0
+    count: int = 0
+
+    def __post_init__(self) -> None:
+        if self.exception_code:
+            self.function_code |= EXCEPTION_BIT
 
     def isError(self) -> bool:  # noqa: N802 - pymodbus' name
         return self.exception_code != 0
@@ -54,10 +65,13 @@ class DirectClient:
             await asyncio.sleep(self.wire_delay_s)
         if self._silent(unit):
             raise ModbusException("no answer")
+        function_code = 3 if holding else 4
+        if self.world.board_failing(unit):
+            return _Response(function_code, exception_code=DEVICE_FAILURE)
         image = self.world.holding_image(unit) if holding else self.world.input_image(unit)
         if any(a not in image for a in range(address, address + count)):
-            return _Response(exception_code=ILLEGAL_ADDRESS)
-        return _Response([image[a] for a in range(address, address + count)])
+            return _Response(function_code, exception_code=ILLEGAL_ADDRESS)
+        return _Response(function_code, [image[a] for a in range(address, address + count)])
 
     async def read_input_registers(self, address: int, *, count: int, device_id: int) -> _Response:
         """FC04."""
@@ -70,7 +84,13 @@ class DirectClient:
         return await self._read(device_id, address, count, holding=True)
 
     async def write_registers(self, address: int, values: list[int], *, device_id: int) -> Any:
-        """FC16 (and FC06 through ``write_register``); unit 0 is a broadcast."""
+        """FC16; unit 0 is a broadcast."""
+        return await self._write(16, address, values, device_id)
+
+    async def _write(
+        self, function_code: int, address: int, values: list[int], device_id: int
+    ) -> Any:
+        """A write as the board would answer it: the spec's echo, or an exception."""
         if device_id == 0:  # broadcast: every board that hears it acts, nobody answers
             for unit in BAY_UNITS:
                 if not self._silent(unit):
@@ -80,15 +100,18 @@ class DirectClient:
             await asyncio.sleep(self.wire_delay_s)
         if self._silent(device_id):
             raise ModbusException("no answer")
+        if self.world.board_failing(device_id):
+            return _Response(function_code, exception_code=DEVICE_FAILURE)
         try:
             self.world.write_holding(device_id, address, values)
         except WriteRefusedError as refused:
-            return _Response(exception_code=refused.code)
-        return _Response()
+            return _Response(function_code, exception_code=refused.code)
+        # FC06 echoes address and value, FC16 address and quantity
+        return _Response(function_code, list(values[:1]), address=address, count=len(values))
 
     async def write_register(
         self, address: int, value: int, *, device_id: int, no_response_expected: bool = False
     ) -> Any:
         """FC06."""
         del no_response_expected
-        return await self.write_registers(address, [value], device_id=device_id)
+        return await self._write(6, address, [value], device_id)

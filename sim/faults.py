@@ -19,6 +19,10 @@ class FaultKind(enum.StrEnum):
     MAINS_LOSS = "mains_loss"  # mains power disappears: chargers and meter go dead
     POWER_CUT = "power_cut"  # the bay board loses power (flash kept); back on heal
     FIRMWARE_BAD = "firmware_bad"  # the next image activated on the bay will not boot
+    CHARGER_STUCK = "charger_stuck"  # the board acknowledges charger-off writes, ignores them
+    CONTACTOR_STUCK = "contactor_stuck"  # the cabinet board acknowledges "open", stays closed
+    LOCK_FAILURE = "lock_failure"  # the lock driver is broken: unlocks get 0x04 device failure
+    BOARD_FAILURE = "board_failure"  # the board answers every request with 0x04 device failure
 
 
 #: Faults that need ``--bay`` (or, for bus faults, ``--unit``).
@@ -32,9 +36,12 @@ BAY_FAULTS = frozenset(
         FaultKind.BMS_FAULT,
         FaultKind.POWER_CUT,
         FaultKind.FIRMWARE_BAD,
+        FaultKind.CHARGER_STUCK,
+        FaultKind.LOCK_FAILURE,
+        FaultKind.BOARD_FAILURE,
     }
 )
-CABINET_FAULTS = frozenset({FaultKind.SMOKE, FaultKind.MAINS_LOSS})
+CABINET_FAULTS = frozenset({FaultKind.SMOKE, FaultKind.MAINS_LOSS, FaultKind.CONTACTOR_STUCK})
 
 
 class SimCommandError(Exception):
@@ -43,7 +50,8 @@ class SimCommandError(Exception):
 
 ILLEGAL_ADDRESS = 0x02
 ILLEGAL_VALUE = 0x03
-DEVICE_FAILURE = 0x04
+DEVICE_FAILURE = 0x04  # the board is failing (a broken lock driver)
+DEVICE_BUSY = 0x06  # heartbeat fail-safe: retry after a heartbeat (docs/hardware.md)
 
 
 class WriteRefusedError(Exception):

@@ -104,7 +104,7 @@ def test_a_cabinet_cannot_publish_as_another_or_read_its_commands(
         assert cab_a.messages.empty()
         seen = [b""]
         while seen[-1] != b"for a":  # the backend's own last command, echoed after the rest
-            seen.append(backend.messages.get(timeout=TIMEOUT_S).payload)
+            seen.append(bytes(backend.messages.get(timeout=TIMEOUT_S).payload))
         assert b"forged" not in seen and b"self-command" not in seen  # nothing forged got out
     finally:
         for client in (cab_a, cab_b, backend):
@@ -136,3 +136,25 @@ def test_a_real_cabinet_and_backend_work_under_the_acl(
             assert any(e["type"] == "command.handled" for e in backend.event_list("cab-test"))
     finally:
         backend.close()
+
+
+def test_a_cabinet_answers_only_under_its_own_name_in_a_backends_replies(
+    acl_broker: tuple[Mosquitto, Pki, int],
+) -> None:
+    _broker, pki, port = acl_broker
+    cab_a = Client(pki, port, pki.client_cert, pki.client_key, "cab-a")
+    backend = Client(pki, port, *pki.clients["backend"], "backend")
+    try:
+        assert backend.subscribe("replies/backend/#") < NOT_AUTHORIZED
+        # the response topic a backend names for cab-a: cab-a may answer there
+        assert cab_a.publish("replies/backend/cab-a/r1", b"answer") < NOT_AUTHORIZED
+        # but never as another cabinet, nor outside a cabinet's own name
+        assert cab_a.publish("replies/backend/cab-b/r1", b"forged") == NOT_AUTHORIZED
+        assert cab_a.publish("replies/backend/r1", b"forged") == NOT_AUTHORIZED
+        assert cab_a.publish("replies/operator/cab-b/r1", b"forged") == NOT_AUTHORIZED
+        assert backend.messages.get(timeout=TIMEOUT_S).payload == b"answer"
+        assert cab_a.publish("replies/backend/cab-a/r2", b"end") < NOT_AUTHORIZED
+        assert backend.messages.get(timeout=TIMEOUT_S).payload == b"end"  # nothing in between
+    finally:
+        for client in (cab_a, backend):
+            client.close()

@@ -64,7 +64,8 @@ def test_unlock_opens_the_door_only_while_the_daemon_heartbeats() -> None:
             bay = BayBoard(bus, _empty(sim.world))
             with pytest.raises(ExceptionReplyError) as refused:
                 await bay.unlock()
-            assert refused.value.code == 4  # fail-safe: no heartbeat yet, door stays locked
+            assert refused.value.code == 6  # fail-safe (busy): no heartbeat yet, door stays locked
+            assert refused.value.heartbeat_failsafe
             assert (await bay.read_status()).door_closed
             await bay.heartbeat(1)
             await bay.unlock()

@@ -162,7 +162,8 @@ class ChargingCabinet(RuleBasedStateMachine):
 
     @invariant()
     def smoke_refuses_swaps(self) -> None:
-        assert self.safety.swaps_allowed == (not self.safety.smoke)
+        # smoke or mains loss refuses new swaps (docs/swap.md §4, mains loss)
+        assert self.safety.swaps_allowed == (not self.safety.smoke and not self.safety.mains_lost)
 
     @invariant()
     def hot_bays_are_tripped(self) -> None:

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import subprocess
 from pathlib import Path
 
 import pytest
 
 from protocol import bay_map
-from tests.conftest import SimProcess, cabinet_cmd
+from tests.conftest import SimProcess, cabinet_cmd, master
 
 
 def test_bus_scan_finds_every_unit_with_versions(sim_process: SimProcess) -> None:
@@ -118,3 +120,59 @@ def test_sim_ctl_without_a_simulator_is_a_clear_error() -> None:
     result = cabinet_cmd("sim", "ctl", "--control", "tcp://127.0.0.1:1", "state")
     assert result.returncode == 1
     assert "no simulator control endpoint at tcp://127.0.0.1:1" in result.stderr
+
+
+def test_bus_scan_counts_exception_replies_apart_from_answers(sim_process: SimProcess) -> None:
+    assert sim_process.ctl("fault", "board_failure", "--bay", "4").returncode == 0
+    human = cabinet_cmd("bus", "scan", "--bus", sim_process.bus)
+    assert human.returncode == 3
+    assert human.stdout.splitlines()[-1] == (
+        "13 of 14 units answered, 1 answered with an exception (directly on the bus)"
+    )
+    assert "refused: bay 4 refused the request: device failure" in human.stdout
+    result = cabinet_cmd("bus", "scan", "--bus", sim_process.bus, "--json")
+    scan = json.loads(result.stdout)
+    assert scan["summary"] == {"units": 14, "answered": 13, "exception": 1, "silent": 0}
+    units = {u["unit"]: u for u in scan["units"]}
+    assert units[4]["exception"] is True and units[4]["answered"] is True
+    assert units[5]["exception"] is False
+
+
+def _pty_port(sim: SimProcess) -> str:
+    return sim.bus.removeprefix("serial://").split("?")[0]
+
+
+@pytest.mark.parametrize(
+    ("query", "setting"), [("parity=E", "parity=E"), ("", "parity=E"), ("parity=O", "parity=O")]
+)
+def test_a_serial_setting_the_port_refuses_is_named(
+    sim_pty: SimProcess, query: str, setting: str
+) -> None:
+    """A pseudo-terminal takes no parity; the default framing (8E1) is refused by name."""
+    url = f"serial://{_pty_port(sim_pty)}" + (f"?{query}" if query else "")
+    result = cabinet_cmd("bus", "scan", "--bus", url)
+    assert result.returncode == 1
+    assert result.stderr.strip() == (
+        f"cabinet: error: serial port {_pty_port(sim_pty)} refuses {setting}: use settings "
+        "the port supports (a pseudo-terminal takes only parity=N)"
+    )
+
+
+def test_a_second_master_on_the_line_is_refused_and_pointed_to_the_daemon(
+    sim_pty: SimProcess,
+) -> None:
+    """The daemon's bus master holds its port; a direct-mode scan must not join the line."""
+
+    async def while_a_master_holds_the_port() -> subprocess.CompletedProcess[str]:
+        async with master(sim_pty.bus):
+            return cabinet_cmd("bus", "scan", "--bus", sim_pty.bus)
+
+    result = asyncio.run(while_a_master_holds_the_port())
+    assert result.returncode == 1
+    assert result.stderr.strip() == (
+        f"cabinet: error: serial port {_pty_port(sim_pty)} is in use by another bus master "
+        "(the cabinet daemon?); one master per line: run `cabinet bus scan -c FILE` "
+        "without --bus to go through the daemon"
+    )
+    after = cabinet_cmd("bus", "scan", "--bus", sim_pty.bus)
+    assert after.returncode == 0, after.stderr

@@ -27,6 +27,8 @@ def test_a_headless_demo_swaps_and_explains_every_failure() -> None:
     published = re.search(r"events published: (\d+) of (\d+) journaled", out)
     assert published and published.group(1) == published.group(2) and int(published.group(1)) > 0
     assert "gaps 0, duplicates 0" in out
+    assert "the cabinet's screen: open http://127.0.0.1:" in out  # the rider's kiosk page
+    assert "(app): completed" in out  # an app rider got in through the screen's QR challenge
     assert "Traceback" not in result.stderr
 
 

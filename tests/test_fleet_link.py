@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -76,6 +77,22 @@ def test_the_last_will_says_offline_when_the_daemon_dies(
         wait_until("the last will", lambda: backend.status.get(CAB, {}).get("online") is False)
 
 
+def test_the_last_will_orders_after_the_online_it_ends(
+    tmp_path: Path, broker: Mosquitto, backend: Backend
+) -> None:
+    """A backend keeping "the latest status by ts" must not keep a dead cabinet online."""
+    with running_cabinet(tmp_path, extra=mqtt(broker)) as cab:
+        wait_online(backend)
+        online = dict(backend.status[CAB])
+        cab.kill9()
+        will = wait_until(
+            "the last will",
+            lambda: backend.status.get(CAB, {}).get("online") is False and backend.status[CAB],
+        )
+        assert will["boot_id"] == online["boot_id"]
+        assert will["ts"] > online["ts"]  # docs/mqtt.md §6: latest by ts is the will
+
+
 def test_a_broker_outage_loses_nothing_and_leaves_no_gap(tmp_path: Path) -> None:
     broker = Mosquitto(tmp_path, persistent=True)  # a real broker keeps sessions over restarts
     broker.start()
@@ -100,6 +117,11 @@ def test_a_broker_outage_loses_nothing_and_leaves_no_gap(tmp_path: Path) -> None
                 lambda: [e["seq"] for e in backend.event_list(CAB)] == journal_seqs,
             )
             assert backend.gaps(CAB) == []
+        # the outage is logged as a disconnect, not as asyncio/paho noise
+        log = (tmp_path / "daemon.log").read_text()
+        assert "mqtt_disconnected" in log
+        for noise in ("never retrieved", "Traceback", "Exception in callback"):
+            assert noise not in log, noise
     finally:
         backend.close()
         broker.stop()
@@ -239,3 +261,37 @@ def test_telemetry_reports_measurements_and_the_outbox(tmp_path: Path, broker: M
     finally:
         client.loop_stop()
         client.disconnect()
+
+
+def test_retained_state_is_not_republished_for_events_alone(
+    tmp_path: Path, broker: Mosquitto, backend: Backend
+) -> None:
+    """A burst of events (command outcomes) with nothing significant changed: no new state."""
+    with running_cabinet(tmp_path, extra=mqtt(broker)):
+        wait_online(backend)
+        wait_until("a retained state", lambda: backend.state.get(CAB))
+        before = backend.state_publishes[CAB]
+        started = time.monotonic()
+        sent = 0
+        while time.monotonic() - started < 3.5:  # several of the 1 s state intervals
+            sent += 1
+            assert backend.command(CAB, "state.get", {"request_id": f"burst-{sent}"})["ok"]
+        wait_until(
+            "every command.handled on MQTT",
+            lambda: sum(e["type"] == "command.handled" for e in backend.event_list(CAB)) >= sent,
+        )
+        # at most one for a genuinely significant change (a charging SoC ticking over)
+        assert backend.state_publishes[CAB] - before <= 1, (sent, backend.state_publishes[CAB])
+
+
+def test_an_oversized_command_is_refused_unparsed(
+    tmp_path: Path, broker: Mosquitto, backend: Backend
+) -> None:
+    with running_cabinet(tmp_path, extra=mqtt(broker)) as cab:
+        wait_online(backend)
+        huge = b'{"request_id": "huge", "args": {"x": "' + b"A" * 20_000_000 + b'"}}'
+        reply = backend.command(CAB, "state.get", huge, timeout_s=30)
+        assert reply["ok"] is False and reply["error"]["code"] == "payload_too_large"
+        assert reply["request_id"] is None  # not parsed, so not even its request_id
+        cab.wait_event("command.handled", error="payload_too_large")
+        assert backend.command(CAB, "state.get", {"request_id": "after-huge"})["ok"]

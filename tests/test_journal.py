@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sqlite3
 from pathlib import Path
 
 import pytest
@@ -10,7 +11,7 @@ from cabinet import fleet_link
 from cabinet import journal as journal_module
 from cabinet.bus_scheduler import BusScheduler
 from cabinet.controller import CabinetController
-from cabinet.journal import Journal
+from cabinet.journal import Journal, JournalUnwritableError
 from drivers.bus_url import parse_endpoint
 from drivers.modbus_bus import ModbusBus
 from drivers.mqtt_link import MqttLink
@@ -64,3 +65,70 @@ def test_a_growing_outbox_raises_one_alarm_and_keeps_every_event(
     journal.mark_published(6)
     fleet._check_backlog()
     assert [e["type"] for e in journal.events()][-1] == "alarm.cleared"
+
+
+FILLER_KIB = 1100
+
+
+def _fill_from_outside(path: Path) -> None:
+    """Another writer takes the room the cap allows (as a log filling the disk would)."""
+    db = sqlite3.connect(path, isolation_level=None)
+    db.execute("CREATE TABLE filler (b BLOB)")
+    db.execute("INSERT INTO filler VALUES (zeroblob(?))", (FILLER_KIB * 1024,))
+    db.close()
+
+
+def test_a_full_journal_reports_the_real_error_and_recovers(tmp_path: Path) -> None:
+    path = tmp_path / "j.db"
+    journal = Journal(path, max_bytes=1024 * 1024)
+    assert add(journal, 1) == [1] and journal.trouble(now=0.0) is None
+    _fill_from_outside(path)
+    # SQLite rolls a full transaction back by itself: the error must be the disk, not
+    # "cannot rollback - no transaction is active"
+    with pytest.raises(JournalUnwritableError, match="database or disk is full"):
+        add(journal, 200)
+    assert journal.problem == "database or disk is full"
+    assert journal.trouble(now=0.0) == "database or disk is full"
+    db = sqlite3.connect(path, isolation_level=None)
+    db.execute("DROP TABLE filler")
+    db.close()
+    assert journal.trouble(now=0.5) is not None  # re-tried at most once a second
+    assert journal.trouble(now=1.5) is None
+    assert journal.writable(now=1.5)  # the probe's success cleared the problem
+    assert add(journal, 1) == [2]  # nothing of the failed transaction was kept
+
+
+def test_little_room_left_is_trouble_before_any_write_fails(tmp_path: Path) -> None:
+    path = tmp_path / "j.db"
+    journal = Journal(path, max_bytes=(FILLER_KIB + 200) * 1024)
+    assert journal.trouble(now=0.0) is None
+    _fill_from_outside(path)  # some 150 KiB left: a write would still succeed
+    trouble = journal.trouble(now=0.0)
+    assert trouble is not None and "KiB left for the journal" in trouble
+    assert add(journal, 1) == [1]
+
+
+def test_commands_are_answered_when_the_journal_cannot_be_written(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(fleet_link, "OUTBOX_ALARM_DEPTH", 1)
+    journal = Journal(tmp_path / "j.db")
+    controller = CabinetController(
+        cabinet_id="c",
+        journal=journal,
+        scheduler=BusScheduler(ModbusBus(parse_endpoint("tcp://127.0.0.1:9"))),
+    )
+    fleet = fleet_link.FleetLink(
+        controller, lambda **kw: MqttLink("mqtt://127.0.0.1:9", client_id="t", **kw)
+    )
+    add(journal, 2)
+    journal._db.execute("PRAGMA query_only = 1")  # every write now fails, as on a dead disk
+    command = b'{"request_id": "r-1", "args": {"bay": 3, "reason": "smells of smoke"}}'
+    reply = fleet._handle("bay.disable", command)
+    assert reply["ok"] is False and reply["error"]["code"] == "journal_unwritable"
+    assert "readonly" in reply["error"]["message"]
+    fleet._check_backlog()  # the backlog alarm cannot be stored: no crash, tried again later
+    assert 3 not in controller.out_of_service  # memory never runs ahead of the journal
+    journal._db.execute("PRAGMA query_only = 0")
+    fleet._check_backlog()
+    assert [e["type"] for e in journal.events()][-1] == "alarm.raised"

@@ -65,3 +65,36 @@ def test_boards_fail_safe_when_the_daemon_dies(tmp_path: Path) -> None:
         assert not any(b["heartbeat_ok"] for b in cab.state()["bays"])
         cab.start()
         wait_until("charging to resume", lambda: charging_bays(cab.state()))
+
+
+def test_an_ignored_charger_off_is_retried_alarmed_until_read_back_confirms_it(
+    tmp_path: Path,
+) -> None:
+    with running_cabinet(tmp_path) as cab:
+        bay = wait_until("a charging bay", lambda: sorted(charging_bays(cab.state())))[0]
+        cab.ctl("fault", "charger_stuck", "--bay", str(bay))  # acknowledges, ignores "off"
+        cab.ctl("fault", "thermal_runaway", "--bay", str(bay))
+        cab.wait_event("alarm.raised", kind="bay_overtemp", bay=bay)
+        alarm = cab.wait_event("alarm.raised", kind="safety_write_failed", bay=bay)
+        assert "charger off not confirmed" in alarm["detail"]
+        assert cab.bay(bay)["charger"]["enabled"]  # the board really ignored it
+        assert not cab.events("alarm.cleared")  # no confirmation was faked meanwhile
+        cab.ctl("heal", "charger_stuck", "--bay", str(bay))
+        cleared = cab.wait_event("alarm.cleared", kind="safety_write_failed", bay=bay)
+        assert "read-back" in cleared["detail"]
+        assert not cab.bay(bay)["charger"]["enabled"]
+        raised = cab.events("alarm.raised")
+        assert [e["kind"] for e in raised].count("safety_write_failed") == 1  # raised once
+
+
+def test_a_contactor_that_stays_closed_on_smoke_is_alarmed_until_it_opens(tmp_path: Path) -> None:
+    with running_cabinet(tmp_path) as cab:
+        wait_until("the contactor to close", lambda: cab.state()["cabinet"]["contactor_closed"])
+        cab.ctl("fault", "contactor_stuck")
+        cab.ctl("fault", "smoke")
+        alarm = cab.wait_event("alarm.raised", kind="safety_write_failed", bay=None)
+        assert "main contactor open not confirmed" in alarm["detail"]
+        assert cab.state()["cabinet"]["contactor_closed"]
+        cab.ctl("heal", "contactor_stuck")
+        cab.wait_event("alarm.cleared", kind="safety_write_failed", bay=None)
+        assert not cab.state()["cabinet"]["contactor_closed"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from tests.conftest import cabinet_cmd
@@ -156,3 +157,69 @@ def test_a_bay_that_goes_silent_mid_session_ends_it_cleanly(tmp_path: Path) -> N
         # a door left open is shut by the next person passing; the bay serves riders again
         cab.ctl("close", str(ret))
         assert cab.swap_begins("R-12")["return_bay"] is not None
+
+
+def test_a_battery_that_faults_before_the_door_shuts_is_refused(tmp_path: Path) -> None:
+    """Judged on the reading at door-shut, not on the first one after insertion."""
+    with running_cabinet(tmp_path) as cab:
+        started = cab.swap_begins("R-13")
+        ret, out = started["return_bay"], started["dispense_bay"]
+        cab.wait_door(ret, "open")
+        cab.ctl("insert", str(ret), "--battery", "BAT-R13", "--soc", "15")
+        # the daemon has read the battery healthy: a first-reading judge would accept it
+        wait_until("the daemon to read the deposit", lambda: _reads(cab, ret, "BAT-R13"))
+        cab.ctl("fault", "bms_fault", "--bay", str(ret))
+        cab.ctl("close", str(ret))
+        rejected = cab.wait_event("swap.deposit_rejected", session_id=started["session_id"])
+        assert rejected["reason"] == "faulted" and rejected["battery_id"] == "BAT-R13"
+        cab.wait_door(ret, "open")  # the rider's battery is handed back
+        cab.ctl("take", str(ret))
+        cab.ctl("close", str(ret))
+        failed = cab.wait_event("swap.failed", session_id=started["session_id"])
+        assert failed["reason"] == "deposit_rejected"
+        assert cab.events("swap.battery_deposited") == []
+        assert cab.bay(out)["door_open_count"] == 0
+        assert cab.bay(out)["battery"]["id"] == started["reserved"]
+
+
+def _reads(cab: Cabinet, bay: int, battery_id: str) -> bool:
+    """Whether the daemon itself (not the simulator) reports ``battery_id`` in ``bay``."""
+    result = cabinet_cmd("bays", "--json", "-c", str(cab.config))
+    return result.returncode == 0 and json.loads(result.stdout)[bay - 1]["battery_id"] == battery_id
+
+
+def test_a_reserved_battery_that_faults_is_replaced_before_its_door_opens(tmp_path: Path) -> None:
+    with running_cabinet(tmp_path) as cab:
+        started = cab.swap_begins("R-14")
+        session, ret, reserved_bay = (
+            started["session_id"],
+            started["return_bay"],
+            started["dispense_bay"],
+        )
+        cab.ctl("fault", "bms_fault", "--bay", str(reserved_bay))
+        moved = cab.wait_event("swap.dispense_reassigned", session_id=session)
+        assert moved["from_bay"] == reserved_bay and moved["to_bay"] not in (None, reserved_bay)
+        deposit(cab, ret, "BAT-R14")
+        collect(cab, moved["to_bay"])
+        done = cab.wait_event("swap.completed", session_id=session)
+        assert done["dispensed"] == moved["reserved"] != started["reserved"]
+        assert cab.bay(reserved_bay)["door_open_count"] == 0  # the faulted pack stayed locked in
+
+
+def test_with_no_battery_left_to_hand_out_the_rider_gets_their_own_back(tmp_path: Path) -> None:
+    with running_cabinet(tmp_path) as cab:
+        started = cab.swap_begins("R-15")
+        session, ret = started["session_id"], started["return_bay"]
+        full = [b["bay"] for b in cab.state()["bays"] if b["battery"] and b["bay"] != ret]
+        for bay in full:  # every pack that could be handed out now reports a BMS fault
+            cab.ctl("fault", "bms_fault", "--bay", str(bay))
+        moved = cab.wait_event("swap.dispense_reassigned", session_id=session, to_bay=None)
+        assert moved["from_bay"] == started["dispense_bay"]
+        deposit(cab, ret, "BAT-R15")
+        cab.wait_door(ret, "open")  # the rider's own door reopens, no other
+        cab.ctl("take", str(ret))
+        cab.ctl("close", str(ret))
+        failed = cab.wait_event("swap.failed", session_id=session)
+        assert failed["reason"] == "dispense_failed"
+        assert cab.events("swap.battery_dispensed") == []
+        assert [b["bay"] for b in cab.state()["bays"] if b["door_open_count"]] == [ret]

@@ -11,6 +11,7 @@ from cabinet.swap_machine import (
     BayOffline,
     Candidate,
     CustodyToRider,
+    DispensableNow,
     DoorClosed,
     DoorOpened,
     Emit,
@@ -26,13 +27,8 @@ M = SwapMachine()
 GOOD = BatteryObs("BAT-R1", plugged=True, soc_pct=10, health_pct=90, cell_temp_c=25)
 
 
-def run(*events: object):
-    state, commands = IDLE, []
-    for event in events:
-        result = M.step(state, event)  # type: ignore[arg-type]
-        state = result.state
-        commands += list(result.commands)
-    return state, commands
+def run(*events: object):  # type: ignore[no-untyped-def]
+    return run_from(IDLE, *events)
 
 
 START = Start("s1", "R", Mode.SWAP, (1, 2), (Candidate(5, "BAT-F5"), Candidate(6, "BAT-F6")))
@@ -99,3 +95,54 @@ def test_a_first_pickup_uses_no_return_bay() -> None:
     assert [c.bay for c in commands if isinstance(c, Unlock)] == [5]
     # a silent empty bay is none of this session's business
     assert M.step(state, BayOffline(1)).state == state
+
+
+def test_a_reserved_battery_that_trips_before_its_door_opens_is_replaced() -> None:
+    """Issue 11: the reservation is re-judged on the latest ranking until the door opens."""
+    state, commands = run(
+        START,
+        DoorOpened(1),
+        DispensableNow((Candidate(6, "BAT-F6"),)),  # bay 5's battery tripped
+        BatteryInserted(1, GOOD),
+        DoorClosed(1),
+    )
+    assert state.phase is Phase.OPENING_DISPENSE and state.dispense_bay == 6
+    assert [c.bay for c in commands if isinstance(c, Unlock)] == [1, 6]  # never bay 5
+    moved = [c for c in commands if isinstance(c, Emit) and c.type == "swap.dispense_reassigned"]
+    assert [(e.data["from_bay"], e.data["to_bay"], e.data["reserved"]) for e in moved] == [
+        (5, 6, "BAT-F6")
+    ]
+
+
+def test_with_nothing_left_to_hand_out_the_rider_gets_their_own_battery_back() -> None:
+    state, commands = run(
+        START, DoorOpened(1), BatteryInserted(1, GOOD), DispensableNow(()), DoorClosed(1)
+    )
+    assert state.phase is Phase.GIVING_BACK and state.return_bay == 1
+    assert [c.bay for c in commands if isinstance(c, Unlock)] == [1, 1]  # only its own door
+    state, more = run_from(state, DoorOpened(1), BatteryRemoved(1, "BAT-R1"), DoorClosed(1))
+    assert CustodyToRider("BAT-R1", "R", "s1") in more and state.phase is Phase.IDLE
+
+
+def test_a_still_dispensable_reservation_stands() -> None:
+    state, commands = run(START, DispensableNow((Candidate(6, "BAT-F6"), Candidate(5, "BAT-F5"))))
+    assert state.dispense_bay == 5
+    assert not [c for c in commands if isinstance(c, Emit) and c.type == "swap.dispense_reassigned"]
+    # the fall-backs are refreshed: if bay 5's door fails, the latest next-best is used
+    assert state.dispensable == (Candidate(5, "BAT-F5"), Candidate(6, "BAT-F6"))
+
+
+def test_once_the_dispense_unlock_is_out_the_reservation_is_kept() -> None:
+    state, _ = run(START, DoorOpened(1), BatteryInserted(1, GOOD), DoorClosed(1))
+    assert state.phase is Phase.OPENING_DISPENSE
+    result = M.step(state, DispensableNow((Candidate(6, "BAT-F6"),)))
+    assert result.commands == () and result.state.dispense_bay == 5
+
+
+def run_from(state, *events: object):  # type: ignore[no-untyped-def]
+    commands = []
+    for event in events:
+        result = M.step(state, event)  # type: ignore[arg-type]
+        state = result.state
+        commands += list(result.commands)
+    return state, commands

@@ -26,7 +26,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from cabinet.battery_rules import BatteryObs, DispenseRules, dispensable, rank_dispensable
+from cabinet.battery_rules import (
+    BatteryObs,
+    DepositRules,
+    DispenseRules,
+    dispensable,
+    judge_deposit,
+    rank_dispensable,
+)
 from cabinet.bay_tracker import BaySnapshot, diff
 from cabinet.custody import CustodyLedger, Where
 from cabinet.swap_machine import (
@@ -36,6 +43,7 @@ from cabinet.swap_machine import (
     Candidate,
     CustodyToBay,
     CustodyToRider,
+    DispensableNow,
     Emit,
     Mode,
     Phase,
@@ -50,6 +58,8 @@ from cabinet.swap_machine import (
 from cabinet.swap_machine import CancelTimer as CancelTimerCmd
 
 BAYS = range(1, 13)
+#: Phases in which the controller feeds the machine a fresh ranking (cabinet/controller.py).
+RESERVATION_PHASES = (Phase.OPENING_RETURN, Phase.AWAITING_DEPOSIT, Phase.OPENING_DISPENSE)
 RULES = DispenseRules()
 
 
@@ -127,9 +137,12 @@ class SwapCabinet(RuleBasedStateMachine):
         """One poll cycle: diff every bay, feed the machine, reconcile the ledger."""
         for n in BAYS:
             cur = self.snapshot(n)
-            for event in diff(n, self.snapshots.get(n), cur):
+            events = diff(n, self.snapshots.get(n), cur)
+            self.snapshots[n] = cur  # the latest reading, as the controller knows it
+            if self.state.phase in RESERVATION_PHASES:  # as the controller does
+                self.feed(DispensableNow(self.dispensable_now()))
+            for event in events:
                 self.feed(event)
-            self.snapshots[n] = cur
             if cur.online:
                 battery_id = cur.battery.battery_id if cur.battery else None
                 self.ledger.observe_bay(n, battery_id, present=cur.battery_present)
@@ -158,12 +171,22 @@ class SwapCabinet(RuleBasedStateMachine):
         if isinstance(command, Unlock):
             allowed = set(self.state.return_bays) | {c.bay for c in self.state.dispensable}
             assert command.bay in allowed, f"unlock of bay {command.bay} the session never chose"
+            if command.bay == self.state.dispense_bay and self.state.phase is not Phase.GIVING_BACK:
+                latest = self.snapshots[command.bay].battery
+                assert latest is not None and dispensable(latest, RULES), (
+                    f"opened dispense bay {command.bay} whose latest reading is {latest}"
+                )
             self.unlocked_by_session.add(command.bay)
             bay = self.bays[command.bay]
             if bay.online and not bay.lock_stuck:
                 bay.door_closed = False
             elif bay.lock_stuck:
                 bay.jammed = True
+        elif isinstance(command, Emit) and command.type == "swap.battery_deposited":
+            latest = self.snapshots[command.data["bay"]].battery
+            assert latest is not None and judge_deposit(latest, DepositRules()) is None, (
+                f"accepted a battery whose latest reading is refused: {latest}"
+            )
         elif isinstance(command, Emit) and command.type in ("swap.completed", "swap.failed"):
             hypothesis.event(f"{command.type} {command.data.get('reason', '')}".strip())
         elif isinstance(command, StartTimer):
@@ -200,6 +223,16 @@ class SwapCabinet(RuleBasedStateMachine):
             and self.bays[b].online
             and not self.bays[b].out_of_service
         )
+        dispensable_now = self.dispensable_now()
+        for c in dispensable_now:
+            obs = self.bays[c.bay].battery
+            self.reserved_ok[c.battery_id] = obs is not None and dispensable(obs, RULES)
+        self.sessions += 1
+        self.feed(Start(f"s{self.sessions}", f"rider{n % 5}", mode, empty, dispensable_now))
+        self.poll()
+
+    def dispensable_now(self) -> tuple[Candidate, ...]:
+        """The ranking the controller hands the machine: latest readings, usable bays."""
         candidates = [
             (b, self.snapshots[b].battery)
             for b in BAYS
@@ -207,19 +240,14 @@ class SwapCabinet(RuleBasedStateMachine):
             and self.snapshots[b].online
             and self.snapshots[b].door_closed
             and self.snapshots[b].battery
+            and b != self.state.return_bay
         ]
         ranked = rank_dispensable([(b, obs) for b, obs in candidates if obs is not None], RULES)
-        dispensable_now = tuple(
+        return tuple(
             Candidate(b, obs.battery_id)
             for b, obs in ranked
             if obs.battery_id and not self.bays[b].out_of_service
         )
-        for c in dispensable_now:
-            obs = self.bays[c.bay].battery
-            self.reserved_ok[c.battery_id] = obs is not None and dispensable(obs, RULES)
-        self.sessions += 1
-        self.feed(Start(f"s{self.sessions}", f"rider{n % 5}", mode, empty, dispensable_now))
-        self.poll()
 
     def open_empty(self) -> list[int]:
         return [b for b in BAYS if not self.bays[b].door_closed and self.bays[b].battery is None]
@@ -264,7 +292,7 @@ class SwapCabinet(RuleBasedStateMachine):
         self.poll()
 
     @precondition(lambda self: bool(self.open_empty()))
-    @rule(data=st.data(), battery=batteries)
+    @rule(data=st.data(), battery=good_battery | batteries)
     def rider_inserts(self, data: st.DataObject, battery: BatteryObs) -> None:
         bay = data.draw(st.sampled_from(self.open_empty()))
         self.put(bay, battery)
@@ -297,6 +325,37 @@ class SwapCabinet(RuleBasedStateMachine):
         timer = data.draw(st.sampled_from(sorted(self.timers)))
         self.timers.discard(timer)
         self.feed(TimerExpired(timer))
+        self.poll()
+
+    @precondition(lambda self: self.state.phase is not Phase.IDLE)
+    @rule(
+        data=st.data(),
+        trip=st.sampled_from([{"faulted": True}, {"cell_temp_c": 60.0}, {"soc_pct": 40.0}]),
+    )
+    def a_battery_trips(self, data: st.DataObject, trip: dict[str, object]) -> None:
+        """A pack the session uses (the rider's, behind the open door, or the reserved one)
+        faults, heats up or loses charge after the cabinet first read it."""
+        bay = data.draw(st.sampled_from(sorted(self.session_bays | set(BAYS[:1]))))
+        battery = self.bays[bay].battery
+        if battery is not None:
+            self.bays[bay].battery = replace(battery, **trip)  # type: ignore[arg-type]
+        self.poll()
+
+    @precondition(
+        lambda self: (
+            self.state.phase is Phase.AWAITING_DEPOSIT and self.state.return_bay in self.open_full()
+        )
+    )
+    @rule(trip=st.sampled_from([{"faulted": True}, {"cell_temp_c": 60.0}, {"cell_temp_c": -20.0}]))
+    def the_deposited_battery_turns_bad_before_the_door_shuts(
+        self, trip: dict[str, object]
+    ) -> None:
+        """Read healthy on insertion, faulted or out of window by the time the door shuts."""
+        bay = self.state.return_bay
+        assert bay is not None
+        battery = self.bays[bay].battery
+        assert battery is not None
+        self.bays[bay].battery = replace(battery, **trip)  # type: ignore[arg-type]
         self.poll()
 
     @rule(bay=st.sampled_from(list(BAYS)))
@@ -370,14 +429,6 @@ SwapCabinet.TestCase.settings = settings(
 TestSwapCabinet = SwapCabinet.TestCase
 
 
-def test_every_phase_is_reachable_and_none_is_a_trap() -> None:
-    """Graph check (after python-statemachine): each phase has a way in and a way out."""
-    phases_in_table = {phase for phase, _ in TRANSITIONS}
-    assert phases_in_table == set(Phase)
-    for phase in set(Phase) - {Phase.IDLE}:
-        assert (phase, TimerExpired) in TRANSITIONS, f"{phase} cannot time out"
-
-
 @given(
     state_phase=st.sampled_from(Phase),
     event=st.sampled_from([TimerExpired(t) for t in Timer] + [Abort("test")]),
@@ -393,3 +444,20 @@ def test_illegal_pairs_change_nothing(state_phase: Phase, event: object) -> None
     result = SwapMachine().step(state, event)  # type: ignore[arg-type]
     if (state_phase, type(event)) not in TRANSITIONS:
         assert result.rejected and result.state == state and result.commands == ()
+
+
+def test_the_story_the_campaign_guards_a_pack_that_faults_before_the_door_shuts() -> None:
+    """The model's deposit invariant replayed as one fixed story (rare at random)."""
+    world = SwapCabinet()
+    full = [BatteryObs(f"BAT-F{i:03d}", True, 99.0, 90.0, 25.0) for i in range(10)]
+    world.fill([None, None, *full])
+    world.rider_arrives(Mode.SWAP, 1)
+    bay = world.state.return_bay
+    assert bay is not None and world.state.phase is Phase.AWAITING_DEPOSIT
+    world.put(bay, BatteryObs("BAT-0001", plugged=True, soc_pct=10, health_pct=90))
+    world.poll()
+    world.the_deposited_battery_turns_bad_before_the_door_shuts({"faulted": True})
+    world.bays[bay].door_closed = True
+    world.poll()  # a deposit judged on the stale reading fails the model's invariant here
+    after: SwapState = world.state
+    assert after.phase is Phase.REJECTING

@@ -19,7 +19,8 @@ from cabinet.daemon import POLL_STALL_S, controller_for, health_problem
 from cabinet.systemd_notify import Notifier
 from cabinet.task_health import TaskHealth
 from tests.conftest import REPO
-from tests.daemon_harness import running_cabinet
+from tests.daemon_harness import Cabinet, running_cabinet, wait_until
+from tests.test_bus_truth import assert_paced, doctor
 
 UNIT = REPO / "systemd" / "cabinet.service"
 EXPOSURE_GOAL = 2.0
@@ -71,6 +72,15 @@ class NotifySocket:
         data = self.sock.recv(4096).decode()
         return dict(line.split("=", 1) for line in data.splitlines())
 
+    def until_status(self, prefix: str) -> list[dict[str, str]]:
+        """Messages up to the first STATUS starting with ``prefix``."""
+        seen = []
+        while True:
+            message = self.next()
+            seen.append(message)
+            if message.get("STATUS", "").startswith(prefix):
+                return seen
+
     def until(self, key: str) -> list[dict[str, str]]:
         seen = []
         while True:
@@ -119,6 +129,36 @@ def test_no_watchdog_for_another_pid_and_none_without_systemd() -> None:
     quiet = Notifier({})
     assert not quiet.enabled
     quiet.notify(ready="1")  # nothing to talk to: nothing happens, nothing raised
+
+
+ALL_UNITS_SILENT = [*(("--bay", str(b)) for b in range(1, 13)), ("--unit", "20"), ("--unit", "21")]
+
+
+def _silence_every_unit(cab: Cabinet) -> None:
+    for where in ALL_UNITS_SILENT:
+        cab.ctl("fault", "silent", *where)
+
+
+def test_a_cabinet_talking_to_nobody_is_paced_starves_the_watchdog_and_recovers(
+    tmp_path: Path, notify: NotifySocket
+) -> None:
+    env = {"NOTIFY_SOCKET": str(notify.path), "WATCHDOG_USEC": "400000"}
+    extra = {"bus": {"silence_unhealthy_s": 2.0}}
+    with running_cabinet(tmp_path, env=env, extra=extra) as cab:
+        notify.until("READY")
+        notify.until("WATCHDOG")
+        _silence_every_unit(cab)
+        starving = notify.until_status("unhealthy")[-1]
+        assert "no unit has answered" in starving["STATUS"], starving
+        assert "WATCHDOG" not in starving
+        assert_paced(cab)  # every call now fails at once: the poller must not spin
+        bus = doctor(cab)["bus"]
+        assert bus["verdict"] == "fail" and "no unit has answered" in bus["detail"]
+        cab.ctl("heal", "silent")
+        while_unhealthy = notify.until_status("running")[:-2]  # [-2]: the first feed again
+        assert not any("WATCHDOG" in m for m in while_unhealthy), while_unhealthy
+        assert notify.until("WATCHDOG")[-1]["WATCHDOG"] == "1"  # fed again
+        wait_until("doctor to agree", lambda: doctor(cab)["bus"]["verdict"] == "ok")
 
 
 def _controller(tmp_path: Path) -> CabinetController:

@@ -12,6 +12,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from cabinet.clock import CLOCK_SET_AFTER
 from cabinet.tokens import TokenRefusedError, issue, load_private_key, load_public_key, verify
 from protocol.rider_token import MAX_TOKEN_CHARS
 from tests.conftest import cabinet_cmd
@@ -91,3 +92,25 @@ def test_any_scanned_text_is_a_clear_refusal_never_a_crash(text: str) -> None:
         verify(text, [key], now=int(time.time()))
     assert err.value.reason in {"malformed", "bad_signature"}
     assert str(err.value)
+
+
+def test_a_cabinet_whose_clock_is_unset_refuses_offline_tokens_clearly(keys: Path) -> None:
+    """An RTC that booted at 1970 must not make expiry a coin toss (issue 11, the core)."""
+    key = load_private_key(Path(f"{keys}.key"))
+    pub = [load_public_key(Path(f"{keys}.pub"))]
+    now = int(time.time())
+    for token, at in [
+        (issue(key, "R-1", now=now), 0),  # a fresh token, checked by a clock at 1970
+        (issue(key, "R-1", now=10, ttl_s=300), 100),  # "valid" by a 1970 clock: still refused
+        (issue(key, "R-1", now=now), CLOCK_SET_AFTER - 1),
+    ]:
+        with pytest.raises(TokenRefusedError) as err:
+            verify(token, pub, now=at)
+        assert err.value.reason == "clock_unset"
+        assert str(err.value).startswith("clock not set: it says 19") or "2024" in str(err.value)
+        assert "app swaps still work" in str(err.value)
+    assert verify(issue(key, "R-1", now=now), pub, now=now).rider == "R-1"  # a set clock is fine
+    with pytest.raises(TokenRefusedError) as forged:  # a forgery is still called a forgery
+        other = Ed25519PrivateKey.generate()
+        verify(issue(other, "R-1", now=now), pub, now=0)
+    assert forged.value.reason == "bad_signature"

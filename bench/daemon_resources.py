@@ -4,8 +4,11 @@ Starts `cabinet sim` (19200 baud) and `cabinet run` with the fleet link off, let
 rider swap once a minute (the swap-latency bench's rider), and samples the daemon's
 /proc/<pid> every second: VmRSS, and CPU time (utime + stime) over wall time.
 Goals (DESIGN.md §6): resident memory under 60 MB, idle CPU near zero.
+``--display`` enables the rider's web display (``[display]``, on a free port) as well;
+the daemon also takes any other ``CABINET_<SECTION>__<KEY>`` override from the
+environment.
 
-    .venv/bin/python bench/daemon_resources.py [--minutes N]
+    .venv/bin/python bench/daemon_resources.py [--minutes N] [--display]
 """
 
 from __future__ import annotations
@@ -37,7 +40,11 @@ def cpu_s(pid: int) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--minutes", type=float, default=3.0)
+    parser.add_argument("--display", action="store_true", help="with [display] enabled")
     args = parser.parse_args()
+    if args.display:  # the daemon inherits the environment
+        os.environ.update(CABINET_DISPLAY__ENABLED="true", CABINET_DISPLAY__PORT="0")
+    display = os.environ.get("CABINET_DISPLAY__ENABLED", "").lower() in {"true", "1"}
     with tempfile.TemporaryDirectory() as tmp_dir, bench_cabinet(Path(tmp_dir)) as cab:
         pid = cab.daemon.pid
         started, cpu0 = time.monotonic(), cpu_s(pid)
@@ -52,7 +59,10 @@ def main() -> None:
             time.sleep(1.0)
         wall, cpu = time.monotonic() - started, cpu_s(pid) - cpu0
     peak_rss, final_rss = max(rss), rss[-1]
-    print(f"daemon at steady state, 12 bays at {BAUD} baud, {swaps} swaps in {wall:.0f} s")
+    print(
+        f"daemon at steady state, 12 bays at {BAUD} baud, {swaps} swaps in {wall:.0f} s, "
+        f"display {'on' if display else 'off'}"
+    )
     print("| measure | value | goal |")
     print("|---|---|---|")
     print(f"| resident memory, peak | {peak_rss:.1f} MB | < 60 MB |")

@@ -2,6 +2,11 @@
 
 Errors are one line on stderr and a non-zero exit, never a traceback; the exit
 codes are listed in ``cli_output``.
+
+What this module imports at its top is what ``cabinet run`` (the daemon, under systemd)
+loads besides the daemon itself: every other command's code is imported inside its
+handler or parser builder, and ``cabinet run`` builds only its own parser (DESIGN.md §6,
+resident memory; tests/test_daemon_footprint.py).
 """
 
 from __future__ import annotations
@@ -33,9 +38,6 @@ from cabinet.config import (
     secret_problems,
 )
 from cabinet.control_client import DaemonNotRunningError
-from cabinet.firmware_cli import add_firmware_parser
-from cabinet.fleet_watch import add_watch_parser
-from cabinet.technician_cli import add_technician_parsers
 from drivers.bus_url import BusUrlError, parse_endpoint
 from drivers.modbus_bus import BusError, ModbusBus
 
@@ -78,7 +80,11 @@ def _on_daemon(args: argparse.Namespace, verb: str, request_args: dict[str, Any]
 
 
 def _bus_scan(args: argparse.Namespace) -> int:
-    from cabinet.bus_diagnostics import survey  # noqa: PLC0415 - keeps `cabinet --help` fast
+    from cabinet.bus_diagnostics import (  # noqa: PLC0415 - keeps `cabinet --help` fast
+        scan_summary,
+        summary_line,
+        survey,
+    )
 
     answer = _on_daemon(args, "bus.scan", {})
     if answer is not None:
@@ -90,17 +96,18 @@ def _bus_scan(args: argparse.Namespace) -> int:
                 return [r.as_json() for r in await survey(bus)]
 
         units = asyncio.run(direct())
+    summary = scan_summary(units)
     if args.json:
-        print_json({"units": units, "via": "daemon" if answer is not None else "bus"})
+        via_key = "daemon" if answer is not None else "bus"
+        print_json({"units": units, "summary": summary, "via": via_key})
     else:
         rows = [
             (u["unit"], u["name"], u["map_version"], u["firmware"], u["latency_ms"], u["health"])
             for u in units
         ]
         print(table(rows, ["UNIT", "NAME", "MAP", "FIRMWARE", "LATENCY_MS", "HEALTH"]))
-        silent = sum(not u["answered"] for u in units)
         via = "through the running daemon" if answer is not None else "directly on the bus"
-        print(f"{len(units) - silent} of {len(units)} units answered ({via})")
+        print(f"{summary_line(summary)} ({via})")
     return EXIT_OK if all(u["answered"] and u["health"] == "ok" for u in units) else EXIT_PROBLEM
 
 
@@ -420,11 +427,14 @@ def _add_bus_parser(commands: Any) -> None:
     write.set_defaults(handler=_bus_write)
 
 
-def _add_daemon_parsers(commands: Any) -> None:
+def _add_run_parser(commands: Any) -> None:
     run = commands.add_parser("run", help="the daemon (what systemd starts)")
     _config_arg(run)
     run.set_defaults(handler=_run_daemon)
 
+
+def _add_daemon_parsers(commands: Any) -> None:
+    _add_run_parser(commands)
     keys = commands.add_parser("keys", help="signing keys").add_subparsers(
         dest="keys_command", required=True, metavar="SUBCOMMAND"
     )
@@ -460,11 +470,22 @@ def _add_config_parser(commands: Any) -> None:
     check.set_defaults(handler=_config_check)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The whole command tree."""
+def _top_parser() -> tuple[argparse.ArgumentParser, Any]:
     parser = argparse.ArgumentParser(prog="cabinet", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"cabinet {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    return parser, commands
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The whole command tree."""
+    # Imported here, not at the top: these commands' modules (with the fleet view and the
+    # MQTT watcher) are loaded when the whole tree is built, which `cabinet run` never does.
+    from cabinet.firmware_cli import add_firmware_parser  # noqa: PLC0415
+    from cabinet.fleet_watch import add_watch_parser  # noqa: PLC0415
+    from cabinet.technician_cli import add_technician_parsers  # noqa: PLC0415
+
+    parser, commands = _top_parser()
     _add_daemon_parsers(commands)
     _add_sim_parser(commands)
     demo = commands.add_parser(
@@ -483,6 +504,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _parser_for(argv: Sequence[str]) -> argparse.ArgumentParser:
+    """The whole tree, except for ``cabinet run ...``: the daemon's own command only.
+
+    Both parse ``run ...`` the same way (same usage, help and errors: argparse hands
+    everything after ``run`` to its subparser), but the whole tree would import every
+    other command's module into the daemon for the rest of its life.
+    """
+    if argv[:1] != ["run"]:
+        return build_parser()
+    parser, commands = _top_parser()
+    _add_run_parser(commands)
+    return parser
+
+
 def _run(handler: Callable[[argparse.Namespace], Any], args: argparse.Namespace) -> int:
     result = handler(args)
     if asyncio.iscoroutine(result):
@@ -492,8 +527,8 @@ def _run(handler: Callable[[argparse.Namespace], Any], args: argparse.Namespace)
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``cabinet`` console script."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = _parser_for(argv).parse_args(argv)
     # Diagnostics print their findings; the bus log lines would only repeat them.
     log_setup.configure("error" if args.command != "sim" else "info")
     try:

@@ -70,7 +70,7 @@ def completed_ts(journal_path: Path, session_count: int) -> float | None:
 async def one_swap(
     control: tuple[str, int], key_path: Path, journal: Path, n: int
 ) -> dict[str, float]:
-    token = issue(load_private_key(key_path), f"R-{n}", now=int(time.time()))
+    token = issue(load_private_key(key_path), f"R-{n}", now=int(time.time()), cabinet="bench")
     # the daemon connects to the scanner after recovering: scan again until it listens
     while (await ctl(control, verb="scan", text=token))["delivered_to"] == 0:
         await asyncio.sleep(0.05)

@@ -450,7 +450,13 @@ def _add_daemon_parsers(commands: Any) -> None:
     issue.add_argument("--rider", required=True)
     issue.add_argument("--ttl", type=int, default=300, help="seconds (default 300)")
     issue.add_argument("--mode", choices=["swap", "pickup", "return"], default="swap")
-    issue.add_argument("--cabinet", help="only this cabinet may honour it")
+    audience = issue.add_mutually_exclusive_group(required=True)
+    audience.add_argument("--cabinet", help="only this cabinet may honour it")
+    audience.add_argument(
+        "--fleet-wide",
+        action="store_true",
+        help="no cab claim: refused unless the cabinet sets auth.require_cabinet_claim = false",
+    )
     issue.set_defaults(handler=_token_issue)
     verify = token.add_parser("verify", help="check a token (does not use it up)")
     verify.add_argument("token")

@@ -111,6 +111,9 @@ class AuthSection(_Section):
     #: app swaps (``cmd/swap.start``) must carry a challenge the cabinet's screen showed
     #: within its validity window, once (DESIGN.md §4.4); off: a challenge is checked if given
     require_challenge: bool = False
+    #: QR tokens must name this cabinet (``cab``): a token without is refused with
+    #: ``no_cabinet_claim``. Off: fleet-wide tokens, single-use per cabinet only
+    require_cabinet_claim: bool = True
 
 
 class DisplaySection(_Section):

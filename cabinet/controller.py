@@ -295,10 +295,8 @@ class CabinetController:
             dict(self.baseline),
             copy.deepcopy(self.pending_pickups),
         )
-        try:
-            with self.journal.transaction() as db:
-                yield db
-        except BaseException:
+
+        def restore() -> None:
             (
                 self.state,
                 self.timers,
@@ -308,7 +306,15 @@ class CabinetController:
                 self.baseline,
                 self.pending_pickups,
             ) = saved
+
+        try:
+            with self.journal.transaction() as db:
+                yield db
+        except BaseException:
+            restore()
             raise
+        # inside an enclosing unit (a fleet command) memory follows its fate too
+        self.journal.after_rollback(restore)
 
     def _arm(self, db: sqlite3.Connection, timer: Timer, seconds: float) -> None:
         self.timers[timer] = self.clock.monotonic() + seconds
@@ -1119,7 +1125,9 @@ class CabinetController:
             return refusal
         with self._committing() as db:
             self.emit(db, "bay.opened", {"bay": bay, "by": by})
-        self._spawn(self._operator_unlock(bay))
+            # unlocked once the record is on disk: inside a fleet command's transaction
+            # that is with its request_id (docs/mqtt.md §3.1), never for a rolled-back one
+            self.journal.after_commit(lambda: self._spawn(self._operator_unlock(bay)))
         return None
 
     async def _operator_unlock(self, bay: int) -> None:
@@ -1202,15 +1210,29 @@ class CabinetController:
                 db, "swap.refused", {"rider_id": rider_id, "reason": reason, "source": source}
             )
 
-    def request_session(self, rider_id: str, mode: Mode, source: str) -> str | None:
-        """Start a session for an authorised rider; returns why not, or None if started."""
+    def request_session(
+        self, rider_id: str, mode: Mode, source: str, *, token: tuple[str, int] | None = None
+    ) -> str | None:
+        """Start a session for an authorised rider; returns why not, or None if started.
+
+        ``token`` is a QR token's (nonce, expiry): ``replayed`` if it was spent already,
+        else spent in the very transaction that starts the session. A session refused
+        before any door opens (no battery to hand out, no free bay) leaves it usable.
+        """
         refusal = self.refusal()
         if refusal is not None:
             self.refuse_session(rider_id, refusal, source)
             return refusal
         start = self._start_event(rider_id, mode)
-        log.info("session_requested", rider_id=rider_id, mode=mode.value, source=source)
-        self._feed([start])
+        io: list[Command] = []
+        with self._committing() as db:
+            if token is not None and self.journal.token_spent(token[0]):
+                return "replayed"
+            log.info("session_requested", rider_id=rider_id, mode=mode.value, source=source)
+            self._step(db, start, io)
+            if token is not None and self.state.phase is not Phase.IDLE:
+                self.journal.spend_token(db, token[0], token[1], int(self.clock.wall()))
+        self._carry_out(io)
         return None
 
     def refuse_authorisation(self, reason: str, detail: str, rider_id: str | None) -> None:

@@ -191,7 +191,14 @@ async def scanner_loop(config: CabinetConfig, controller: CabinetController) -> 
                         if refusals.admit("garbage"):
                             log.info("scan_garbage", reason=item.reason)
                         continue
-                    handle_scan(item, keys, config.cabinet.id, controller, refusals)
+                    handle_scan(
+                        item,
+                        keys,
+                        config.cabinet.id,
+                        controller,
+                        refusals,
+                        require_cabinet_claim=config.auth.require_cabinet_claim,
+                    )
             except ScannerUnavailableError as exc:
                 if failures == 0:
                     log.warning("scanner_unavailable", error=str(exc))
@@ -207,6 +214,8 @@ def handle_scan(
     cabinet_id: str,
     controller: CabinetController,
     refusals: ScanRefusals | None = None,
+    *,
+    require_cabinet_claim: bool = True,
 ) -> None:
     """Verify a scanned token and start the session it authorises, or record the refusal.
 
@@ -229,19 +238,33 @@ def handle_scan(
 
     now = int(controller.clock.wall())  # the injected clock; unset -> clock_unset refusal
     try:
-        claims = verify(scan.text, keys, now=now, cabinet_id=cabinet_id)
+        claims = verify(
+            scan.text,
+            keys,
+            now=now,
+            cabinet_id=cabinet_id,
+            require_cabinet_claim=require_cabinet_claim,
+        )
     except TokenRefusedError as exc:
         refuse(exc.reason, str(exc), None, session=False)
+        return
+    try:
+        spent = controller.journal.token_spent(claims.nonce)
+    except JournalError as exc:
+        refuse("journal_unwritable", str(exc), claims.rider, session=True)
+        return
+    if spent:  # said before busy & co: a replay is a replay whatever the cabinet is doing
+        refuse("replayed", "token was already used", claims.rider, session=False)
         return
     refusal = controller.refusal()
     if refusal is not None:  # the token stays good: the rider can scan again in a moment
         refuse(refusal, f"cannot start a session now: {refusal}", claims.rider, session=True)
         return
-    try:
-        if not controller.journal.use_token(claims.nonce, claims.exp, now):
+    try:  # the token is spent in the transaction that starts its session, not before
+        token = (claims.nonce, claims.exp)
+        why = controller.request_session(claims.rider, Mode(claims.mode), "qr", token=token)
+        if why == "replayed":  # any other refusal is recorded by the controller
             refuse("replayed", "token was already used", claims.rider, session=False)
-            return
-        controller.request_session(claims.rider, Mode(claims.mode), "qr")
     except JournalError as exc:
         refuse("journal_unwritable", str(exc), claims.rider, session=True)
 

@@ -17,6 +17,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import math
+import sqlite3
 from collections.abc import Callable
 from typing import Any
 
@@ -29,6 +31,7 @@ from cabinet import __version__, views
 from cabinet.controller import CabinetController
 from cabinet.firmware_service import FirmwareFetcher, FirmwareRefusedError
 from cabinet.journal import JournalError
+from cabinet.refusal_limit import RefusalLimit
 from cabinet.swap_machine import Mode, Phase
 from drivers.mqtt_link import Message, MqttLink, PublishRefusedError
 from protocol import messages, topics
@@ -46,6 +49,10 @@ OUTBOX_ALARM_DEPTH = 100_000
 #: The largest command payload that is parsed at all (docs/mqtt.md §3): real commands
 #: are well under 1 KiB; a bigger one is refused (``payload_too_large``) unparsed.
 MAX_COMMAND_BYTES = 64 * 1024
+#: Commands executed per source (its MQTT 5 response topic, else the command topic) per
+#: ``refusal_limit.WINDOW_S`` window; more are refused ``rate_limited`` unjournaled and
+#: summarised in one ``command.rate_limited`` event per burst (docs/mqtt.md §3.1).
+COMMANDS_PER_WINDOW = 120
 #: Backoff after the broker refuses an event (PUBACK >= 0x80): a refusal is a
 #: configuration problem (ACL, quota) that a person fixes, so retry soon, then rarely.
 REFUSED_RETRY_MIN_S = 1.0
@@ -104,6 +111,7 @@ class FleetLink:
         self._backlog_alarm = False
         self._refused_alarm: str | None = None  # the active publish_refused alarm's detail
         self._refused_delay_s = REFUSED_RETRY_MIN_S
+        self._rate = RefusalLimit(COMMANDS_PER_WINDOW)  # per command source
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -117,6 +125,7 @@ class FleetLink:
                 group.create_task(self._drain_outbox())
                 group.create_task(self._publish_state())
                 group.create_task(self._publish_telemetry())
+                group.create_task(self._summarise_rate_limited())
         finally:
             await self._say_offline()
             self.link.stop()
@@ -321,7 +330,18 @@ class FleetLink:
         name = topics.command_name(self.cabinet_id, message.topic)
         if name is None:
             return
-        reply = self._handle(name, message.payload)
+        source = message.response_topic or message.topic
+        clock = self.controller.clock
+        if self._rate.admit(source, name, now=clock.monotonic(), ts_ms=self._now_ms()):
+            reply = self._handle(name, message.payload)
+        else:  # past the rate: answered, not run, not journaled (summarised later)
+            payload = message.payload
+            request_id = _request_id_of(payload) if len(payload) <= MAX_COMMAND_BYTES else None
+            error = messages.ReplyError(
+                code="rate_limited",
+                message=f"over {COMMANDS_PER_WINDOW} commands a minute from this source",
+            )
+            reply = self._reply(name, request_id, ok=False, error=error)
         props = None
         target = topics.reply(self.cabinet_id)
         if message.response_topic:
@@ -330,6 +350,32 @@ class FleetLink:
                 props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
                 props.CorrelationData = message.correlation_data
         self.link.publish(target, json.dumps(reply).encode(), properties=props)
+
+    async def _summarise_rate_limited(self) -> None:
+        """One ``command.rate_limited`` event per burst, once it is over."""
+        while True:
+            await asyncio.sleep(1.0)
+            self.flush_rate_limited()
+
+    def flush_rate_limited(self) -> None:
+        """Journal the summaries of the bursts that are over (logged if it cannot be written)."""
+        bursts = self._rate.due(self.controller.clock.monotonic())
+        if not bursts:
+            return
+        with contextlib.suppress(JournalError), self.controller.journal.transaction() as db:
+            for burst in bursts:
+                self.controller.emit(
+                    db,
+                    "command.rate_limited",
+                    {
+                        "source": burst.source,
+                        "count": burst.count,
+                        "first_ts": burst.first_ts,
+                        "last_ts": burst.last_ts,
+                        "commands": burst.reasons,
+                    },
+                )
+            log.warning("commands_rate_limited", bursts=len(bursts))
 
     def _handle(self, name: str, payload: bytes) -> dict[str, Any]:
         if len(payload) > MAX_COMMAND_BYTES:
@@ -343,32 +389,38 @@ class FleetLink:
             return reply
         request_id = _request_id_of(payload)
         try:
+            # one transaction: the effect's events and the request_id's record are on
+            # disk together or not at all, so a crash between them cannot make a retry
+            # act twice (docs/mqtt.md §3.1); doors unlock only after the commit
+            with self.controller.journal.transaction() as db:
+                reply = self._execute(name, payload, request_id)
+                self._record_in(db, name, reply["request_id"], reply)
+        except JournalError as exc:  # disk full: the command did nothing, and says why
+            error = messages.ReplyError(code="journal_unwritable", message=str(exc))
+            reply = self._reply(name, request_id, ok=False, error=error)
+            self._record(name, request_id, reply)
+        return reply
+
+    def _execute(self, name: str, payload: bytes, request_id: str | None) -> dict[str, Any]:
+        try:
             command, handler = self._parse(name, payload)
             request_id = command.request_id
             result = handler(command.args)
-            reply = self._reply(name, request_id, ok=True, result=result)
+            return self._reply(name, request_id, ok=True, result=result)
         except CommandError as exc:
-            reply = self._reply(
+            return self._reply(
                 name,
                 request_id,
                 ok=False,
                 result=exc.result,
                 error=messages.ReplyError(code=exc.code, message=str(exc)),
             )
-        except JournalError as exc:  # disk full: the command did nothing, and says why
-            error = messages.ReplyError(code="journal_unwritable", message=str(exc))
-            reply = self._reply(name, request_id, ok=False, error=error)
-        self._record(name, request_id, reply)
-        return reply
 
     def _parse(
         self, name: str, payload: bytes
     ) -> tuple[messages.Command, Callable[[dict[str, Any]], Any]]:
         """Validate a command and find its handler, or raise the precise refusal."""
-        try:
-            raw = json.loads(payload)
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise CommandError("malformed_json", f"payload is not JSON: {exc}") from None
+        raw = _decode(payload)
         try:
             command = messages.Command.model_validate(raw)
         except ValidationError as exc:
@@ -409,23 +461,28 @@ class FleetLink:
         ).model_dump(mode="json")
 
     def _record(self, name: str, request_id: str | None, reply: dict[str, Any]) -> None:
+        with contextlib.suppress(JournalError), self.controller.journal.transaction() as db:
+            self._record_in(db, name, request_id, reply)
+
+    def _record_in(
+        self, db: sqlite3.Connection, name: str, request_id: str | None, reply: dict[str, Any]
+    ) -> None:
         error = reply.get("error") or {}
         duplicate = error.get("code") == "duplicate_request"
-        with contextlib.suppress(JournalError), self.controller.journal.transaction() as db:
-            if request_id is not None and not duplicate:
-                self.controller.journal.put_command_reply(
-                    db, request_id, reply, self.controller.clock.wall()
-                )
-            self.controller.emit(
-                db,
-                "command.handled",
-                {
-                    "command": name,
-                    "request_id": request_id,
-                    "ok": reply["ok"],
-                    "error": error.get("code"),
-                },
+        if request_id is not None and not duplicate:
+            self.controller.journal.put_command_reply(
+                db, request_id, reply, self.controller.clock.wall()
             )
+        self.controller.emit(
+            db,
+            "command.handled",
+            {
+                "command": name,
+                "request_id": request_id,
+                "ok": reply["ok"],
+                "error": error.get("code"),
+            },
+        )
 
     @staticmethod
     def _args(model: type[BaseModel], args: dict[str, Any]) -> Any:
@@ -500,6 +557,11 @@ class FleetLink:
             raise CommandError(exc.reason, str(exc)) from None
 
     def _settings_set(self, args: dict[str, Any]) -> dict[str, Any]:
+        for key, value in args.items():  # JSON's NaN/Infinity extensions: say so plainly
+            if isinstance(value, float) and math.isnan(value):
+                raise CommandError("invalid_args", f"{key}: NaN is not a number")
+            if isinstance(value, float) and math.isinf(value):
+                raise CommandError("invalid_args", f"{key}: {value} is not a finite number")
         parsed = self._args(messages.SettingsArgs, args)
         if parsed.telemetry_interval_s is None and parsed.dispense_min_soc_pct is None:
             raise CommandError("invalid_args", "settings.set needs at least one setting")
@@ -553,11 +615,36 @@ def significant(before: messages.State, after: messages.State) -> bool:
     return False
 
 
+def _decode(payload: bytes) -> Any:
+    r"""Parse a command payload, or raise ``malformed_json`` — never anything else.
+
+    Beyond bad syntax and bad UTF-8 this refuses what ``json.loads`` raises on or lets
+    through unsafely (docs/mqtt.md §3): an integer over 4,300 digits (``ValueError``),
+    nesting deeper than the interpreter's recursion limit (``RecursionError``) and a
+    lone surrogate such as ``"\ud800"`` (not Unicode: no journal or reply could hold it).
+    """
+    try:
+        raw = json.loads(payload)
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, the int digit limit
+        raise CommandError("malformed_json", f"payload is not JSON: {str(exc)[:200]}") from None
+    except RecursionError:
+        raise CommandError("malformed_json", "payload is not JSON: nested too deeply") from None
+    try:
+        json.dumps(raw, ensure_ascii=False).encode()
+    except UnicodeEncodeError:
+        raise CommandError(
+            "malformed_json", "payload is not JSON: a string holds a lone surrogate"
+        ) from None
+    except RecursionError:
+        raise CommandError("malformed_json", "payload is not JSON: nested too deeply") from None
+    return raw
+
+
 def _request_id_of(payload: bytes) -> str | None:
     """The request_id of even an invalid command, so its error reply can be matched."""
     try:
-        raw = json.loads(payload)
-    except (json.JSONDecodeError, UnicodeDecodeError):
+        raw = _decode(payload)
+    except CommandError:
         return None
     value = raw.get("request_id") if isinstance(raw, dict) else None
     return value if isinstance(value, str) and len(value) <= 64 else None

@@ -13,11 +13,12 @@ cannot be replayed across a reboot.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sqlite3
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
@@ -29,6 +30,7 @@ from cabinet.battery_rules import BatteryObs
 from cabinet.bay_tracker import BaySnapshot
 from cabinet.custody import CustodyLedger, Location, Where
 from cabinet.swap_machine import Candidate, Mode, Phase, SwapState, Timer
+from cabinet.tokens import CLOCK_SKEW_S
 
 log = structlog.get_logger("journal")
 
@@ -137,6 +139,11 @@ class Journal:
     def __init__(self, path: Path, *, max_bytes: int | None = None) -> None:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
+            # created 0600 whatever the umask; SQLite gives -wal and -shm the database's mode
+            with contextlib.suppress(FileExistsError):
+                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+                os.fchmod(fd, 0o600)
+                os.close(fd)
             self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")  # a confirmed deposit survives power loss
@@ -154,6 +161,9 @@ class Journal:
         #: None once a write succeeds; the controller refuses riders while it is set
         self.problem: str | None = None
         self._last_probe = float("-inf")
+        self._depth = 0  # transactions open: nested ones join the outermost
+        self._after_commit: list[Callable[[], None]] = []
+        self._after_rollback: list[Callable[[], None]] = []
 
     def close(self) -> None:
         """Close the database."""
@@ -166,23 +176,72 @@ class Journal:
         A write that fails for want of storage raises ``JournalUnwritableError`` with
         SQLite's own reason (disk full), and sets ``problem`` until a write succeeds.
         """
+        if self._depth:  # nested: a savepoint, committed (or not) with the enclosing unit
+            name = f"nested{self._depth}"
+            self._db.execute(f"SAVEPOINT {name}")
+            self._depth += 1
+            try:
+                yield self._db
+            except BaseException:
+                try:
+                    if self._db.in_transaction:
+                        self._db.execute(f"ROLLBACK TO {name}")
+                        self._db.execute(f"RELEASE {name}")
+                except sqlite3.Error as exc:  # the outermost unit rolls back and says why
+                    log.error("journal_rollback_failed", error=str(exc))
+                raise
+            else:
+                self._db.execute(f"RELEASE {name}")
+            finally:
+                self._depth -= 1
+            return
         try:
             self._db.execute("BEGIN IMMEDIATE")
         except sqlite3.Error as exc:
             if _storage_failure(exc):
                 raise self._unwritable(exc) from exc
             raise JournalError(f"journal unavailable: {exc}") from exc
+        self._depth = 1
         try:
             yield self._db
             self._db.execute("COMMIT")
         except BaseException as exc:
             self._rollback()
+            undo, self._after_rollback, self._after_commit = self._after_rollback, [], []
+            for action in reversed(undo):
+                action()
             if _storage_failure(exc):
                 raise self._unwritable(exc) from exc
             raise
+        finally:
+            self._depth = 0
+        done, self._after_commit, self._after_rollback = self._after_commit, [], []
+        for action in done:
+            action()
         if self.problem is not None:
             log.info("journal_writable_again", was=self.problem)
             self.problem = None
+
+    def after_commit(self, action: Callable[[], None]) -> None:
+        """Run ``action`` once the current transaction is on disk (never if rolled back).
+
+        Outside a transaction it runs at once. An effect outside the database (a door
+        unlocked) is thereby never done for something the journal does not hold.
+        """
+        if self._depth:
+            self._after_commit.append(action)
+        else:
+            action()
+
+    def after_rollback(self, action: Callable[[], None]) -> None:
+        """Run ``action`` if the current (outermost) transaction is rolled back."""
+        if self._depth:
+            self._after_rollback.append(action)
+
+    @property
+    def nested(self) -> bool:
+        """Whether a transaction is open (a new ``transaction()`` joins it)."""
+        return self._depth > 0
 
     def _rollback(self) -> None:
         # SQLite may already have rolled back by itself (SQLITE_FULL, SQLITE_IOERR): a
@@ -396,15 +455,28 @@ class Journal:
 
     # -- token replay cache -----------------------------------------------------------------
 
-    def use_token(self, nonce: str, expires: int, now: int) -> bool:
-        """Record a token's nonce; False if it was already used (a replay)."""
-        with self.transaction() as db:
-            db.execute("DELETE FROM used_tokens WHERE expires < ?", (now,))
-            try:
-                db.execute("INSERT INTO used_tokens VALUES (?, ?)", (nonce, expires))
-            except sqlite3.IntegrityError:
-                return False
-        return True
+    def token_spent(self, nonce: str) -> bool:
+        """Whether a token's nonce was spent on a session (a replay)."""
+        try:
+            row = self._db.execute("SELECT 1 FROM used_tokens WHERE nonce = ?", (nonce,))
+            return row.fetchone() is not None
+        except sqlite3.Error as exc:
+            raise JournalError(f"journal unavailable: {exc}") from exc
+
+    @staticmethod
+    def spend_token(db: sqlite3.Connection, nonce: str, expires: int, now: int) -> None:
+        """Spend a token's nonce in ``db``'s transaction: the one that starts its session.
+
+        A token refused before any door opens is never spent and can be scanned again.
+        Nonces are kept until their expiry plus the allowed clock skew, and pruned only on
+        a wall clock that has not gone back since the last prune: a token still valid by
+        a clock stepped back stays a replay.
+        """
+        row = db.execute("SELECT value FROM meta WHERE key = 'tokens.pruned_at'").fetchone()
+        if row is None or now >= int(json.loads(row[0])):
+            db.execute("DELETE FROM used_tokens WHERE expires < ?", (now - CLOCK_SKEW_S,))
+            db.execute("INSERT OR REPLACE INTO meta VALUES ('tokens.pruned_at', ?)", (str(now),))
+        db.execute("INSERT INTO used_tokens VALUES (?, ?)", (nonce, expires))
 
     # -- reads ------------------------------------------------------------------------------
 

@@ -14,6 +14,7 @@ import asyncio
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -158,8 +159,37 @@ def _print_event(event: dict[str, Any], as_json: bool) -> None:
     print(f"{event['seq']:>6}  {_when(event['ts'])}  {event['type']:<24} {detail}", flush=True)
 
 
+#: the largest page the control socket serves (``EventsArgs.limit``)
+EVENT_PAGE_MAX = 10_000
+
+
+def _newest(fetch: Callable[[int, int], list[dict[str, Any]]], limit: int) -> list[dict[str, Any]]:
+    """The newest ``limit`` events, oldest first: without ``--after`` the log ends "now".
+
+    The journal keeps a bounded history, so paging to its end is a few requests at most.
+    """
+    newest: list[dict[str, Any]] = []
+    after = 0
+    while True:
+        page = fetch(after, EVENT_PAGE_MAX)
+        newest = (newest + page)[-limit:]
+        if len(page) < EVENT_PAGE_MAX:
+            return newest
+        after = page[-1]["seq"]
+
+
 def _events(args: argparse.Namespace) -> int:
     try:
+        if args.after is None:  # the newest events (then follow on from them)
+            newest = _newest(
+                lambda after, limit: ask(args, "events", {"after": after, "limit": limit}),
+                args.limit,
+            )
+            for event in newest:
+                _print_event(event, args.json)
+            args.after = newest[-1]["seq"] if newest else 0
+            if not args.follow:
+                return EXIT_OK
         if args.follow:
             ask(
                 args,
@@ -189,6 +219,13 @@ def _events_from_journal(args: argparse.Namespace) -> int:
     journal = Journal(path)
     after = args.after
     try:
+        if after is None:  # the newest events, as through the daemon
+            newest = _newest(lambda a, n: journal.events(after_seq=a, limit=n), args.limit)
+            for event in newest:
+                _print_event(event, args.json)
+            if not args.follow:
+                return EXIT_OK
+            after = newest[-1]["seq"] if newest else 0
         while True:
             for event in journal.events(after_seq=after, limit=args.limit):
                 after = event["seq"]
@@ -302,7 +339,13 @@ def add_technician_parsers(commands: Any) -> None:
     events = commands.add_parser("events", help="the cabinet's event log")
     common_options(events)
     events.add_argument("--follow", action="store_true", help="keep printing new events")
-    events.add_argument("--after", type=int, default=0, metavar="SEQ")
+    events.add_argument(
+        "--after",
+        type=int,
+        default=None,
+        metavar="SEQ",
+        help="events after this seq, oldest first (default: the newest --limit events)",
+    )
     events.add_argument("--limit", type=int, default=1000, help="at most this many (default 1000)")
     events.set_defaults(handler=_events)
 

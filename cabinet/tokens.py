@@ -49,7 +49,7 @@ class KeyPair:
 
 
 def generate_keys(prefix: str) -> KeyPair:
-    """Write ``PREFIX.key`` (PKCS#8 PEM, mode 0600) and ``PREFIX.pub`` (SPKI PEM)."""
+    """Write ``PREFIX.key`` (PKCS#8 PEM, mode 0600) and ``PREFIX.pub`` (SPKI PEM, 0640)."""
     key = Ed25519PrivateKey.generate()
     private, public = Path(f"{prefix}.key"), Path(f"{prefix}.pub")
     for path in (private, public):
@@ -60,14 +60,14 @@ def generate_keys(prefix: str) -> KeyPair:
         serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption(),
     )
-    fd = os.open(private, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as handle:
-        handle.write(pem)
-    public.write_bytes(
-        key.public_key().public_bytes(
-            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-        )
+    spki = key.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
     )
+    for path, data, mode in ((private, pem, 0o600), (public, spki, 0o640)):
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+        os.fchmod(fd, mode)  # the mode asked for, whatever the umask
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
     return KeyPair(private, public)
 
 
@@ -110,11 +110,18 @@ def issue(
 
 
 def verify(
-    token: str, keys: list[Ed25519PublicKey], *, now: int, cabinet_id: str | None = None
+    token: str,
+    keys: list[Ed25519PublicKey],
+    *,
+    now: int,
+    cabinet_id: str | None = None,
+    require_cabinet_claim: bool = True,
 ) -> TokenClaims:
     """Check signature, validity window and audience; the caller checks single use.
 
-    ``now`` is the injected clock's wall time (epoch seconds).
+    ``now`` is the injected clock's wall time (epoch seconds). With ``cabinet_id`` given
+    and ``require_cabinet_claim`` (``auth.require_cabinet_claim``), a token without a
+    ``cab`` claim is refused: it could otherwise be used once at every cabinet.
     """
     try:
         signed, body, signature = split(token.strip())
@@ -138,4 +145,10 @@ def verify(
         raise TokenRefusedError("not_yet_valid", "token issued in the future (check the clock)")
     if claims.cab is not None and cabinet_id is not None and claims.cab != cabinet_id:
         raise TokenRefusedError("wrong_cabinet", f"token is for cabinet {claims.cab}")
+    if claims.cab is None and cabinet_id is not None and require_cabinet_claim:
+        raise TokenRefusedError(
+            "no_cabinet_claim",
+            "token names no cabinet (no cab claim); fleet-wide tokens are off "
+            "(auth.require_cabinet_claim)",
+        )
     return claims

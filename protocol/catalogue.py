@@ -93,6 +93,7 @@ AUTH_REFUSAL_REASONS: dict[str, str] = {
     "expired": "`now > exp`",
     "not_yet_valid": "`iat` is more than the allowed skew in the future",
     "wrong_cabinet": "the token's `cab` is another cabinet",
+    "no_cabinet_claim": "the token has no `cab` and `auth.require_cabinet_claim` is on",
     "replayed": "the token's nonce was already used",
     "unknown_challenge": "`swap.start`: a challenge this cabinet never showed",
     "challenge_used": "`swap.start`: the challenge was already used",
@@ -101,7 +102,8 @@ AUTH_REFUSAL_REASONS: dict[str, str] = {
 
 #: ``error.code`` of a reply (docs/mqtt.md §3): the only values a backend has to handle.
 REPLY_ERROR_CODES: dict[str, str] = {
-    "malformed_json": "the payload is not JSON (or not UTF-8)",
+    "malformed_json": "the payload is not JSON (or not UTF-8, or holds a lone surrogate,"
+    " an integer over 4,300 digits or nesting too deep to parse)",
     "invalid_command": "the envelope breaks the `command` schema",
     "wrong_cabinet": "`cabinet_id` is given and is not this cabinet",
     "unknown_command": "`<name>` is not a known command",
@@ -327,6 +329,16 @@ class CommandHandled(_Data):
     error: str | None = Field(json_schema_extra={"enum": [*REPLY_ERROR_CODES, None]})
 
 
+class CommandRateLimited(_Data):
+    """``command.rate_limited``: commands past a source's rate, refused and summarised."""
+
+    source: str
+    count: int = Field(ge=0)
+    first_ts: int
+    last_ts: int
+    commands: dict[str, int]
+
+
 class CabinetStarted(_Data):
     """``cabinet.started``: the daemon is ready."""
 
@@ -424,6 +436,9 @@ EVENTS: dict[str, Ev] = {
     "custody.changed": Ev(CustodyChanged, "a battery moved in the custody ledger"),
     "settings.changed": Ev(SettingsChanged, "a runtime setting changed"),
     "command.handled": Ev(CommandHandled, "a command was answered (its error code or null)"),
+    "command.rate_limited": Ev(
+        CommandRateLimited, "commands past a source's rate, refused and summarised"
+    ),
     "selftest.started": Ev(SelftestStarted, "a technician's self-test started"),
     "selftest.finished": Ev(SelftestFinished, "a technician's self-test finished"),
     "bus.written": Ev(BusWritten, "a technician's raw bus write through the daemon"),

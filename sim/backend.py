@@ -97,7 +97,7 @@ class Backend:
     def _message(self, _c: Any, _u: Any, msg: paho.MQTTMessage) -> None:
         try:
             payload = json.loads(msg.payload)
-        except (json.JSONDecodeError, UnicodeDecodeError):
+        except (ValueError, RecursionError):  # bad JSON, a 5,000-digit number, deep nesting
             return
         parts = msg.topic.split("/")
         with self._lock:

@@ -98,6 +98,8 @@ class Cabinet:
     # -- riders and fate ------------------------------------------------------------------------
 
     def token(self, rider: str, *extra: str) -> str:
+        if "--cabinet" not in extra and "--fleet-wide" not in extra:
+            extra = ("--cabinet", "cab-test", *extra)  # the cabinet write_config sets up
         result = cabinet_cmd("token", "issue", "--key", str(self.key), "--rider", rider, *extra)
         assert result.returncode == 0, result.stderr
         return result.stdout.strip()

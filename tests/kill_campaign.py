@@ -113,7 +113,7 @@ def _tokens_fast(cab: Cabinet) -> None:
     from cabinet.tokens import issue, load_private_key  # noqa: PLC0415
 
     key = load_private_key(cab.key)
-    cab.token = lambda rider, *_extra: issue(key, rider, now=int(time.time()))  # type: ignore[method-assign]
+    cab.token = lambda rider, *_extra: issue(key, rider, now=int(time.time()), cabinet="cab-test")  # type: ignore[method-assign]
 
 
 def run_campaign(tmp: Path, *, kills: int, seed: int) -> CampaignResult:

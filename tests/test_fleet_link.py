@@ -295,3 +295,72 @@ def test_an_oversized_command_is_refused_unparsed(
         assert reply["request_id"] is None  # not parsed, so not even its request_id
         cab.wait_event("command.handled", error="payload_too_large")
         assert backend.command(CAB, "state.get", {"request_id": "after-huge"})["ok"]
+
+
+@pytest.mark.parametrize(
+    ("payload", "code"),
+    [
+        (b'{"request_id": ' + b"7" * 5_000 + b', "args": {}}', "malformed_json"),
+        (b'{"request_id": "\\ud800", "args": {}}', "malformed_json"),
+        (b'{"request_id": "r", "args": {"x": "\\udfff"}}', "malformed_json"),
+        (b"[" * 30_000 + b"]" * 30_000, "malformed_json"),  # under the size cap
+        (b"[" * 100_000 + b"]" * 100_000, "payload_too_large"),
+    ],
+    ids=["5000-digit-id", "lone-surrogate-id", "lone-surrogate-arg", "deep-30k", "deep-100k"],
+)
+def test_payloads_that_break_the_parser_get_an_error_reply_not_a_traceback(
+    tmp_path: Path, broker: Mosquitto, backend: Backend, payload: bytes, code: str
+) -> None:
+    with running_cabinet(tmp_path, extra=mqtt(broker)) as cab:
+        wait_online(backend)
+        reply = backend.command(CAB, "state.get", payload)
+        assert reply["ok"] is False and reply["error"]["code"] == code, reply
+        assert reply["request_id"] is None  # no readable request_id
+        cab.wait_event("command.handled", error=code)
+        assert backend.command(CAB, "state.get", {"request_id": "after"})["ok"]
+    log = (tmp_path / "daemon.log").read_text()
+    for noise in ("Traceback", "Exception in callback"):
+        assert noise not in log, noise
+
+
+def test_a_command_flood_from_one_source_is_refused_and_summarised_once(
+    tmp_path: Path, broker: Mosquitto, backend: Backend
+) -> None:
+    from cabinet.fleet_link import COMMANDS_PER_WINDOW  # noqa: PLC0415
+
+    flood = COMMANDS_PER_WINDOW + 30
+    with running_cabinet(tmp_path, extra=mqtt(broker)) as cab:
+        wait_online(backend)
+        codes = [
+            backend.command(CAB, "state.get", {"request_id": f"poll-{n}"})["error"]
+            for n in range(flood)
+        ]
+        assert codes[:COMMANDS_PER_WINDOW] == [None] * COMMANDS_PER_WINDOW
+        assert [c["code"] for c in codes[COMMANDS_PER_WINDOW:]] == ["rate_limited"] * 30
+        other = Backend("127.0.0.1", broker.port, client_id="backend-2")  # another source
+        try:
+            assert other.command(CAB, "state.get", {"request_id": "other-1"})["ok"]
+        finally:
+            other.close()
+        burst = cab.wait_event("command.rate_limited")
+        assert burst["count"] == 30 and burst["commands"] == {"state.get": 30}
+        assert burst["first_ts"] <= burst["last_ts"]
+        events = cab.events()
+        assert sum(e["type"] == "command.rate_limited" for e in events) == 1
+        # refused commands are not journaled one by one
+        assert sum(e["type"] == "command.handled" for e in events) == COMMANDS_PER_WINDOW + 1
+
+
+def test_a_nan_setting_is_refused_as_not_a_number(
+    tmp_path: Path, broker: Mosquitto, backend: Backend
+) -> None:
+    with running_cabinet(tmp_path, extra=mqtt(broker)) as cab:
+        wait_online(backend)
+        nan = {"request_id": "nan-1", "args": {"dispense_min_soc_pct": float("nan")}}
+        reply = backend.command(CAB, "settings.set", nan)  # json.dumps writes NaN
+        assert reply["error"]["code"] == "invalid_args", reply
+        assert reply["error"]["message"] == "dispense_min_soc_pct: NaN is not a number"
+        inf = {"request_id": "inf-1", "args": {"telemetry_interval_s": float("inf")}}
+        reply = backend.command(CAB, "settings.set", inf)
+        assert "not a finite number" in reply["error"]["message"], reply
+        cab.wait_event("command.handled", request_id="inf-1")

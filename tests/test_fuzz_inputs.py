@@ -66,10 +66,19 @@ commands = st.fixed_dictionaries(
     {"request_id": st.text(max_size=70) | st.integers()},
     optional={"args": args | json_values, "cabinet_id": st.text(max_size=10), "extra": json_values},
 )
+#: shapes that made ``json.loads`` raise or let non-Unicode through (docs/mqtt.md §3)
+hostile = (
+    st.integers(4_301, 6_000).map(lambda n: b'{"request_id": ' + b"9" * n + b"}")
+    | st.integers(900, 30_000).map(lambda n: b"[" * n + b"]" * n)
+    | st.sampled_from([b"\\ud800", b"\\udfff", b"a\\udc80b"]).map(
+        lambda s: b'{"request_id": "' + s + b'", "args": {"reason": "' + s + b'"}}'
+    )
+)
 payloads = (
     st.binary(max_size=200)
     | json_values.map(lambda v: json.dumps(v).encode())
     | commands.map(lambda c: json.dumps(c).encode())
+    | hostile
 )
 
 

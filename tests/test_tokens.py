@@ -35,9 +35,8 @@ def test_keys_are_written_private_and_never_overwritten(keys: Path) -> None:
 
 
 def test_issue_then_verify(keys: Path) -> None:
-    token = cabinet_cmd(
-        "token", "issue", "--key", f"{keys}.key", "--rider", "R-9", "--mode", "pickup"
-    ).stdout.strip()
+    args = ("--key", f"{keys}.key", "--rider", "R-9", "--mode", "pickup", "--fleet-wide")
+    token = cabinet_cmd("token", "issue", *args).stdout.strip()
     assert token.startswith("CT1.") and len(token) < MAX_TOKEN_CHARS
     result = cabinet_cmd("token", "verify", token, "--pub", f"{keys}.pub", "--json")
     assert result.returncode == 0, result.stderr
@@ -49,7 +48,8 @@ def test_issue_then_verify(keys: Path) -> None:
 def test_verify_names_the_reason(keys: Path, tmp_path: Path) -> None:
     other = tmp_path / "other"
     cabinet_cmd("keys", "generate", str(other))
-    forged = cabinet_cmd("token", "issue", "--key", f"{other}.key", "--rider", "R").stdout.strip()
+    issued = cabinet_cmd("token", "issue", "--key", f"{other}.key", "--rider", "R", "--fleet-wide")
+    forged = issued.stdout.strip()
     result = cabinet_cmd("token", "verify", forged, "--pub", f"{keys}.pub")
     assert result.returncode == 3
     assert result.stdout.strip() == "refused (bad_signature): token is not signed by a trusted key"

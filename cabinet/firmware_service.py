@@ -318,15 +318,10 @@ class FirmwareFetcher:
         try:
             data = await asyncio.to_thread(self._download, url)
         except (OSError, ValueError) as exc:
-            self.service.event(
-                "firmware.rejected",
-                {"reason": "download_failed", "detail": str(exc), "by": "operator"},
-            )
+            self._rejected("download_failed", str(exc))
             return
         except FirmwareRefusedError as exc:
-            self.service.event(
-                "firmware.rejected", {"reason": exc.reason, "detail": str(exc), "by": "operator"}
-            )
+            self._rejected(exc.reason, str(exc))
             return
         try:
             image = self.service.load(data, by="operator")

@@ -20,6 +20,7 @@ from drivers.modbus_bus import ModbusBus
 from sim.bus_server import SimulatedBus
 from sim.cabinet_model import SimulatedCabinet
 from sim.launcher import FREE, start_simulator, stop_process
+from tests.mqtt_broker import Mosquitto
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -141,3 +142,12 @@ def sim_pty(tmp_path: Path) -> Iterator[SimProcess]:
     )
     yield sim
     stop_sim_process(sim)
+
+
+@pytest.fixture
+def broker(tmp_path: Path) -> Iterator[Mosquitto]:
+    """A mosquitto of this test's own on a free port, stopped and restarted at will."""
+    mosquitto = Mosquitto(tmp_path)
+    mosquitto.start()
+    yield mosquitto
+    mosquitto.stop()

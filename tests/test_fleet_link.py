@@ -20,14 +20,6 @@ CAB = "cab-test"
 
 
 @pytest.fixture
-def broker(tmp_path: Path) -> Iterator[Mosquitto]:
-    mosquitto = Mosquitto(tmp_path)
-    mosquitto.start()
-    yield mosquitto
-    mosquitto.stop()
-
-
-@pytest.fixture
 def backend(broker: Mosquitto) -> Iterator[Backend]:
     client = Backend("127.0.0.1", broker.port)
     yield client

@@ -406,14 +406,6 @@ def test_the_table_has_one_row_per_cabinet_and_the_documented_columns() -> None:
 # -- the command against a real mosquitto ------------------------------------------------------
 
 
-@pytest.fixture
-def broker(tmp_path: Path) -> Iterator[Mosquitto]:
-    mosquitto = Mosquitto(tmp_path)
-    mosquitto.start()
-    yield mosquitto
-    mosquitto.stop()
-
-
 class Publisher:
     """A cabinet's side of the broker, reduced to publishing payloads."""
 

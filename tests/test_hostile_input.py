@@ -10,11 +10,9 @@ import json
 import socket
 import sqlite3
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -105,14 +103,6 @@ def test_a_flood_of_garbage_scans_is_summarised_and_a_rider_still_swaps(tmp_path
         assert burst["first_ts"] <= burst["last_ts"]
         assert len(cab.events("auth.refused_burst")) == 1  # one summary for the burst
         assert started["return_bay"] is not None
-
-
-@pytest.fixture
-def broker(tmp_path: Path) -> Iterator[Mosquitto]:
-    mosquitto = Mosquitto(tmp_path)
-    mosquitto.start()
-    yield mosquitto
-    mosquitto.stop()
 
 
 def fill(journal: Path, leave_bytes: int, cap_bytes: int) -> None:

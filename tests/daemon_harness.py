@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cabinet.journal import Journal
+from cabinet.journal import Journal, JournalError
 from sim.launcher import stop_process
 from tests.conftest import REPO, SimProcess, cabinet_cmd, start_sim_process, stop_sim_process
 
@@ -73,10 +73,19 @@ class Cabinet:
 
     # -- what the backend would see ------------------------------------------------------------
 
+    def _open_journal(self) -> Journal | None:
+        # a daemon that is just starting holds the new journal while it sets WAL mode
+        try:
+            return Journal(self.journal_path)
+        except JournalError as exc:
+            if "locked" not in str(exc):
+                raise
+            return None
+
     def events(self, type_: str | None = None) -> list[dict[str, Any]]:
         if not self.journal_path.exists():
             return []
-        journal = Journal(self.journal_path)
+        journal = wait_until("the journal to open", self._open_journal)
         try:
             events = journal.events(limit=100_000)
         finally:

@@ -295,6 +295,9 @@ class FirmwareFetcher:
         except ImageSourceError as exc:
             self._rejected(exc.reason, str(exc))
             return
+        await self._load_and_update(data, bays, force)
+
+    async def _load_and_update(self, data: bytes, bays: list[int], force: bool) -> None:
         try:
             image = self.service.load(data, by="operator")
         except FirmwareRefusedError:
@@ -323,11 +326,7 @@ class FirmwareFetcher:
         except FirmwareRefusedError as exc:
             self._rejected(exc.reason, str(exc))
             return
-        try:
-            image = self.service.load(data, by="operator")
-        except FirmwareRefusedError:
-            return  # journaled by load
-        await self._update(image, bays, force)
+        await self._load_and_update(data, bays, force)
 
     async def _update(self, image: FirmwareImage, bays: list[int], force: bool) -> None:
         try:

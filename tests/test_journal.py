@@ -43,19 +43,24 @@ def test_pruned_history_never_reuses_a_seq(tmp_path: Path, monkeypatch: pytest.M
     assert add(journal, 1) == [7]
 
 
-def test_a_growing_outbox_raises_one_alarm_and_keeps_every_event(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr(fleet_link, "OUTBOX_ALARM_DEPTH", 3)
-    journal = Journal(tmp_path / "j.db")
+def _offline_fleet_link(journal: Journal) -> fleet_link.FleetLink:
+    """A fleet link whose broker never answers: only the journal side is exercised."""
     controller = CabinetController(
         cabinet_id="c",
         journal=journal,
         scheduler=BusScheduler(ModbusBus(parse_endpoint("tcp://127.0.0.1:9"))),
     )
-    fleet = fleet_link.FleetLink(
+    return fleet_link.FleetLink(
         controller, lambda **kw: MqttLink("mqtt://127.0.0.1:9", client_id="t", **kw)
     )
+
+
+def test_a_growing_outbox_raises_one_alarm_and_keeps_every_event(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(fleet_link, "OUTBOX_ALARM_DEPTH", 3)
+    journal = Journal(tmp_path / "j.db")
+    fleet = _offline_fleet_link(journal)
     add(journal, 5)
     fleet._check_backlog()
     fleet._check_backlog()
@@ -113,14 +118,7 @@ def test_commands_are_answered_when_the_journal_cannot_be_written(
 ) -> None:
     monkeypatch.setattr(fleet_link, "OUTBOX_ALARM_DEPTH", 1)
     journal = Journal(tmp_path / "j.db")
-    controller = CabinetController(
-        cabinet_id="c",
-        journal=journal,
-        scheduler=BusScheduler(ModbusBus(parse_endpoint("tcp://127.0.0.1:9"))),
-    )
-    fleet = fleet_link.FleetLink(
-        controller, lambda **kw: MqttLink("mqtt://127.0.0.1:9", client_id="t", **kw)
-    )
+    fleet = _offline_fleet_link(journal)
     add(journal, 2)
     journal._db.execute("PRAGMA query_only = 1")  # every write now fails, as on a dead disk
     command = b'{"request_id": "r-1", "args": {"bay": 3, "reason": "smells of smoke"}}'
@@ -128,7 +126,7 @@ def test_commands_are_answered_when_the_journal_cannot_be_written(
     assert reply["ok"] is False and reply["error"]["code"] == "journal_unwritable"
     assert "readonly" in reply["error"]["message"]
     fleet._check_backlog()  # the backlog alarm cannot be stored: no crash, tried again later
-    assert 3 not in controller.out_of_service  # memory never runs ahead of the journal
+    assert 3 not in fleet.controller.out_of_service  # memory never runs ahead of the journal
     journal._db.execute("PRAGMA query_only = 0")
     fleet._check_backlog()
     assert [e["type"] for e in journal.events()][-1] == "alarm.raised"

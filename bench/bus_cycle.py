@@ -55,7 +55,7 @@ async def measure(url: str, cycles: int, timeout_s: float) -> list[float]:
 
 def ctl(control: str, *args: str) -> None:
     subprocess.run(
-        [sys.executable, "-m", "cabinet.cli", "sim", "ctl", "--control", control, *args],
+        [sys.executable, "-m", "cabinet.console.cli", "sim", "ctl", "--control", control, *args],
         check=True,
         capture_output=True,
         cwd=REPO,

@@ -29,7 +29,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 def cabinet(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "cabinet.cli", *args],
+        [sys.executable, "-m", "cabinet.console.cli", *args],
         capture_output=True,
         text=True,
         cwd=REPO,
@@ -78,7 +78,7 @@ def measure(baud: int, size: int, tmp: Path) -> dict[str, float]:
         )
         log = (tmp / "daemon.log").open("ab")
         daemon = subprocess.Popen(
-            [sys.executable, "-m", "cabinet.cli", "run", "-c", str(config)],
+            [sys.executable, "-m", "cabinet.console.cli", "run", "-c", str(config)],
             stdout=log,
             stderr=log,
             cwd=REPO,

@@ -31,8 +31,9 @@ def main() -> None:
             broker.start()
             try:
                 result = subprocess.run(
-                    [sys.executable, "-m", "cabinet.cli", "sim", "fleet", "--cabinets", str(n),
-                     "--broker", broker.url, "--duration", str(args.duration)],
+                    [sys.executable, "-m", "cabinet.console.cli", "sim", "fleet",
+                     "--cabinets", str(n), "--broker", broker.url,
+                     "--duration", str(args.duration)],
                     capture_output=True, text=True, cwd=REPO, check=False,
                 )  # fmt: skip
             finally:

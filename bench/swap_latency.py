@@ -30,8 +30,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cabinet.journal import Journal
-from cabinet.tokens import generate_keys, issue, load_private_key
+from cabinet.daemon.journal import Journal
+from cabinet.daemon.tokens import generate_keys, issue, load_private_key
 from protocol import bay_map, rtu_timing
 from sim.control import call
 from sim.launcher import start_simulator, stop_process
@@ -120,7 +120,7 @@ def bench_cabinet(tmp: Path) -> Iterator[BenchCabinet]:
         f'[auth]\npublic_keys = ["{keys.public}"]\n'
     )
     daemon = subprocess.Popen(
-        [sys.executable, "-m", "cabinet.cli", "run", "-c", str(config)],
+        [sys.executable, "-m", "cabinet.console.cli", "run", "-c", str(config)],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         cwd=REPO,

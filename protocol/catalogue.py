@@ -24,7 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 # -- value sets shared by the state snapshot and the events -------------------------------
 
-#: The swap machine's phases (cabinet.swap_machine.Phase; a test keeps the two equal).
+#: The swap machine's phases (cabinet.core.swap_machine.Phase; a test keeps the two equal).
 PhaseName = Literal[
     "idle",
     "opening_return",
@@ -34,7 +34,7 @@ PhaseName = Literal[
     "awaiting_pickup",
     "giving_back",
 ]
-#: What an authorisation allows (cabinet.swap_machine.Mode).
+#: What an authorisation allows (cabinet.core.swap_machine.Mode).
 ModeName = Literal["swap", "pickup", "return"]
 #: A bay door as the board reports it (None in ``state`` when the board was never read).
 DoorName = Literal["open", "closed"]

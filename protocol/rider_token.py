@@ -7,7 +7,7 @@ Wire form, ASCII so any QR scanner passes it through unchanged::
 The signature covers the ASCII bytes ``CT1.<claims part>``. Claims name the rider,
 what they may do, when the token was issued and expires, a random nonce that makes
 it single-use, and optionally the one cabinet it is good for. This module is the
-format only; signing and verifying live in ``cabinet.tokens``.
+format only; signing and verifying live in ``cabinet.daemon.tokens``.
 """
 
 from __future__ import annotations

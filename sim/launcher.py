@@ -32,7 +32,7 @@ def start_simulator(
         [
             sys.executable,
             "-m",
-            "cabinet.cli",
+            "cabinet.console.cli",
             "sim",
             "--bus",
             bus,

@@ -75,7 +75,7 @@ def cabinet_cmd(
 ) -> subprocess.CompletedProcess[str]:
     """Run the real `cabinet` command line as a technician would."""
     return subprocess.run(
-        [sys.executable, "-m", "cabinet.cli", *args],
+        [sys.executable, "-m", "cabinet.console.cli", *args],
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -88,7 +88,7 @@ def cabinet_cmd(
 def cabinet_popen(*args: str) -> subprocess.Popen[str]:
     """The real `cabinet` command line left running (a follow, an update, a self-test)."""
     return subprocess.Popen(
-        [sys.executable, "-m", "cabinet.cli", *args],
+        [sys.executable, "-m", "cabinet.console.cli", *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cabinet.journal import Journal, JournalError
+from cabinet.daemon.journal import Journal, JournalError
 from sim.launcher import stop_process
 from tests.conftest import REPO, SimProcess, cabinet_cmd, start_sim_process, stop_sim_process
 
@@ -51,7 +51,7 @@ class Cabinet:
     def start(self) -> None:
         log = (self.tmp / "daemon.log").open("ab")
         self.daemon = subprocess.Popen(
-            [sys.executable, "-m", "cabinet.cli", "run", "-c", str(self.config)],
+            [sys.executable, "-m", "cabinet.console.cli", "run", "-c", str(self.config)],
             stdout=log,
             stderr=log,
             cwd=REPO,

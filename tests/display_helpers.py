@@ -11,7 +11,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from sim.backend import Backend
+from cabinet.demo.backend import Backend
 from tests.daemon_harness import Cabinet, running_cabinet, wait_until
 from tests.mqtt_broker import Mosquitto, free_port
 

@@ -31,10 +31,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cabinet.custody import Where
-from cabinet.journal import Journal
-from cabinet.swap_machine import Phase
-from sim.backend import Backend
+from cabinet.core.custody import Where
+from cabinet.core.swap_machine import Phase
+from cabinet.daemon.journal import Journal
+from cabinet.demo.backend import Backend
 from tests.daemon_harness import Cabinet, running_cabinet, wait_until
 from tests.mqtt_broker import Mosquitto
 
@@ -110,7 +110,7 @@ class CampaignResult:
 
 def _tokens_fast(cab: Cabinet) -> None:
     """Sign tokens in-process: the CLI's start-up per scan would dominate the campaign."""
-    from cabinet.tokens import issue, load_private_key  # noqa: PLC0415
+    from cabinet.daemon.tokens import issue, load_private_key  # noqa: PLC0415
 
     key = load_private_key(cab.key)
     cab.token = lambda rider, *_extra: issue(key, rider, now=int(time.time()), cabinet="cab-test")  # type: ignore[method-assign]

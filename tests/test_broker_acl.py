@@ -12,7 +12,7 @@ import paho.mqtt.client as paho
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from sim.backend import Backend
+from cabinet.demo.backend import Backend
 from tests.conftest import REPO
 from tests.daemon_harness import running_cabinet, wait_until
 from tests.mqtt_broker import Mosquitto, client_cert_broker

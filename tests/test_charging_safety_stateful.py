@@ -16,9 +16,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from cabinet.battery_rules import BatteryObs
-from cabinet.bay_tracker import BaySnapshot
-from cabinet.charging_policy import (
+from cabinet.core.battery_rules import BatteryObs
+from cabinet.core.bay_tracker import BaySnapshot
+from cabinet.core.charging_policy import (
     CHARGER_EFFICIENCY,
     NOMINAL_PACK_V,
     BayChargeView,
@@ -26,7 +26,7 @@ from cabinet.charging_policy import (
     derated_current,
     plan,
 )
-from cabinet.safety import AbortSession, Alarm, ChargerOff, OpenContactor, SafetyMonitor
+from cabinet.core.safety import AbortSession, Alarm, ChargerOff, OpenContactor, SafetyMonitor
 
 BAYS = range(1, 13)
 RULES = ChargingRules()

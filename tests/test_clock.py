@@ -1,7 +1,7 @@
 """A cabinet whose clock was never set (RTC at 1970): tokens refused clearly, doctor says why.
 
 The daemon's scanner path and the doctor read the controller's injected clock
-(cabinet/clock.py), so a 1970 clock is injected here instead of changing the machine's.
+(cabinet/daemon/clock.py), so a 1970 clock is injected here instead of changing the machine's.
 """
 
 from __future__ import annotations
@@ -13,13 +13,13 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from cabinet import controller, doctor
-from cabinet.bus_scheduler import BusScheduler
-from cabinet.clock import CLOCK_SET_AFTER, Clock, clock_is_set
-from cabinet.controller import CabinetController
-from cabinet.daemon import handle_scan
-from cabinet.journal import Journal
-from cabinet.tokens import issue
+from cabinet.daemon import controller, doctor
+from cabinet.daemon.bus_scheduler import BusScheduler
+from cabinet.daemon.clock import CLOCK_SET_AFTER, Clock, clock_is_set
+from cabinet.daemon.controller import CabinetController
+from cabinet.daemon.journal import Journal
+from cabinet.daemon.run import handle_scan
+from cabinet.daemon.tokens import issue
 from drivers.bus_url import parse_endpoint
 from drivers.modbus_bus import ModbusBus
 from drivers.qr_scanner import Scan

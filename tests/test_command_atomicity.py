@@ -12,10 +12,10 @@ from typing import Any
 
 import pytest
 
-from cabinet.bus_scheduler import BusScheduler
-from cabinet.controller import CabinetController
-from cabinet.fleet_link import FleetLink
-from cabinet.journal import Journal
+from cabinet.daemon.bus_scheduler import BusScheduler
+from cabinet.daemon.controller import CabinetController
+from cabinet.daemon.fleet_link import FleetLink
+from cabinet.daemon.journal import Journal
 from drivers.bus_url import parse_endpoint
 from drivers.modbus_bus import ModbusBus
 

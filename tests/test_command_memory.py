@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from cabinet import journal as journal_mod
-from cabinet.journal import Journal
+from cabinet.daemon import journal as journal_mod
+from cabinet.daemon.journal import Journal
 
 
 def remember(journal: Journal, request_id: str, at: float) -> None:

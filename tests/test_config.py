@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from cabinet.config import ConfigError, apply_env, load
+from cabinet.daemon.config import ConfigError, apply_env, load
 from tests.conftest import cabinet_cmd
 
 GOOD = """

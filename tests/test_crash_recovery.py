@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from cabinet.custody import Where
-from cabinet.journal import Journal
+from cabinet.core.custody import Where
+from cabinet.daemon.journal import Journal
 from tests.daemon_harness import Cabinet, running_cabinet
 from tests.test_swap_end_to_end import SWAP_STEPS, collect, deposit
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from cabinet.cli import _parser_for, build_parser
+from cabinet.console.cli import _parser_for, build_parser
 from tests.conftest import cabinet_cmd
 from tests.daemon_harness import running_cabinet
 
@@ -32,13 +32,10 @@ NOT_IN_THE_DAEMON = (
     "pygments",
     "sim",
     "cabinet.demo",
-    "cabinet.demo_view",
-    "cabinet.fleet_sim",
-    "cabinet.fleet_watch",
-    "cabinet.fleet_view",
-    "cabinet.firmware_cli",
-    "cabinet.technician_cli",
-    "cabinet.display.server",
+    "cabinet.operator",
+    "cabinet.console.firmware_cli",
+    "cabinet.console.technician_cli",
+    "cabinet.daemon.display.server",
 )
 
 #: ``python -v`` says this once a module is loaded (not when an import fails: structlog
@@ -57,7 +54,7 @@ def test_a_running_daemon_loads_no_other_commands_code(tmp_path: Path) -> None:
         assert json.loads(status.stdout)  # the daemon answered
         cab.swap_begins("R-footprint")  # verifies a token, opens a door
     imported = _LOADED.findall((tmp_path / "daemon.log").read_text())
-    assert {"cabinet.daemon", "structlog", "cabinet.control_server"} <= set(imported)
+    assert {"cabinet.daemon.run", "structlog", "cabinet.daemon.control_server"} <= set(imported)
     loaded = sorted(
         m for m in imported if any(_is_under(m, package) for package in NOT_IN_THE_DAEMON)
     )

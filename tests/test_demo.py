@@ -60,7 +60,9 @@ def terminal() -> Iterator[Terminal]:
 
 
 def test_the_live_view_shows_the_cabinet_as_it_swaps(terminal: Terminal) -> None:
-    command = f"cd {shlex.quote(str(REPO))} && {shlex.quote(sys.executable)} -m cabinet.cli demo"
+    command = (
+        f"cd {shlex.quote(str(REPO))} && {shlex.quote(sys.executable)} -m cabinet.console.cli demo"
+    )
     terminal.tmux(
         *("new-session", "-d", "-s", "demo", "-x", "120", "-y", "50", command),
         *(";", "set-option", "-t", "demo", "remain-on-exit", "on"),

@@ -15,8 +15,8 @@ from typing import Any
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 
+from cabinet.demo.broker import EmbeddedBroker
 from drivers.mqtt_link import MqttLink, parse_broker_url
-from sim.demo_broker import EmbeddedBroker
 from tests.conftest import cabinet_cmd
 from tests.daemon_harness import running_cabinet
 from tests.test_swap_end_to_end import SWAP_STEPS, collect, deposit
@@ -168,7 +168,7 @@ def test_a_clean_disconnect_sends_no_will() -> None:
 
 
 def test_an_mqtt5_only_client_is_refused_at_once() -> None:
-    # what sim/backend.py does today: MQTT 5 and no fallback
+    # what cabinet/demo/backend.py does today: MQTT 5 and no fallback
     async def scenario(url: str) -> None:
         address = parse_broker_url(url)
         refused: queue.Queue[int] = queue.Queue()

@@ -12,9 +12,9 @@ from dataclasses import replace
 from hypothesis import given
 from hypothesis import strategies as st
 
-from cabinet.battery_rules import BatteryObs, DepositRules, judge_deposit
-from cabinet.bay_tracker import BaySnapshot, diff
-from cabinet.swap_machine import (
+from cabinet.core.battery_rules import BatteryObs, DepositRules, judge_deposit
+from cabinet.core.bay_tracker import BaySnapshot, diff
+from cabinet.core.swap_machine import (
     IDLE,
     BatteryInserted,
     Candidate,

@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-from sim.backend import scan_screen
+from cabinet.demo.backend import scan_screen
 from tests.daemon_harness import running_cabinet, wait_until
 from tests.display_helpers import ScreenWatcher, cabinet_with_screen, get_json, text_of
 from tests.test_swap_end_to_end import collect, deposit

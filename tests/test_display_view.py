@@ -6,9 +6,9 @@ from dataclasses import replace
 
 import pytest
 
-from cabinet.display.catalogue import CATALOGUE, LANGUAGES
-from cabinet.display.challenges import judge
-from cabinet.display.view import Facts, charging_eta_min, screen
+from cabinet.daemon.display.catalogue import CATALOGUE, LANGUAGES
+from cabinet.daemon.display.challenges import judge
+from cabinet.daemon.display.view import Facts, charging_eta_min, screen
 from protocol.catalogue import DEPOSIT_REJECTION_REASONS, SWAP_FAILURE_REASONS
 
 FAILURE_REASONS = tuple(SWAP_FAILURE_REASONS)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from cabinet.display.voice import Voice, in_quiet_hours
+from cabinet.daemon.display.voice import Voice, in_quiet_hours
 
 WRITER = f"{sys.executable} -c \"import sys; open(sys.argv[1], 'a').write(sys.argv[2] + '\\n')\""
 

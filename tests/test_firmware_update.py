@@ -17,10 +17,10 @@ from typing import Any
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from cabinet.tokens import load_private_key
+from cabinet.daemon.tokens import load_private_key
+from cabinet.demo.backend import Backend
 from firmware_bridge.image import build_image
 from protocol import firmware_map as fw
-from sim.backend import Backend
 from tests.conftest import cabinet_cmd, cabinet_popen
 from tests.daemon_harness import Cabinet, running_cabinet, wait_until
 from tests.mqtt_broker import Mosquitto

@@ -11,7 +11,7 @@ import paho.mqtt.client as paho
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from sim.backend import Backend
+from cabinet.demo.backend import Backend
 from tests.daemon_harness import running_cabinet, wait_until
 from tests.mqtt_broker import Mosquitto
 from tests.test_swap_end_to_end import SWAP_STEPS, collect, deposit
@@ -318,7 +318,7 @@ def test_payloads_that_break_the_parser_get_an_error_reply_not_a_traceback(
 def test_a_command_flood_from_one_source_is_refused_and_summarised_once(
     tmp_path: Path, broker: Mosquitto, backend: Backend
 ) -> None:
-    from cabinet.fleet_link import COMMANDS_PER_WINDOW  # noqa: PLC0415
+    from cabinet.daemon.fleet_link import COMMANDS_PER_WINDOW  # noqa: PLC0415
 
     flood = COMMANDS_PER_WINDOW + 30
     with running_cabinet(tmp_path, extra=mqtt(broker)) as cab:

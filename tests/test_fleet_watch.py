@@ -19,7 +19,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from paho.mqtt.enums import CallbackAPIVersion
 
-from cabinet.fleet_view import (
+from cabinet.operator.fleet_view import (
     HEADERS,
     FleetView,
     render_problems,
@@ -430,7 +430,7 @@ def publisher(broker: Mosquitto) -> Iterator[Publisher]:
 
 
 def watch_cmd(*args: str) -> list[str]:
-    return [sys.executable, "-m", "cabinet.cli", "watch", *args]
+    return [sys.executable, "-m", "cabinet.console.cli", "watch", *args]
 
 
 def run_watch(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:

@@ -19,13 +19,13 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from cabinet.bus_scheduler import BusScheduler
-from cabinet.config import ConfigError, apply_env, validate
-from cabinet.control_server import ControlServer
-from cabinet.controller import CabinetController
-from cabinet.fleet_link import FleetLink
-from cabinet.journal import Journal
-from cabinet.task_health import TaskHealth
+from cabinet.daemon.bus_scheduler import BusScheduler
+from cabinet.daemon.config import ConfigError, apply_env, validate
+from cabinet.daemon.control_server import ControlServer
+from cabinet.daemon.controller import CabinetController
+from cabinet.daemon.fleet_link import FleetLink
+from cabinet.daemon.journal import Journal
+from cabinet.daemon.task_health import TaskHealth
 from drivers.bus_url import parse_endpoint
 from drivers.modbus_bus import ModbusBus
 from drivers.qr_scanner import Scan, ScanGarbage, classify
@@ -194,7 +194,7 @@ def test_any_config_is_valid_or_every_problem_has_a_key(
 @FUZZ
 @given(text=st.text(max_size=300))
 def test_any_toml_text_is_parsed_or_refused_cleanly(tmp_path_factory: Any, text: str) -> None:
-    from cabinet.config import load  # noqa: PLC0415
+    from cabinet.daemon.config import load  # noqa: PLC0415
 
     path = Path(tmp_path_factory.mktemp("cfg")) / "cabinet.toml"
     path.write_text(text, encoding="utf-8")

@@ -16,8 +16,8 @@ from typing import Any
 from hypothesis import given
 from hypothesis import strategies as st
 
-from cabinet.refusal_limit import QUIET_S, WINDOW_S, RefusalLimit
-from sim.backend import Backend
+from cabinet.core.refusal_limit import QUIET_S, WINDOW_S, RefusalLimit
+from cabinet.demo.backend import Backend
 from sim.endpoints import parse_listen
 from tests.conftest import cabinet_cmd
 from tests.daemon_harness import Cabinet, running_cabinet, wait_until

@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from cabinet import fleet_link
-from cabinet import journal as journal_module
-from cabinet.bus_scheduler import BusScheduler
-from cabinet.controller import CabinetController
-from cabinet.journal import Journal, JournalUnwritableError
+from cabinet.daemon import fleet_link
+from cabinet.daemon import journal as journal_module
+from cabinet.daemon.bus_scheduler import BusScheduler
+from cabinet.daemon.controller import CabinetController
+from cabinet.daemon.journal import Journal, JournalUnwritableError
 from drivers.bus_url import parse_endpoint
 from drivers.modbus_bus import ModbusBus
 from drivers.mqtt_link import MqttLink

@@ -21,8 +21,8 @@ import paho.mqtt.client as paho
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
+from cabinet.demo.backend import Backend
 from protocol.schema_files import SCHEMA_DIR
-from sim.backend import Backend
 from tests.daemon_harness import running_cabinet, wait_until
 from tests.mqtt_broker import Mosquitto
 from tests.test_fleet_link import CAB, mqtt, wait_online

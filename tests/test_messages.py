@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from cabinet.fleet_link import significant
-from cabinet.swap_machine import Mode, Phase
+from cabinet.core.swap_machine import Mode, Phase
+from cabinet.daemon.fleet_link import significant
 from protocol import catalogue, messages
 from protocol.schema_files import SCHEMA_DIR, render, render_docs
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from sim.backend import Backend
+from cabinet.demo.backend import Backend
 from tests.daemon_harness import running_cabinet, wait_until
 from tests.mqtt_broker import Mosquitto, client_cert_broker
 from tests.tls_certs import Pki, make_pki

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from sim.backend import Backend
+from cabinet.demo.backend import Backend
 from tests.conftest import REPO
 from tests.daemon_harness import running_cabinet, wait_until
 from tests.mqtt_broker import Mosquitto, client_cert_broker

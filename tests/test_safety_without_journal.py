@@ -12,12 +12,12 @@ from pathlib import Path
 
 import pytest
 
-from cabinet.battery_rules import BatteryObs
-from cabinet.bay_tracker import BaySnapshot
-from cabinet.bus_scheduler import BusScheduler
-from cabinet.clock import SystemClock
-from cabinet.controller import CabinetController
-from cabinet.journal import Journal, JournalUnwritableError
+from cabinet.core.battery_rules import BatteryObs
+from cabinet.core.bay_tracker import BaySnapshot
+from cabinet.daemon.bus_scheduler import BusScheduler
+from cabinet.daemon.clock import SystemClock
+from cabinet.daemon.controller import CabinetController
+from cabinet.daemon.journal import Journal, JournalUnwritableError
 from drivers.bus_url import parse_endpoint
 from drivers.modbus_bus import ModbusBus
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from cabinet.swap_machine import (
+from cabinet.core.swap_machine import (
     IDLE,
     TRANSITIONS,
     Phase,

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from cabinet.battery_rules import BatteryObs
-from cabinet.bay_tracker import BaySnapshot, diff
-from cabinet.swap_machine import (
+from cabinet.core.battery_rules import BatteryObs
+from cabinet.core.bay_tracker import BaySnapshot, diff
+from cabinet.core.swap_machine import (
     IDLE,
     BatteryInserted,
     BatteryRemoved,

@@ -26,7 +26,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from cabinet.battery_rules import (
+from cabinet.core.battery_rules import (
     BatteryObs,
     DepositRules,
     DispenseRules,
@@ -34,9 +34,9 @@ from cabinet.battery_rules import (
     judge_deposit,
     rank_dispensable,
 )
-from cabinet.bay_tracker import BaySnapshot, diff
-from cabinet.custody import CustodyLedger, Where
-from cabinet.swap_machine import (
+from cabinet.core.bay_tracker import BaySnapshot, diff
+from cabinet.core.custody import CustodyLedger, Where
+from cabinet.core.swap_machine import (
     IDLE,
     TRANSITIONS,
     Abort,
@@ -55,10 +55,10 @@ from cabinet.swap_machine import (
     TimerExpired,
     Unlock,
 )
-from cabinet.swap_machine import CancelTimer as CancelTimerCmd
+from cabinet.core.swap_machine import CancelTimer as CancelTimerCmd
 
 BAYS = range(1, 13)
-#: Phases in which the controller feeds the machine a fresh ranking (cabinet/controller.py).
+#: Phases in which the controller feeds the machine a fresh ranking (cabinet/daemon/controller.py).
 RESERVATION_PHASES = (Phase.OPENING_RETURN, Phase.AWAITING_DEPOSIT, Phase.OPENING_DISPENSE)
 RULES = DispenseRules()
 

@@ -13,11 +13,11 @@ from pathlib import Path
 
 import pytest
 
-from cabinet.config import validate
-from cabinet.controller import CabinetController
-from cabinet.daemon import POLL_STALL_S, controller_for, health_problem
-from cabinet.systemd_notify import Notifier
-from cabinet.task_health import TaskHealth
+from cabinet.daemon.config import validate
+from cabinet.daemon.controller import CabinetController
+from cabinet.daemon.run import POLL_STALL_S, controller_for, health_problem
+from cabinet.daemon.systemd_notify import Notifier
+from cabinet.daemon.task_health import TaskHealth
 from tests.conftest import REPO
 from tests.daemon_harness import Cabinet, running_cabinet, wait_until
 from tests.test_bus_truth import assert_paced, doctor

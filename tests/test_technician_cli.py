@@ -220,7 +220,7 @@ def test_garbage_on_the_socket_gets_an_error_and_the_daemon_carries_on(cab: Cabi
 
 def test_a_second_daemon_refuses_to_start(cab: Cabinet) -> None:
     second = subprocess.run(
-        [sys.executable, "-m", "cabinet.cli", "run", "-c", str(cab.config)],
+        [sys.executable, "-m", "cabinet.console.cli", "run", "-c", str(cab.config)],
         capture_output=True,
         text=True,
         timeout=30,

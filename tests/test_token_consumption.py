@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from cabinet.config import AuthSection
-from cabinet.journal import Journal
-from cabinet.tokens import CLOCK_SKEW_S, TokenRefusedError, issue, verify
+from cabinet.daemon.config import AuthSection
+from cabinet.daemon.journal import Journal
+from cabinet.daemon.tokens import CLOCK_SKEW_S, TokenRefusedError, issue, verify
 from tests.conftest import REPO, cabinet_cmd
 from tests.daemon_harness import running_cabinet, wait_until
 
@@ -89,7 +89,7 @@ def test_the_cabinet_claim_is_required_unless_configured_off() -> None:
 
 
 class SteppedClock:
-    """The injected clock (cabinet/clock.py), stepped by NTP or a technician."""
+    """The injected clock (cabinet/daemon/clock.py), stepped by NTP or a technician."""
 
     def __init__(self, wall: float) -> None:
         self.now = wall

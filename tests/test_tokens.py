@@ -12,8 +12,14 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cabinet.clock import CLOCK_SET_AFTER
-from cabinet.tokens import TokenRefusedError, issue, load_private_key, load_public_key, verify
+from cabinet.daemon.clock import CLOCK_SET_AFTER
+from cabinet.daemon.tokens import (
+    TokenRefusedError,
+    issue,
+    load_private_key,
+    load_public_key,
+    verify,
+)
 from protocol.rider_token import MAX_TOKEN_CHARS
 from tests.conftest import cabinet_cmd
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from cabinet.unit_presence import UnitPresence
+from cabinet.core.unit_presence import UnitPresence
 
 T0 = 1000.0
 WALL0 = 1_764_000_000.0

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from cabinet import controller
+from cabinet.daemon import controller
 from tests.virtual_campaign import InvariantBrokenError, run_seed
 
 SEEDS = range(1, 1 + int(os.environ.get("CABINET_VIRTUAL_SEEDS", "4")))

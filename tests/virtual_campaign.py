@@ -40,12 +40,12 @@ from typing import Any
 
 import structlog
 
-from cabinet.bus_scheduler import BusScheduler, Priority
-from cabinet.controller import CabinetController, Clock
-from cabinet.custody import Where
-from cabinet.fleet_link import FleetLink
-from cabinet.journal import Journal
-from cabinet.swap_machine import Mode, Phase, TimerExpired
+from cabinet.core.custody import Where
+from cabinet.core.swap_machine import Mode, Phase, TimerExpired
+from cabinet.daemon.bus_scheduler import BusScheduler, Priority
+from cabinet.daemon.controller import CabinetController, Clock
+from cabinet.daemon.fleet_link import FleetLink
+from cabinet.daemon.journal import Journal
 from drivers import modbus_bus
 from drivers.bus_url import parse_endpoint
 from drivers.modbus_bus import ModbusBus

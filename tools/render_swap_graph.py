@@ -1,7 +1,7 @@
 """Derive the swap machine's graph from its table and render it into docs/swap.md.
 
 The graph is computed, not drawn: every (phase, event type) pair of
-``cabinet.swap_machine.TRANSITIONS`` is tried, from IDLE, on every reachable state with
+``cabinet.core.swap_machine.TRANSITIONS`` is tried, from IDLE, on every reachable state with
 one input of each kind the runtime produces, and the phase-to-phase edges seen are the
 graph. ``python tools/render_swap_graph.py`` rewrites the block between the markers in
 docs/swap.md; ``--check`` exits 1 if that block is stale (tests/test_swap_graph.py).
@@ -13,8 +13,8 @@ import sys
 from collections.abc import Iterable
 from pathlib import Path
 
-from cabinet.battery_rules import BatteryObs
-from cabinet.swap_machine import (
+from cabinet.core.battery_rules import BatteryObs
+from cabinet.core.swap_machine import (
     IDLE,
     Abort,
     BatteryInserted,

@@ -1,0 +1,563 @@
+"""The ``cabinet`` command line: one console script for the daemon, the simulator and technicians.
+
+Errors are one line on stderr and a non-zero exit, never a traceback; the exit
+codes are listed in ``cli_output``.
+
+What this module imports at its top is what ``cabinet run`` (the daemon, under systemd)
+loads besides the daemon itself: every other command's code is imported inside its
+handler or parser builder, and ``cabinet run`` builds only its own parser (DESIGN.md §6,
+resident memory; tests/test_daemon_footprint.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from cabinet import __version__
+from cabinet.console import log_setup
+from cabinet.console.cli_output import (
+    EXIT_ERROR,
+    EXIT_NO_DAEMON,
+    EXIT_OK,
+    EXIT_PROBLEM,
+    CliError,
+    print_json,
+    table,
+)
+from cabinet.daemon.config import (
+    DEFAULT_CONFIG_PATH,
+    BusSection,
+    ConfigError,
+    load,
+    load_section,
+    secret_problems,
+)
+from cabinet.daemon.control_client import DaemonNotRunningError
+from drivers.bus_url import BusUrlError, parse_endpoint
+from drivers.modbus_bus import BusError, ModbusBus
+
+# -- bus diagnostics -------------------------------------------------------------------------
+
+
+def _bus_for(args: argparse.Namespace) -> ModbusBus:
+    if args.bus:
+        url, timeout_ms = args.bus, 250
+        isolate_after, reprobe = 3, 5.0
+    else:
+        section = load_section(Path(args.config), "bus", BusSection)
+        url, timeout_ms = section.url, section.timeout_ms
+        isolate_after, reprobe = section.isolate_after, section.reprobe_interval_s
+    if args.timeout_ms is not None:
+        timeout_ms = args.timeout_ms
+    # Direct diagnostics never isolate a unit: the technician asked about it explicitly.
+    return ModbusBus(
+        parse_endpoint(url),
+        timeout_s=timeout_ms / 1000.0,
+        isolate_after=max(isolate_after, 10**6),
+        reprobe_interval_s=reprobe,
+    )
+
+
+def _parse_int(text: str) -> int:
+    try:
+        return int(text, 0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number (decimal or 0x hex)") from None
+
+
+def _on_daemon(args: argparse.Namespace, verb: str, request_args: dict[str, Any]) -> Any:
+    """The daemon's answer when it owns the bus (and no --bus was given), else None."""
+    if args.bus:
+        return None  # an explicit URL: a bus the daemon does not own (or a bench)
+    from cabinet.console.technician_cli import run_on_daemon  # noqa: PLC0415
+
+    return run_on_daemon(args, verb, request_args)
+
+
+def _bus_scan(args: argparse.Namespace) -> int:
+    from cabinet.daemon.bus_diagnostics import (  # noqa: PLC0415 - keeps `cabinet --help` fast
+        scan_summary,
+        summary_line,
+        survey,
+    )
+
+    answer = _on_daemon(args, "bus.scan", {})
+    if answer is not None:
+        units = answer["units"]
+    else:
+
+        async def direct() -> list[dict[str, Any]]:
+            async with _bus_for(args) as bus:
+                return [r.as_json() for r in await survey(bus)]
+
+        units = asyncio.run(direct())
+    summary = scan_summary(units)
+    if args.json:
+        via_key = "daemon" if answer is not None else "bus"
+        print_json({"units": units, "summary": summary, "via": via_key})
+    else:
+        rows = [
+            (u["unit"], u["name"], u["map_version"], u["firmware"], u["latency_ms"], u["health"])
+            for u in units
+        ]
+        print(table(rows, ["UNIT", "NAME", "MAP", "FIRMWARE", "LATENCY_MS", "HEALTH"]))
+        via = "through the running daemon" if answer is not None else "directly on the bus"
+        print(f"{summary_line(summary)} ({via})")
+    return EXIT_OK if all(u["answered"] and u["health"] == "ok" for u in units) else EXIT_PROBLEM
+
+
+def _bus_read(args: argparse.Namespace) -> int:
+    if not 1 <= args.count <= 125:
+        raise CliError("COUNT is 1-125 registers (the Modbus limit for one read)")
+    request = {
+        "unit": args.unit,
+        "address": args.address,
+        "count": args.count,
+        "holding": args.holding,
+    }
+    answer = _on_daemon(args, "bus.read", request)
+    if answer is not None:
+        regs = answer["registers"]
+    else:
+
+        async def direct() -> list[int]:
+            async with _bus_for(args) as bus:
+                read = bus.read_holding if args.holding else bus.read_input
+                return await read(args.unit, args.address, args.count)
+
+        regs = asyncio.run(direct())
+    table_name = "holding" if args.holding else "input"
+    if args.json:
+        print_json(
+            {"unit": args.unit, "table": table_name, "address": args.address, "registers": regs}
+        )
+    else:
+        rows = [(args.address + i, value, f"0x{value:04x}") for i, value in enumerate(regs)]
+        print(table(rows, ["ADDRESS", "VALUE", "HEX"]))
+    return EXIT_OK
+
+
+def _bus_write(args: argparse.Namespace) -> int:
+    if any(not 0 <= v <= 0xFFFF for v in args.values):
+        raise CliError("register values are 0-65535")
+    request = {"unit": args.unit, "address": args.address, "values": list(args.values)}
+    if _on_daemon(args, "bus.write", request) is None:
+
+        async def direct() -> None:
+            async with _bus_for(args) as bus:
+                if len(args.values) == 1:
+                    await bus.write_register(args.unit, args.address, args.values[0])
+                else:
+                    await bus.write_registers(args.unit, args.address, list(args.values))
+
+        asyncio.run(direct())
+    if args.json:
+        print_json({"unit": args.unit, "address": args.address, "written": args.values})
+    else:
+        print(f"wrote {len(args.values)} register(s) to unit {args.unit} at {args.address}")
+    return EXIT_OK
+
+
+# -- config ------------------------------------------------------------------------------------
+
+
+def _config_check(args: argparse.Namespace) -> int:
+    try:
+        config = load(Path(args.config))
+    except ConfigError as exc:
+        if args.json:
+            print_json(
+                {"ok": False, "problems": [{"key": k, "message": m} for k, m in exc.problems]}
+            )
+        else:
+            for key, message in exc.problems:
+                print(f"{key}: {message}")
+            print(f"{len(exc.problems)} problem(s) in {args.config}")
+        return EXIT_PROBLEM
+    warnings = secret_problems(config, Path(args.config))
+    if args.json:
+        print_json(
+            {
+                "ok": not warnings,
+                "problems": [],
+                "warnings": [{"key": k, "message": m} for k, m in warnings],
+                "cabinet_id": config.cabinet.id,
+            }
+        )
+    else:
+        for key, message in warnings:
+            print(f"warning: {key}: {message}")
+        print(f"{args.config}: valid (cabinet {config.cabinet.id})", end="")
+        print(f", {len(warnings)} warning(s)" if warnings else "")
+    return EXIT_PROBLEM if warnings else EXIT_OK
+
+
+# -- daemon, keys, tokens, events ----------------------------------------------------------------
+
+
+def _run_daemon(args: argparse.Namespace) -> int:
+    from cabinet.daemon.run import run_daemon  # noqa: PLC0415 - only the daemon needs it
+
+    config = load(Path(args.config))
+    log_setup.configure(config.log_level)
+    return asyncio.run(run_daemon(config, Path(args.config)))
+
+
+def _keys_generate(args: argparse.Namespace) -> int:
+    from cabinet.daemon.tokens import KeyFileError, generate_keys  # noqa: PLC0415
+
+    try:
+        pair = generate_keys(args.prefix)
+    except KeyFileError as exc:
+        raise CliError(str(exc)) from exc
+    print(f"wrote {pair.private} (keep secret, mode 0600) and {pair.public}")
+    return EXIT_OK
+
+
+def _token_issue(args: argparse.Namespace) -> int:
+    import time  # noqa: PLC0415
+
+    from cabinet.daemon.tokens import KeyFileError, issue, load_private_key  # noqa: PLC0415
+
+    try:
+        key = load_private_key(Path(args.key))
+    except KeyFileError as exc:
+        raise CliError(str(exc)) from exc
+    if args.ttl <= 0:
+        raise CliError("--ttl must be a positive number of seconds")
+    print(
+        issue(
+            key,
+            args.rider,
+            now=int(time.time()),
+            ttl_s=args.ttl,
+            mode=args.mode,
+            cabinet=args.cabinet,
+        )
+    )
+    return EXIT_OK
+
+
+def _token_verify(args: argparse.Namespace) -> int:
+    import time  # noqa: PLC0415
+
+    from cabinet.daemon.tokens import (  # noqa: PLC0415
+        KeyFileError,
+        TokenRefusedError,
+        load_public_key,
+        verify,
+    )
+
+    try:
+        keys = [load_public_key(Path(p)) for p in args.pub]
+        claims = verify(args.token, keys, now=int(time.time()), cabinet_id=args.cabinet)
+    except KeyFileError as exc:
+        raise CliError(str(exc)) from exc
+    except TokenRefusedError as exc:
+        if args.json:
+            print_json({"valid": False, "reason": exc.reason, "message": str(exc)})
+        else:
+            print(f"refused ({exc.reason}): {exc}")
+        return EXIT_PROBLEM
+    if args.json:
+        print_json({"valid": True, "claims": claims.model_dump(exclude_none=True)})
+    else:
+        print(
+            f"valid: rider {claims.rider}, {claims.mode}, expires in "
+            f"{claims.exp - int(time.time())} s"
+        )
+    return EXIT_OK
+
+
+# -- simulator ---------------------------------------------------------------------------------
+
+
+def _sim(args: argparse.Namespace) -> int:
+    from sim.runner import SimOptions, serve  # noqa: PLC0415 - the daemon never imports sim
+
+    given = {
+        key: getattr(args, key)
+        for key in ("bus", "scanner", "control", "baud", "seed", "reply_ms", "charge_speedup")
+        if getattr(args, key) is not None
+    }
+    options = SimOptions(**given)
+    asyncio.run(serve(options))
+    return EXIT_OK
+
+
+def _sim_fleet(args: argparse.Namespace) -> int:
+    from cabinet.demo.fleet_sim import main as fleet_main  # noqa: PLC0415 - loads the simulator
+
+    if not 1 <= args.cabinets <= 1000:
+        raise CliError("--cabinets is 1-1000")
+    return fleet_main(args.cabinets, args.broker, args.duration, args.seed)
+
+
+def _sim_ctl(args: argparse.Namespace) -> int:
+    from sim.control import ControlError, call  # noqa: PLC0415
+    from sim.endpoints import parse_listen  # noqa: PLC0415
+    from sim.runner import DEFAULT_CONTROL  # noqa: PLC0415
+
+    spec = parse_listen(args.control or DEFAULT_CONTROL, allow_pty=False)
+    request: dict[str, Any] = {"verb": args.verb}
+    for key in ("text", "bay", "battery", "soc", "temp", "kind", "unit", "rate"):
+        if getattr(args, key, None) is not None:
+            request[key] = getattr(args, key)
+    for flag in ("unplugged", "unidentified"):
+        if getattr(args, flag, False):
+            request[flag] = True
+    try:
+        result = asyncio.run(call(spec.host, spec.port, request))
+    except ControlError as exc:
+        raise CliError(str(exc)) from exc
+    if args.verb == "state" or args.json:
+        print_json(result)
+    else:
+        print(" ".join(f"{k}={v}" for k, v in result.items()))
+    return EXIT_OK
+
+
+# -- parser ------------------------------------------------------------------------------------
+
+
+def _config_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "-c", "--config", default=os.environ.get("CABINET_CONFIG", str(DEFAULT_CONFIG_PATH))
+    )
+
+
+def _add_bus_target(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--bus",
+        help="bus URL (tcp://host:port or serial:///dev/...); "
+        "default: bus.url from the config file",
+    )
+    _config_arg(parser)
+    parser.add_argument("--timeout-ms", type=int, help="reply timeout per request")
+    parser.add_argument("--json", action="store_true", help="machine-readable output")
+
+
+def _add_sim_parser(commands: Any) -> None:
+    # Defaults live in sim.runner.SimOptions; the parser must not import sim, because the
+    # daemon (`cabinet run`) builds this same parser and never loads the simulator.
+    sim = commands.add_parser("sim", help="run the hardware simulator, or act on one (ctl)")
+    sim.add_argument("--bus", help="tcp://host:port or pty:///path (default tcp://127.0.0.1:5020)")
+    sim.add_argument(
+        "--scanner", help="tcp://host:port or pty:///path (default tcp://127.0.0.1:5022)"
+    )
+    sim.add_argument("--control", help="tcp://host:port (default tcp://127.0.0.1:5021)")
+    sim.add_argument("--baud", type=int, help="modelled line speed (default 19200)")
+    sim.add_argument("--seed", type=int, help="makes the run reproducible (default 0)")
+    sim.add_argument("--reply-ms", type=float, help="modelled slave turnaround (default 2 ms)")
+    sim.add_argument(
+        "--charge-speedup", type=float, help="batteries fill N times faster (demos; default 1)"
+    )
+    sim.set_defaults(handler=_sim)
+    sim_commands = sim.add_subparsers(dest="sim_command", metavar="ctl | fleet")
+    ctl = sim_commands.add_parser("ctl", help="act on a running simulator")
+    ctl.add_argument("--control", default=os.environ.get("CABINET_SIM_CONTROL"))
+    ctl.add_argument("--json", action="store_true")
+    ctl.set_defaults(handler=_sim_ctl)
+    verbs = ctl.add_subparsers(dest="verb", required=True, metavar="VERB")
+    verbs.add_parser("scan", help="the scanner reads TEXT").add_argument("text")
+    insert = verbs.add_parser("insert", help="a rider puts a battery into an open bay")
+    insert.add_argument("bay", type=int)
+    insert.add_argument("--battery", required=True)
+    insert.add_argument("--soc", type=float, required=True)
+    insert.add_argument("--temp", type=float)
+    insert.add_argument("--unplugged", action="store_true", help="connector not mated")
+    insert.add_argument("--unidentified", action="store_true", help="BMS reports no id")
+    verbs.add_parser("close", help="a rider shuts a door").add_argument("bay", type=int)
+    verbs.add_parser("take", help="a rider takes the battery").add_argument("bay", type=int)
+    fault = verbs.add_parser("fault", help="inject a fault")
+    fault.add_argument("kind")
+    fault.add_argument("--bay", type=int)
+    fault.add_argument("--unit", type=int)
+    fault.add_argument("--rate", type=float, help="share of replies corrupted (crc)")
+    heal = verbs.add_parser("heal", help="clear faults (all, or one kind)")
+    heal.add_argument("kind", nargs="?")
+    heal.add_argument("--bay", type=int)
+    verbs.add_parser("state", help="print the simulated state as JSON")
+    fleet = sim_commands.add_parser(
+        "fleet", help="N simulated cabinets with their daemon logic against one broker"
+    )
+    fleet.add_argument("--cabinets", type=int, default=10, metavar="N")
+    fleet.add_argument("--broker", required=True, help="mqtt://host:port")
+    fleet.add_argument("--duration", type=float, default=60.0, metavar="S")
+    fleet.add_argument("--seed", type=int, default=1)
+    fleet.set_defaults(handler=_sim_fleet)
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from cabinet.demo.run import main as demo_main  # noqa: PLC0415 - the demo loads the simulator
+
+    if args.seed is None:
+        return demo_main(args.duration)
+    return demo_main(args.duration, args.seed)
+
+
+def _add_bus_parser(commands: Any) -> None:
+    bus = commands.add_parser("bus", help="raw bus diagnostics").add_subparsers(
+        dest="bus_command", required=True, metavar="SUBCOMMAND"
+    )
+    scan = bus.add_parser("scan", help="find every unit: map/firmware version, health")
+    _add_bus_target(scan)
+    scan.set_defaults(handler=_bus_scan)
+    read = bus.add_parser("read", help="read registers: UNIT ADDR COUNT")
+    read.add_argument("unit", type=_parse_int)
+    read.add_argument("address", type=_parse_int)
+    read.add_argument("count", type=_parse_int)
+    read.add_argument(
+        "--holding",
+        action="store_true",
+        help="holding registers (FC03); default input registers (FC04)",
+    )
+    _add_bus_target(read)
+    read.set_defaults(handler=_bus_read)
+    write = bus.add_parser("write", help="write holding registers: UNIT ADDR VALUE...")
+    write.add_argument("unit", type=_parse_int)
+    write.add_argument("address", type=_parse_int)
+    write.add_argument("values", type=_parse_int, nargs="+", metavar="VALUE")
+    _add_bus_target(write)
+    write.set_defaults(handler=_bus_write)
+
+
+def _add_run_parser(commands: Any) -> None:
+    run = commands.add_parser("run", help="the daemon (what systemd starts)")
+    _config_arg(run)
+    run.set_defaults(handler=_run_daemon)
+
+
+def _add_daemon_parsers(commands: Any) -> None:
+    _add_run_parser(commands)
+    keys = commands.add_parser("keys", help="signing keys").add_subparsers(
+        dest="keys_command", required=True, metavar="SUBCOMMAND"
+    )
+    generate = keys.add_parser("generate", help="write PREFIX.key and PREFIX.pub (Ed25519)")
+    generate.add_argument("prefix")
+    generate.set_defaults(handler=_keys_generate)
+
+    token = commands.add_parser("token", help="rider QR tokens").add_subparsers(
+        dest="token_command", required=True, metavar="SUBCOMMAND"
+    )
+    issue = token.add_parser("issue", help="sign a token, as the backend would")
+    issue.add_argument("--key", required=True, help="PREFIX.key")
+    issue.add_argument("--rider", required=True)
+    issue.add_argument("--ttl", type=int, default=300, help="seconds (default 300)")
+    issue.add_argument("--mode", choices=["swap", "pickup", "return"], default="swap")
+    audience = issue.add_mutually_exclusive_group(required=True)
+    audience.add_argument("--cabinet", help="only this cabinet may honour it")
+    audience.add_argument(
+        "--fleet-wide",
+        action="store_true",
+        help="no cab claim: refused unless the cabinet sets auth.require_cabinet_claim = false",
+    )
+    issue.set_defaults(handler=_token_issue)
+    verify = token.add_parser("verify", help="check a token (does not use it up)")
+    verify.add_argument("token")
+    verify.add_argument("--pub", required=True, action="append", help="PREFIX.pub (repeatable)")
+    verify.add_argument("--cabinet", help="check the token's audience against this cabinet id")
+    verify.add_argument("--json", action="store_true")
+    verify.set_defaults(handler=_token_verify)
+
+
+def _add_config_parser(commands: Any) -> None:
+    config = commands.add_parser("config", help="configuration").add_subparsers(
+        dest="config_command", required=True, metavar="SUBCOMMAND"
+    )
+    check = config.add_parser("check", help="validate a config file, every problem with its key")
+    _config_arg(check)
+    check.add_argument("--json", action="store_true")
+    check.set_defaults(handler=_config_check)
+
+
+def _top_parser() -> tuple[argparse.ArgumentParser, Any]:
+    parser = argparse.ArgumentParser(prog="cabinet", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"cabinet {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    return parser, commands
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The whole command tree."""
+    # Imported here, not at the top: these commands' modules (with the fleet view and the
+    # MQTT watcher) are loaded when the whole tree is built, which `cabinet run` never does.
+    from cabinet.console.firmware_cli import add_firmware_parser  # noqa: PLC0415
+    from cabinet.console.technician_cli import add_technician_parsers  # noqa: PLC0415
+    from cabinet.console.watch_cli import add_watch_parser  # noqa: PLC0415
+
+    parser, commands = _top_parser()
+    _add_daemon_parsers(commands)
+    _add_sim_parser(commands)
+    demo = commands.add_parser(
+        "demo", help="broker, simulator, daemon and riders on this machine, with a live view"
+    )
+    demo.add_argument(
+        "--duration", type=float, help="run headless for S seconds, then print a summary"
+    )
+    demo.add_argument("--seed", type=int, help="the simulated cabinet's stock and riders' pace")
+    demo.set_defaults(handler=_demo)
+    _add_bus_parser(commands)
+    _add_config_parser(commands)
+    add_technician_parsers(commands)
+    add_watch_parser(commands)
+    add_firmware_parser(commands)
+    return parser
+
+
+def _parser_for(argv: Sequence[str]) -> argparse.ArgumentParser:
+    """The whole tree, except for ``cabinet run ...``: the daemon's own command only.
+
+    Both parse ``run ...`` the same way (same usage, help and errors: argparse hands
+    everything after ``run`` to its subparser), but the whole tree would import every
+    other command's module into the daemon for the rest of its life.
+    """
+    if argv[:1] != ["run"]:
+        return build_parser()
+    parser, commands = _top_parser()
+    _add_run_parser(commands)
+    return parser
+
+
+def _run(handler: Callable[[argparse.Namespace], Any], args: argparse.Namespace) -> int:
+    result = handler(args)
+    if asyncio.iscoroutine(result):
+        result = asyncio.run(result)
+    return int(result)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``cabinet`` console script."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = _parser_for(argv).parse_args(argv)
+    # Diagnostics print their findings; the bus log lines would only repeat them.
+    log_setup.configure("error" if args.command != "sim" else "info")
+    try:
+        return _run(args.handler, args)
+    except KeyboardInterrupt:
+        # Ctrl-C is how a person ends a follow or a live view: that is success
+        follows = args.command in {"sim", "demo", "watch"} or getattr(args, "follow", False)
+        return EXIT_OK if follows else EXIT_ERROR
+    except DaemonNotRunningError as exc:
+        print(f"cabinet: {exc}", file=sys.stderr)
+        return EXIT_NO_DAEMON
+    except ConfigError as exc:
+        for key, message in exc.problems:
+            print(f"cabinet: config {key}: {message}", file=sys.stderr)
+        return EXIT_ERROR
+    except (CliError, BusError, BusUrlError, ValueError, OSError) as exc:
+        print(f"cabinet: error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except Exception as exc:  # noqa: BLE001 - the last line of defence: one line, never a trace
+        print(f"cabinet: internal error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())

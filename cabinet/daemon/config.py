@@ -1,0 +1,299 @@
+"""The cabinet's configuration: one TOML file, every key overridable by the environment.
+
+``CABINET_<SECTION>__<KEY>=value`` overrides ``[section] key``; the value is read as
+a TOML value when it parses as one (numbers, booleans, lists) and as a string
+otherwise. Validation reports every problem with its dotted key, so ``cabinet
+config check`` lists them all at once instead of one per run.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import stat
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from drivers.bus_url import BusUrlError, parse_endpoint
+
+DEFAULT_CONFIG_PATH = Path("/etc/cabinet/cabinet.toml")
+ENV_PREFIX = "CABINET_"
+_ENV_KEY = re.compile(r"^CABINET_([A-Z0-9_]+?)__([A-Z0-9_]+)$")
+
+
+class ConfigError(Exception):
+    """The configuration cannot be used; ``problems`` lists ``(key, message)`` pairs."""
+
+    def __init__(self, problems: list[tuple[str, str]]) -> None:
+        super().__init__("; ".join(f"{key}: {msg}" for key, msg in problems))
+        self.problems = problems
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _endpoint_url(value: str) -> str:
+    try:
+        parse_endpoint(value)
+    except BusUrlError as exc:
+        raise ValueError(str(exc)) from exc
+    return value
+
+
+class CabinetSection(_Section):
+    """``[cabinet]``: who this cabinet is and where it keeps its state."""
+
+    id: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
+    state_dir: Path = Path("/var/lib/cabinet")
+    #: the technician CLI's way in; default ``<state_dir>/control.sock``
+    control_socket: Path | None = None
+    #: the journal never grows past this; at the cap (or a full disk) the cabinet refuses
+    #: riders with ``journal_unwritable`` until there is room again. Unset: the disk's size
+    journal_max_mb: float | None = Field(default=None, gt=0)
+
+    @property
+    def control_socket_path(self) -> Path:
+        """Where the daemon listens for the technician CLI."""
+        return self.control_socket or self.state_dir / "control.sock"
+
+
+class BusSection(_Section):
+    """``[bus]``: the RS-485 line (or RTU-over-TCP gateway) and how patient to be with it."""
+
+    url: str
+    timeout_ms: int = Field(default=250, ge=20, le=2000)
+    isolate_after: int = Field(default=3, ge=1, le=100)
+    reprobe_interval_s: float = Field(default=5.0, gt=0, le=600)
+    #: a unit isolated for this long raises its alarm (``board_silent``, ``meter_silent``, ...)
+    offline_alarm_s: float = Field(default=60.0, ge=0, le=86400)
+    #: no unit answering for this long makes the daemon unhealthy: the systemd watchdog
+    #: goes hungry and ``cabinet doctor`` fails, so a cabinet talking to nobody is restarted
+    silence_unhealthy_s: float = Field(default=30.0, ge=1, le=3600)
+
+    _check_url = field_validator("url")(_endpoint_url)
+
+
+class ScannerSection(_Section):
+    """``[scanner]``: the QR scanner's serial port or TCP stream."""
+
+    url: str | None = None
+    #: refused scans journaled one by one per minute; the rest are counted into one
+    #: ``auth.refused_burst`` event per burst (a forged-QR flood must not fill the journal)
+    refused_scans_per_minute: int = Field(default=10, ge=1, le=600)
+
+    @field_validator("url")
+    @classmethod
+    def _check(cls, value: str | None) -> str | None:
+        return None if value is None else _endpoint_url(value)
+
+
+class MqttSection(_Section):
+    """``[mqtt]``: the fleet broker. No default credentials: unset means none are sent."""
+
+    url: str = Field(pattern=r"^mqtts?://[^/\s:]+(:\d{1,5})?/?$")
+    username: str | None = None
+    password: str | None = None
+    ca_file: Path | None = None
+    client_cert: Path | None = None
+    client_key: Path | None = None
+    telemetry_interval_s: float = Field(default=60.0, ge=5.0, le=3600.0)
+
+
+class AuthSection(_Section):
+    """``[auth]``: public keys whose holders may sign rider QR tokens."""
+
+    public_keys: list[Path] = Field(default_factory=list)
+    #: app swaps (``cmd/swap.start``) must carry a challenge the cabinet's screen showed
+    #: within its validity window, once (DESIGN.md §4.4); off: a challenge is checked if given
+    require_challenge: bool = False
+    #: QR tokens must name this cabinet (``cab``): a token without is refused with
+    #: ``no_cabinet_claim``. Off: fleet-wide tokens, single-use per cabinet only
+    require_cabinet_claim: bool = True
+
+
+class DisplaySection(_Section):
+    """``[display]``: the rider's kiosk page (cabinet/daemon/display/), off unless enabled.
+
+    Off, the web server is not even imported: a cabinet without a screen stays lean.
+    """
+
+    enabled: bool = False
+    bind: str = "127.0.0.1"
+    port: int = Field(default=8080, ge=0, le=65535)
+    language: Literal["en", "zh-CN"] = "en"
+    orientation: Literal["landscape", "portrait"] = "landscape"
+    #: the QR code's challenge is replaced this often; a scanned one stays valid one more period
+    challenge_rotate_s: float = Field(default=30.0, ge=1.0, le=600.0)
+    #: spoken prompts: ``{file}`` is replaced by a WAV clip; unset: silent
+    audio_command: str | None = None
+    volume: int = Field(default=80, ge=0, le=100)
+    #: ``"22:00-07:00"``: no voice in these local hours (the screen still shows everything)
+    quiet_hours: str | None = Field(default=None, pattern=r"^\d{2}:\d{2}-\d{2}:\d{2}$")
+
+
+class FirmwareSection(_Section):
+    """``[firmware]``: public keys whose holders may sign bay-board firmware images."""
+
+    public_keys: list[Path] = Field(default_factory=list)
+    #: ``cmd/firmware.update`` by URL or path: larger images are refused
+    max_download_bytes: int = Field(default=2 * 1024 * 1024, ge=1024, le=64 * 1024 * 1024)
+    #: ``cmd/firmware.update`` by path: only regular files in here; default
+    #: ``<state_dir>/firmware`` (a path names a FIFO or a device just as easily)
+    image_dir: Path | None = None
+
+
+class SwapSection(_Section):
+    """``[swap]``: what may be handed out, what is accepted, how long riders get."""
+
+    dispense_min_soc_pct: float = Field(default=90.0, ge=50.0, le=100.0)
+    battery_id_pattern: str = r"^BAT-[A-Z0-9-]{1,12}$"
+    unlock_timeout_s: float = Field(default=3.0, ge=0.5, le=30.0)
+    deposit_timeout_s: float = Field(default=90.0, ge=1.0, le=600.0)
+    take_back_timeout_s: float = Field(default=90.0, ge=1.0, le=600.0)
+    pickup_timeout_s: float = Field(default=60.0, ge=1.0, le=600.0)
+    close_timeout_s: float = Field(default=30.0, ge=1.0, le=600.0)
+
+    @field_validator("battery_id_pattern")
+    @classmethod
+    def _compiles(cls, value: str) -> str:
+        try:
+            re.compile(value)
+        except re.error as exc:
+            raise ValueError(f"not a regular expression: {exc}") from exc
+        return value
+
+
+class ChargingSection(_Section):
+    """``[charging]``: the cabinet's power budget and the chargers' limit."""
+
+    max_current_a: float = Field(default=5.0, ge=0.5, le=10.0)
+    power_budget_w: float = Field(default=1500.0, ge=100.0, le=20000.0)
+
+
+SectionT = TypeVar("SectionT", bound=_Section)
+
+
+class CabinetConfig(_Section):
+    """The whole configuration file."""
+
+    cabinet: CabinetSection
+    bus: BusSection
+    scanner: ScannerSection = ScannerSection()
+    mqtt: MqttSection | None = None
+    auth: AuthSection = AuthSection()
+    firmware: FirmwareSection = FirmwareSection()
+    swap: SwapSection = SwapSection()
+    charging: ChargingSection = ChargingSection()
+    display: DisplaySection = DisplaySection()
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    @property
+    def firmware_image_dir(self) -> Path:
+        """Where ``cmd/firmware.update`` may take an image by path."""
+        return self.firmware.image_dir or self.cabinet.state_dir / "firmware"
+
+
+def _parse_env_value(raw: str) -> Any:
+    try:
+        return tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        return raw
+
+
+def apply_env(data: dict[str, Any], environ: Mapping[str, str]) -> dict[str, Any]:
+    """Overlay ``CABINET_<SECTION>__<KEY>`` variables onto the file's data."""
+    merged: dict[str, Any] = {k: dict(v) if isinstance(v, dict) else v for k, v in data.items()}
+    for name, raw in environ.items():
+        match = _ENV_KEY.match(name)
+        if not match:
+            continue
+        section, key = match.group(1).lower(), match.group(2).lower()
+        target = merged.setdefault(section, {})
+        if isinstance(target, dict):
+            target[key] = _parse_env_value(raw)
+    return merged
+
+
+def read_raw(path: Path, environ: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """Read the TOML file and overlay the environment; raise ConfigError if unreadable."""
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError([("file", f"{path} does not exist")]) from None
+    except PermissionError:
+        raise ConfigError([("file", f"permission denied reading {path}")]) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError([("file", f"{path} is not valid TOML: {exc}")]) from None
+    return apply_env(data, os.environ if environ is None else environ)
+
+
+def _problems(exc: ValidationError) -> list[tuple[str, str]]:
+    problems = []
+    for error in exc.errors():
+        key = ".".join(str(part) for part in error["loc"]) or "file"
+        message = error["msg"].removeprefix("Value error, ")
+        if error["type"] == "extra_forbidden":
+            message = "unknown key"
+        problems.append((key, message))
+    return problems
+
+
+def validate(data: dict[str, Any]) -> CabinetConfig:
+    """Validate raw data into a config, collecting every problem."""
+    try:
+        return CabinetConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_problems(exc)) from None
+
+
+def load(path: Path, environ: Mapping[str, str] | None = None) -> CabinetConfig:
+    """Read, overlay and validate the configuration."""
+    return validate(read_raw(path, environ))
+
+
+def load_section(
+    path: Path, name: str, model: type[SectionT], environ: Mapping[str, str] | None = None
+) -> SectionT:
+    """One section, validated alone.
+
+    Bus diagnostics and the technician CLI must keep working when, say, the MQTT
+    section is wrong.
+    """
+    raw = read_raw(path, environ).get(name)
+    if not isinstance(raw, dict):
+        raise ConfigError([(name, "section missing")])
+    try:
+        return model.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError([(f"{name}.{key}", msg) for key, msg in _problems(exc)]) from None
+
+
+def _world_readable(path: Path) -> bool:
+    try:
+        return bool(path.stat().st_mode & stat.S_IROTH)
+    except OSError:
+        return False  # a missing file is the TLS code's error to report, with its own message
+
+
+def secret_problems(config: CabinetConfig, path: Path) -> list[tuple[str, str]]:
+    """Secrets anyone on the device could read: the config holding a password, a private key.
+
+    Not fatal (the cabinet works), but a technician's shell or a compromised service
+    must not be able to walk off with the fleet's credentials.
+    """
+    problems = []
+    mqtt = config.mqtt
+    if mqtt is not None and mqtt.password and _world_readable(path):
+        problems.append(
+            ("mqtt.password", f"{path} holds a password and is world-readable (chmod 640)")
+        )
+    if mqtt is not None and mqtt.client_key is not None and _world_readable(mqtt.client_key):
+        problems.append(
+            ("mqtt.client_key", f"{mqtt.client_key} is world-readable (chmod 600 or 640)")
+        )
+    return problems

@@ -1,0 +1,549 @@
+"""The journal: what the cabinet must not forget, in SQLite (WAL) in ``cabinet.state_dir``.
+
+Theory of operation: every swap-machine step is committed in one transaction —
+the machine's new state, its timers' deadlines, custody moves, bay service flags
+and the events it emitted — *before* any door is unlocked. A ``kill -9`` or power
+cut therefore leaves either the step before or the step after, never half of one;
+on restart the daemon reloads the active session and reconciles it with what the
+bays report. The ``events`` table is the outbox: every event gets a gap-free
+``seq`` (it survives restarts) and a unique ``id``, and stays until the fleet link
+has it acknowledged. Used token nonces are kept until their expiry so a token
+cannot be replayed across a reboot.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sqlite3
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from cabinet.core.battery_rules import BatteryObs
+from cabinet.core.bay_tracker import BaySnapshot
+from cabinet.core.custody import CustodyLedger, Location, Where
+from cabinet.core.swap_machine import Candidate, Mode, Phase, SwapState, Timer
+from cabinet.daemon.tokens import CLOCK_SKEW_S
+
+log = structlog.get_logger("journal")
+
+SCHEMA_VERSION = 1
+EVENT_HISTORY = 10_000  # published events kept for `cabinet events`; unpublished are never pruned
+#: The idempotency window of remote commands (docs/mqtt.md): a retried ``request_id``
+#: within a day — and among the last 10,000 — gets its original reply; a backend
+#: retries within seconds, so a day is generous while the table stays under ~10 MB.
+COMMAND_WINDOW_S = 24 * 3600.0
+COMMAND_WINDOW_MAX = 10_000
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS sessions (
+    id TEXT PRIMARY KEY, rider_id TEXT NOT NULL, mode TEXT NOT NULL,
+    state TEXT NOT NULL, started_at REAL NOT NULL, ended_at REAL, outcome TEXT
+);
+CREATE TABLE IF NOT EXISTS timers (name TEXT PRIMARY KEY, deadline REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS custody (
+    battery_id TEXT PRIMARY KEY, location TEXT NOT NULL, bay INTEGER,
+    rider_id TEXT, session_id TEXT, updated_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS bay_snapshots (bay INTEGER PRIMARY KEY, snapshot TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS bay_service (
+    bay INTEGER PRIMARY KEY, in_service INTEGER NOT NULL, reason TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS events (
+    seq INTEGER PRIMARY KEY, id TEXT NOT NULL UNIQUE, type TEXT NOT NULL,
+    ts INTEGER NOT NULL, payload TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS used_tokens (nonce TEXT PRIMARY KEY, expires INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS commands (
+    request_id TEXT PRIMARY KEY, reply TEXT NOT NULL, at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS commands_at ON commands (at);
+"""
+
+
+class JournalError(Exception):
+    """The journal cannot be opened or written (disk full, permissions, corruption)."""
+
+
+class JournalUnwritableError(JournalError):
+    """A write failed for want of storage (disk full, I/O error, read-only): not a bug.
+
+    The cabinet goes on without it — it refuses riders, visibly, and keeps polling —
+    and resumes by itself once a write succeeds again (docs/swap.md).
+    """
+
+
+#: SQLite's primary result codes that mean "the storage let us down", not "a bug":
+#: SQLITE_READONLY, SQLITE_IOERR, SQLITE_CORRUPT, SQLITE_FULL, SQLITE_CANTOPEN, SQLITE_NOTADB
+_STORAGE_CODES = frozenset({8, 10, 11, 13, 14, 26})
+PROBE_INTERVAL_S = 1.0  # an unwritable journal is re-tried at most this often (two fsyncs)
+PROBE_BYTES = 64 * 1024  # room for a swap's worth of events before saying "writable again"
+#: Below this much room (disk or ``journal_max_mb``) no new session starts: a swap
+#: journals a few KiB, and one that cannot journal half-way has a door open and a
+#: battery in flight with nothing recorded. Far better to refuse the rider at the scan.
+LOW_WATER_BYTES = 256 * 1024
+
+
+def _storage_failure(exc: BaseException) -> bool:
+    code = getattr(exc, "sqlite_errorcode", None)
+    return isinstance(exc, sqlite3.Error) and code is not None and code & 0xFF in _STORAGE_CODES
+
+
+def state_to_json(state: SwapState) -> str:
+    """Serialise the machine state for the journal."""
+    return json.dumps(asdict(state))
+
+
+def state_from_json(text: str) -> SwapState:
+    """Rebuild a machine state written by ``state_to_json``."""
+    raw = json.loads(text)
+    obs = raw["in_return_bay"]
+    return SwapState(
+        phase=Phase(raw["phase"]),
+        session_id=raw["session_id"],
+        rider_id=raw["rider_id"],
+        mode=Mode(raw["mode"]),
+        return_bays=tuple(raw["return_bays"]),
+        dispensable=tuple(Candidate(**c) for c in raw["dispensable"]),
+        in_return_bay=BatteryObs(**obs) if obs is not None else None,
+        deposited=raw["deposited"],
+        dispensed=raw["dispensed"],
+        taken_back=raw["taken_back"],
+        return_battery_id=raw.get("return_battery_id"),
+    )
+
+
+def snapshot_to_json(snapshot: BaySnapshot) -> str:
+    """Serialise a bay snapshot."""
+    return json.dumps(asdict(snapshot))
+
+
+def snapshot_from_json(text: str) -> BaySnapshot:
+    """Rebuild a bay snapshot."""
+    raw = json.loads(text)
+    battery = raw.pop("battery")
+    return BaySnapshot(**raw, battery=BatteryObs(**battery) if battery is not None else None)
+
+
+class Journal:
+    """One SQLite database in WAL mode; every write method commits atomically."""
+
+    def __init__(self, path: Path, *, max_bytes: int | None = None) -> None:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            # created 0600 whatever the umask; SQLite gives -wal and -shm the database's mode
+            with contextlib.suppress(FileExistsError):
+                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+                os.fchmod(fd, 0o600)
+                os.close(fd)
+            self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")  # a confirmed deposit survives power loss
+            if max_bytes is not None:  # ``cabinet.journal_max_mb``: full before the disk is
+                (page,) = self._db.execute("PRAGMA page_size").fetchone()
+                self._db.execute(f"PRAGMA max_page_count = {max(1, max_bytes // int(page))}")
+            self._db.executescript(_SCHEMA)
+            self._db.execute(
+                "INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),)
+            )
+        except (sqlite3.Error, OSError) as exc:
+            raise JournalError(f"cannot open the journal at {path}: {exc}") from exc
+        self.path = path
+        #: why the last write failed for want of storage ("database or disk is full"), or
+        #: None once a write succeeds; the controller refuses riders while it is set
+        self.problem: str | None = None
+        self._last_probe = float("-inf")
+        self._depth = 0  # transactions open: nested ones join the outermost
+        self._after_commit: list[Callable[[], None]] = []
+        self._after_rollback: list[Callable[[], None]] = []
+
+    def close(self) -> None:
+        """Close the database."""
+        self._db.close()
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """One atomic unit: all of it is on disk, or none of it.
+
+        A write that fails for want of storage raises ``JournalUnwritableError`` with
+        SQLite's own reason (disk full), and sets ``problem`` until a write succeeds.
+        """
+        if self._depth:  # nested: a savepoint, committed (or not) with the enclosing unit
+            name = f"nested{self._depth}"
+            self._db.execute(f"SAVEPOINT {name}")
+            self._depth += 1
+            try:
+                yield self._db
+            except BaseException:
+                try:
+                    if self._db.in_transaction:
+                        self._db.execute(f"ROLLBACK TO {name}")
+                        self._db.execute(f"RELEASE {name}")
+                except sqlite3.Error as exc:  # the outermost unit rolls back and says why
+                    log.error("journal_rollback_failed", error=str(exc))
+                raise
+            else:
+                self._db.execute(f"RELEASE {name}")
+            finally:
+                self._depth -= 1
+            return
+        try:
+            self._db.execute("BEGIN IMMEDIATE")
+        except sqlite3.Error as exc:
+            if _storage_failure(exc):
+                raise self._unwritable(exc) from exc
+            raise JournalError(f"journal unavailable: {exc}") from exc
+        self._depth = 1
+        try:
+            yield self._db
+            self._db.execute("COMMIT")
+        except BaseException as exc:
+            self._rollback()
+            undo, self._after_rollback, self._after_commit = self._after_rollback, [], []
+            for action in reversed(undo):
+                action()
+            if _storage_failure(exc):
+                raise self._unwritable(exc) from exc
+            raise
+        finally:
+            self._depth = 0
+        done, self._after_commit, self._after_rollback = self._after_commit, [], []
+        for action in done:
+            action()
+        if self.problem is not None:
+            log.info("journal_writable_again", was=self.problem)
+            self.problem = None
+
+    def after_commit(self, action: Callable[[], None]) -> None:
+        """Run ``action`` once the current transaction is on disk (never if rolled back).
+
+        Outside a transaction it runs at once. An effect outside the database (a door
+        unlocked) is thereby never done for something the journal does not hold.
+        """
+        if self._depth:
+            self._after_commit.append(action)
+        else:
+            action()
+
+    def after_rollback(self, action: Callable[[], None]) -> None:
+        """Run ``action`` if the current (outermost) transaction is rolled back."""
+        if self._depth:
+            self._after_rollback.append(action)
+
+    @property
+    def nested(self) -> bool:
+        """Whether a transaction is open (a new ``transaction()`` joins it)."""
+        return self._depth > 0
+
+    def _rollback(self) -> None:
+        # SQLite may already have rolled back by itself (SQLITE_FULL, SQLITE_IOERR): a
+        # ROLLBACK then fails with "no transaction is active" and would hide the real error
+        if not self._db.in_transaction:
+            return
+        try:
+            self._db.execute("ROLLBACK")
+        except sqlite3.Error as exc:
+            log.error("journal_rollback_failed", error=str(exc))
+
+    def _unwritable(self, exc: BaseException) -> JournalUnwritableError:
+        if self.problem is None:  # once per episode: the scans and polls that follow say nothing
+            log.error("journal_unwritable", error=str(exc), path=str(self.path))
+        self.problem = str(exc)
+        return JournalUnwritableError(f"the journal cannot be written: {exc}")
+
+    def trouble(self, now: float) -> str | None:
+        """Why a whole swap could not be journaled now (disk full, I/O error), or None.
+
+        Cheap while all is well (a ``statvfs`` and three pragmas, no write); after a
+        failed write it re-tries (``writable``) so the cabinet resumes by itself.
+        """
+        if not self.writable(now):
+            return self.problem
+        room = self.room()
+        if room < LOW_WATER_BYTES:
+            return f"only {room // 1024} KiB left for the journal (database or disk is full)"
+        return None
+
+    def room(self) -> int:
+        """Bytes the journal can still grow by: free disk space, and ``journal_max_mb``."""
+        try:
+            disk = os.statvfs(self.path.parent)
+            room = disk.f_bavail * disk.f_frsize
+            (page,) = self._db.execute("PRAGMA page_size").fetchone()
+            (count,) = self._db.execute("PRAGMA page_count").fetchone()
+            (free,) = self._db.execute("PRAGMA freelist_count").fetchone()
+            (cap,) = self._db.execute("PRAGMA max_page_count").fetchone()
+        except (OSError, sqlite3.Error):
+            return 0
+        return int(min(room + free * page, (cap - count + free) * page))
+
+    def writable(self, now: float) -> bool:
+        """Whether writes succeed; when they did not, try again (at most once a second).
+
+        The probe claims ``PROBE_BYTES`` and gives them back, so "writable again" means
+        there is room for more than one small event, not just a lucky free page.
+        """
+        if self.problem is None:
+            return True
+        if now - self._last_probe < PROBE_INTERVAL_S:
+            return False
+        self._last_probe = now
+        try:
+            with self.transaction() as db:
+                db.execute(
+                    "INSERT OR REPLACE INTO meta VALUES ('space_probe', zeroblob(?))",
+                    (PROBE_BYTES,),
+                )
+            with self.transaction() as db:
+                db.execute("DELETE FROM meta WHERE key = 'space_probe'")
+        except JournalError:
+            return False
+        return True
+
+    # -- writes (inside a transaction) ------------------------------------------------------
+
+    @staticmethod
+    def put_session(db: sqlite3.Connection, state: SwapState, now: float) -> None:
+        """Record the active session's state (started on first sight)."""
+        db.execute(
+            "INSERT INTO sessions (id, rider_id, mode, state, started_at) VALUES (?,?,?,?,?) "
+            "ON CONFLICT(id) DO UPDATE SET state = excluded.state",
+            (state.session_id, state.rider_id, state.mode.value, state_to_json(state), now),
+        )
+
+    @staticmethod
+    def end_session(db: sqlite3.Connection, session_id: str, outcome: str, now: float) -> None:
+        """Mark a session finished with its outcome (``completed`` or the failure reason)."""
+        db.execute(
+            "UPDATE sessions SET ended_at = ?, outcome = ? WHERE id = ? AND ended_at IS NULL",
+            (now, outcome, session_id),
+        )
+        db.execute("DELETE FROM timers")
+
+    @staticmethod
+    def set_timer(db: sqlite3.Connection, timer: Timer, deadline: float) -> None:
+        """Record a running timer's wall-clock deadline."""
+        db.execute("INSERT OR REPLACE INTO timers VALUES (?, ?)", (timer.value, deadline))
+
+    @staticmethod
+    def cancel_timer(db: sqlite3.Connection, timer: Timer) -> None:
+        """Forget a timer."""
+        db.execute("DELETE FROM timers WHERE name = ?", (timer.value,))
+
+    @staticmethod
+    def put_custody(db: sqlite3.Connection, battery_id: str, loc: Location, now: float) -> None:
+        """Record where a battery is."""
+        db.execute(
+            "INSERT OR REPLACE INTO custody VALUES (?,?,?,?,?,?)",
+            (battery_id, loc.where.value, loc.bay, loc.rider_id, loc.session_id, now),
+        )
+
+    @staticmethod
+    def put_snapshot(db: sqlite3.Connection, bay: int, snapshot: BaySnapshot) -> None:
+        """Record the last bay state acted upon (the reconciliation baseline)."""
+        db.execute(
+            "INSERT OR REPLACE INTO bay_snapshots VALUES (?, ?)", (bay, snapshot_to_json(snapshot))
+        )
+
+    @staticmethod
+    def set_service(db: sqlite3.Connection, bay: int, *, in_service: bool, reason: str) -> None:
+        """Take a bay out of service or put it back."""
+        db.execute(
+            "INSERT OR REPLACE INTO bay_service VALUES (?,?,?)", (bay, int(in_service), reason)
+        )
+
+    @staticmethod
+    def add_event(
+        db: sqlite3.Connection, type_: str, payload: dict[str, Any], ts_ms: int
+    ) -> dict[str, Any]:
+        """Append an event to the outbox with the next ``seq`` and a fresh ``id``."""
+        (last,) = db.execute("SELECT COALESCE(MAX(seq), 0) FROM events").fetchone()
+        stored = db.execute("SELECT value FROM meta WHERE key = 'last_seq'").fetchone()
+        seq = max(int(last), int(stored[0]) if stored else 0) + 1
+        event_id = str(uuid.uuid4())
+        db.execute(
+            "INSERT INTO events VALUES (?,?,?,?,?)",
+            (seq, event_id, type_, ts_ms, json.dumps(payload)),
+        )
+        db.execute("INSERT OR REPLACE INTO meta VALUES ('last_seq', ?)", (str(seq),))
+        return {"seq": seq, "id": event_id, "type": type_, "ts": ts_ms, **payload}
+
+    # -- the outbox ---------------------------------------------------------------------------
+
+    def _published_upto(self) -> int:
+        row = self._db.execute("SELECT value FROM meta WHERE key = 'published_upto'").fetchone()
+        return int(row[0]) if row else 0
+
+    def unpublished(self, limit: int) -> list[dict[str, Any]]:
+        """Events the broker has not acknowledged yet, oldest first."""
+        return self.events(after_seq=self._published_upto(), limit=limit)
+
+    def mark_published(self, upto_seq: int) -> None:
+        """The broker acknowledged every event up to ``upto_seq`` (PUBACK, in order).
+
+        Published events are kept (``cabinet events`` shows history) up to
+        ``EVENT_HISTORY`` of them; older ones are pruned. Unpublished events never are.
+        """
+        with self.transaction() as db:
+            db.execute("INSERT OR REPLACE INTO meta VALUES ('published_upto', ?)", (str(upto_seq),))
+            db.execute("DELETE FROM events WHERE seq <= ?", (upto_seq - EVENT_HISTORY,))
+
+    def outbox_depth(self) -> int:
+        """How many events wait for the broker."""
+        (depth,) = self._db.execute(
+            "SELECT COUNT(*) FROM events WHERE seq > ?", (self._published_upto(),)
+        ).fetchone()
+        return int(depth)
+
+    # -- commands (idempotent by request_id) ---------------------------------------------------
+
+    def command_reply(self, request_id: str) -> dict[str, Any] | None:
+        """The reply already sent for ``request_id``, if it was handled before."""
+        row = self._db.execute(
+            "SELECT reply FROM commands WHERE request_id = ?", (request_id,)
+        ).fetchone()
+        return json.loads(row[0]) if row else None
+
+    @staticmethod
+    def put_command_reply(
+        db: sqlite3.Connection, request_id: str, reply: dict[str, Any], now: float
+    ) -> None:
+        """Remember the reply to ``request_id`` (inside the command's transaction).
+
+        The memory is an idempotency *window*, not a history: replies older than
+        ``COMMAND_WINDOW_S`` or beyond the newest ``COMMAND_WINDOW_MAX`` are forgotten, so a
+        backend polling ``state.get`` with fresh ids cannot grow the flash forever.
+        """
+        db.execute(
+            "INSERT OR REPLACE INTO commands VALUES (?, ?, ?)", (request_id, json.dumps(reply), now)
+        )
+        db.execute("DELETE FROM commands WHERE at < ?", (now - COMMAND_WINDOW_S,))
+        # rowids grow with every insert (a replaced id gets a new one): the oldest go first
+        db.execute(
+            "DELETE FROM commands WHERE rowid <= (SELECT max(rowid) FROM commands) - ?",
+            (COMMAND_WINDOW_MAX,),
+        )
+
+    def command_memory(self) -> int:
+        """How many command replies are remembered (bounded by the idempotency window)."""
+        (count,) = self._db.execute("SELECT count(*) FROM commands").fetchone()
+        return int(count)
+
+    # -- runtime settings ----------------------------------------------------------------------
+
+    def setting(self, key: str) -> Any:
+        """A runtime setting changed by the backend, or None."""
+        row = self._db.execute(
+            "SELECT value FROM meta WHERE key = ?", (f"setting.{key}",)
+        ).fetchone()
+        return json.loads(row[0]) if row else None
+
+    @staticmethod
+    def put_setting(db: sqlite3.Connection, key: str, value: Any) -> None:
+        """Persist a runtime setting."""
+        db.execute(
+            "INSERT OR REPLACE INTO meta VALUES (?, ?)", (f"setting.{key}", json.dumps(value))
+        )
+
+    # -- token replay cache -----------------------------------------------------------------
+
+    def token_spent(self, nonce: str) -> bool:
+        """Whether a token's nonce was spent on a session (a replay)."""
+        try:
+            row = self._db.execute("SELECT 1 FROM used_tokens WHERE nonce = ?", (nonce,))
+            return row.fetchone() is not None
+        except sqlite3.Error as exc:
+            raise JournalError(f"journal unavailable: {exc}") from exc
+
+    @staticmethod
+    def spend_token(db: sqlite3.Connection, nonce: str, expires: int, now: int) -> None:
+        """Spend a token's nonce in ``db``'s transaction: the one that starts its session.
+
+        A token refused before any door opens is never spent and can be scanned again.
+        Nonces are kept until their expiry plus the allowed clock skew, and pruned only on
+        a wall clock that has not gone back since the last prune: a token still valid by
+        a clock stepped back stays a replay.
+        """
+        row = db.execute("SELECT value FROM meta WHERE key = 'tokens.pruned_at'").fetchone()
+        if row is None or now >= int(json.loads(row[0])):
+            db.execute("DELETE FROM used_tokens WHERE expires < ?", (now - CLOCK_SKEW_S,))
+            db.execute("INSERT OR REPLACE INTO meta VALUES ('tokens.pruned_at', ?)", (str(now),))
+        db.execute("INSERT INTO used_tokens VALUES (?, ?)", (nonce, expires))
+
+    # -- reads ------------------------------------------------------------------------------
+
+    def active_session(self) -> SwapState | None:
+        """The session that was running when the daemon stopped, if any."""
+        row = self._db.execute(
+            "SELECT state FROM sessions WHERE ended_at IS NULL ORDER BY started_at DESC LIMIT 1"
+        ).fetchone()
+        return state_from_json(row[0]) if row else None
+
+    def timers(self) -> dict[Timer, float]:
+        """Running timers and their deadlines."""
+        return {Timer(n): d for n, d in self._db.execute("SELECT name, deadline FROM timers")}
+
+    def ledger(self) -> CustodyLedger:
+        """The custody ledger as last committed."""
+        rows = self._db.execute(
+            "SELECT battery_id, location, bay, rider_id, session_id FROM custody"
+        )
+        return CustodyLedger(
+            {
+                battery_id: Location(Where(where), bay=bay, rider_id=rider, session_id=session)
+                for battery_id, where, bay, rider, session in rows
+            }
+        )
+
+    def snapshots(self) -> dict[int, BaySnapshot]:
+        """The last bay states acted upon."""
+        return {
+            bay: snapshot_from_json(s)
+            for bay, s in self._db.execute("SELECT bay, snapshot FROM bay_snapshots")
+        }
+
+    def out_of_service(self) -> dict[int, str]:
+        """Bays out of service, with the reason."""
+        return {
+            bay: reason
+            for bay, in_service, reason in self._db.execute(
+                "SELECT bay, in_service, reason FROM bay_service"
+            )
+            if not in_service
+        }
+
+    def events(self, after_seq: int = 0, limit: int = 1000) -> list[dict[str, Any]]:
+        """Events with ``seq`` greater than ``after_seq``, oldest first."""
+        rows = self._db.execute(
+            "SELECT seq, id, type, ts, payload FROM events WHERE seq > ? ORDER BY seq LIMIT ?",
+            (after_seq, limit),
+        )
+        return [
+            {"seq": seq, "id": id_, "type": type_, "ts": ts, **json.loads(payload)}
+            for seq, id_, type_, ts, payload in rows
+        ]
+
+    def last_event(self) -> dict[str, Any] | None:
+        """The newest event, if any (the clock check compares against its ``ts``)."""
+        row = self._db.execute("SELECT MAX(seq) FROM events").fetchone()
+        if row[0] is None:
+            return None
+        found = self.events(after_seq=int(row[0]) - 1, limit=1)
+        return found[0] if found else None
+
+    def sessions(self) -> list[dict[str, Any]]:
+        """Every session with its outcome (None while running)."""
+        rows = self._db.execute(
+            "SELECT id, rider_id, mode, started_at, ended_at, outcome FROM sessions "
+            "ORDER BY started_at"
+        )
+        keys = ("id", "rider_id", "mode", "started_at", "ended_at", "outcome")
+        return [dict(zip(keys, row, strict=True)) for row in rows]

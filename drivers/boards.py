@@ -6,11 +6,29 @@ none opens a port (they borrow the one ``ModbusBus``).
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 from drivers.modbus_bus import ModbusBus
 from protocol import bay_map, cabinet_map, meter_map
 from protocol.units import CABINET_BOARD_UNIT, ENERGY_METER_UNIT
+
+#: Decoded status blocks kept by their registers: 12 bays and the cabinet board, a few
+#: versions each. A board mostly reports the same block cycle after cycle (an idle or full
+#: bay, the cabinet board); decoding it again would cost the poll path for nothing.
+DECODED_BLOCKS_KEPT = 64
+
+
+@functools.lru_cache(maxsize=DECODED_BLOCKS_KEPT)
+def _bay_status(regs: tuple[int, ...]) -> bay_map.BayStatus:
+    """Decode a bay status block (pure, and the result is frozen: safe to share)."""
+    return bay_map.decode_status(regs)
+
+
+@functools.lru_cache(maxsize=DECODED_BLOCKS_KEPT)
+def _cabinet_status(regs: tuple[int, ...]) -> cabinet_map.CabinetStatus:
+    """Decode a cabinet status block (pure, and the result is frozen: safe to share)."""
+    return cabinet_map.decode_status(regs)
 
 
 @dataclass(frozen=True, slots=True)
@@ -23,7 +41,7 @@ class BayBoard:
     async def read_status(self) -> bay_map.BayStatus:
         """Read the whole status block in one transaction."""
         regs = await self.bus.read_input(self.unit, bay_map.STATUS_START, bay_map.STATUS_COUNT)
-        return bay_map.decode_status(regs)
+        return _bay_status(tuple(regs))
 
     async def heartbeat(self, counter: int) -> None:
         """Tell the board the daemon is alive (it fails safe a few seconds after the last one)."""
@@ -55,7 +73,7 @@ class CabinetBoard:
         regs = await self.bus.read_input(
             self.unit, cabinet_map.STATUS_START, cabinet_map.STATUS_COUNT
         )
-        return cabinet_map.decode_status(regs)
+        return _cabinet_status(tuple(regs))
 
     async def set_fan(self, *, on: bool) -> None:
         """Switch the cabinet fan."""

@@ -27,12 +27,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import serial
+import serial.rs485
 import structlog
 from pymodbus.client import AsyncModbusSerialClient, AsyncModbusTcpClient
 from pymodbus.exceptions import ConnectionException, ModbusException
 from pymodbus.framer import FramerRTU, FramerType
 
-from drivers.bus_url import Endpoint, SerialEndpoint, TcpEndpoint
+from drivers.bus_client import BusClient
+from drivers.bus_url import Endpoint, Rs485Settings, SerialEndpoint, TcpEndpoint
 from protocol import rtu_timing
 from protocol.units import BAY_UNITS, unit_name
 
@@ -45,7 +47,11 @@ log = structlog.get_logger("bus")
 DEFAULT_TIMEOUT_S = 0.25  # ~4x a 23-register read at 9600 baud; seconds would stall the line
 DEFAULT_ISOLATE_AFTER = 3  # consecutive failures: one bad frame is noise, three is a dead board
 DEFAULT_REPROBE_INTERVAL_S = 5.0  # a few poll cycles: recovery noticed fast, silence cheap
-PRECISE_TAIL_S = 0.001  # the event loop's timer granularity: shorter waits are slept exactly
+#: The last stretch of a wait before a frame is slept exactly (blocking the loop at most
+#: this long): the event loop's timers go through epoll, whose timeout is whole
+#: milliseconds rounded up, so an asyncio sleep of 0.3 ms lasts 1 ms and more. t3.5 at
+#: 19200 baud and above (1.75-2 ms) is thus slept exactly, in one piece.
+PRECISE_TAIL_S = 0.002
 BROADCAST_TURNAROUND_S = 0.01  # boards act on a broadcast within 10 ms (our firmware's spec)
 CONNECT_ATTEMPTS = 3
 FC_READ_HOLDING = 3
@@ -168,10 +174,19 @@ class UnitStats:
 
 @dataclass(slots=True)
 class _Exchange:
-    """The reply the master is waiting for, so a garbled one can be told from silence."""
+    """The reply the master is waiting for, so a garbled one can be told from silence.
+
+    What arrived is only kept: its CRC is checked when the request failed, not on every
+    good reply (pymodbus' framer has checked that one already).
+    """
 
     expected_bytes: int = 0
-    garbled: bool = False
+    received: list[bytes] = field(default_factory=list)
+
+    @property
+    def garbled(self) -> bool:
+        """Whether a reply arrived whose CRC is wrong (so the failure was not silence)."""
+        return any(_reply_is_garbled(data, self.expected_bytes) for data in self.received)
 
 
 def _reply_is_garbled(data: bytes, expected_bytes: int) -> bool:
@@ -195,7 +210,10 @@ class ModbusBus:
     reprobe_interval_s: float = DEFAULT_REPROBE_INTERVAL_S
     clock: Callable[[], float] = time.monotonic
     stats: dict[int, UnitStats] = field(default_factory=dict)
-    _client: AsyncModbusTcpClient | AsyncModbusSerialClient | None = None
+    #: a client to use instead of opening ``endpoint`` (a simulator: ``sim.direct_bus``);
+    #: it counts as connected from the start and is never closed by the bus
+    client: BusClient | None = None
+    _client: BusClient | None = None
     _lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     _exchange: _Exchange = field(default_factory=_Exchange)
     _quiet_until: float = 0.0  # perf_counter time before which the line must stay silent
@@ -224,7 +242,7 @@ class ModbusBus:
             await asyncio.sleep(wait - PRECISE_TAIL_S)
         remaining = self._quiet_until - time.perf_counter()
         if remaining > 0:
-            # the event loop wakes up to ~1 ms late: the last stretch (< 1 ms) is slept
+            # the event loop wakes up to ~1 ms late: the last stretch (<= 2 ms) is slept
             # exactly, so the gap costs the poll cycle no more than t3.5 itself
             time.sleep(remaining)  # noqa: ASYNC251 - deliberate, bounded by PRECISE_TAIL_S
 
@@ -232,11 +250,14 @@ class ModbusBus:
         self._quiet_until = time.perf_counter() + self.inter_frame_gap_s
 
     def _make_client(self) -> AsyncModbusTcpClient | AsyncModbusSerialClient:
+        mbap = isinstance(self.endpoint, TcpEndpoint) and self.endpoint.framing == "mbap"
         common: dict[str, Any] = {
-            "framer": FramerType.RTU,
+            # Modbus/TCP: the MBAP header replaces the CRC; the gateway checks the line's CRC
+            "framer": FramerType.SOCKET if mbap else FramerType.RTU,
             "timeout": self.timeout_s,
             "retries": 0,  # retries are ours, per call: see module docstring
-            "trace_packet": self._trace_packet,
+            # no CRC on the TCP side of a Modbus/TCP gateway: nothing to find garbled
+            "trace_packet": None if mbap else self._trace_packet,
             "reconnect_delay": 0.1,
             "reconnect_delay_max": 2.0,
         }
@@ -245,6 +266,8 @@ class ModbusBus:
                 self.endpoint.host, port=self.endpoint.port, **common
             )
         else:
+            if self.endpoint.rs485 is not None:
+                _set_rs485_mode(self.endpoint.path, self.endpoint.rs485)
             client = AsyncModbusSerialClient(
                 self.endpoint.path,
                 baudrate=self.endpoint.baud,
@@ -256,16 +279,24 @@ class ModbusBus:
         client.set_max_no_responses(NEVER_DISCONNECT)
         return client
 
+    def __post_init__(self) -> None:
+        if self.client is not None:
+            self._client = self.client
+
     async def connect(self) -> None:
         """Open the port or the gateway connection, or say precisely why it cannot be opened."""
+        if self.client is not None:  # supplied by the caller: nothing to open
+            self._client = self.client
+            return
         if isinstance(self.endpoint, SerialEndpoint):
             _check_serial_port(self.endpoint)
-        self._client = self._make_client()
+        client = self._make_client()
+        self._client = client
         # pymodbus uses the (short) reply timeout for the TCP connect as well: give a
         # gateway a few tries before calling it unreachable.
         for _ in range(CONNECT_ATTEMPTS):
             try:
-                connected = await self._client.connect()
+                connected = await client.connect()
             except (serial.SerialException, termios.error, OSError, ValueError) as exc:
                 # a pty takes a setting once and refuses it on the next open: the probe
                 # above can pass and the real open still fail
@@ -275,15 +306,15 @@ class ModbusBus:
                 raise BusUnavailableError(f"cannot connect to the bus at {self.endpoint}") from exc
             if connected:
                 return
-        self._client.close()
+        client.close()
         self._client = None
         raise BusUnavailableError(f"cannot connect to the bus at {self.endpoint}")
 
     def close(self) -> None:
-        """Release the port."""
-        if self._client is not None:
+        """Release the port (a supplied client is the caller's: only let go of it)."""
+        if isinstance(self._client, AsyncModbusTcpClient | AsyncModbusSerialClient):
             self._client.close()
-            self._client = None
+        self._client = None
 
     async def __aenter__(self) -> ModbusBus:
         await self.connect()
@@ -348,7 +379,9 @@ class ModbusBus:
         """Write one register on every unit at once (unit id 0); nobody replies.
 
         Used for the heartbeat: one frame a second instead of twelve. The master then
-        keeps the line quiet for the turnaround delay so every board has acted.
+        keeps the line quiet for the turnaround delay so every board has acted, counted
+        from the frame's end: on a serial line the frame is still going out when the
+        write returns (8 characters: 9 ms at 9600 baud), so its wire time is waited too.
         """
         async with self._lock:
             client = self._client
@@ -359,7 +392,10 @@ class ModbusBus:
                 await client.write_register(address, value, device_id=0, no_response_expected=True)
             except ConnectionException as exc:
                 raise BusUnavailableError(f"lost the bus at {self.endpoint}: {exc}") from exc
-            await asyncio.sleep(BROADCAST_TURNAROUND_S)
+            frame_s = 0.0
+            if isinstance(self.endpoint, SerialEndpoint):
+                frame_s = rtu_timing.WRITE_SINGLE_BYTES * rtu_timing.char_time(self.endpoint.baud)
+            await asyncio.sleep(frame_s + BROADCAST_TURNAROUND_S)
             self._line_went_quiet()
 
     def unit_stats(self, unit: int) -> UnitStats:
@@ -423,8 +459,8 @@ class ModbusBus:
         raise failure
 
     def _trace_packet(self, sending: bool, data: bytes) -> bytes:
-        if not sending and _reply_is_garbled(data, self._exchange.expected_bytes):
-            self._exchange.garbled = True
+        if not sending:
+            self._exchange.received.append(data)
         return data
 
     def _no_answer(self, unit: int, stats: UnitStats) -> UnitNoAnswerError:
@@ -491,6 +527,30 @@ def _reply_problem(response: Any, function_code: int, echo: tuple[int, int] | No
     return (
         f"the reply to a write at {echo[0]} echoed {heard[0]}={heard[1]}, not {echo[0]}={echo[1]}"
     )
+
+
+def _set_rs485_mode(path: str, settings: Rs485Settings) -> None:
+    """Switch the UART into the kernel's RS-485 mode (TIOCSRS485) before the master opens it.
+
+    The mode is a property of the port in the kernel and stays set after this handle is
+    closed, so pymodbus' own open finds it. A driver without RS-485 support (USB adapters,
+    which switch direction in hardware, and pseudo-terminals) refuses it: that is named.
+    """
+    port = _open_port(path)
+    try:
+        port.rs485_mode = serial.rs485.RS485Settings(
+            rts_level_for_tx=settings.rts_level_for_tx,
+            rts_level_for_rx=not settings.rts_level_for_tx,
+            delay_before_tx=settings.delay_before_tx_ms / 1000,
+            delay_before_rx=settings.delay_after_tx_ms / 1000,
+        )
+    except (ValueError, OSError, serial.SerialException) as exc:
+        raise BusUnavailableError(
+            f"serial port {path} refuses RS-485 mode ({exc}): its driver does not support "
+            "it; an adapter that switches direction itself needs no rs485 option"
+        ) from exc
+    finally:
+        port.close()
 
 
 def _check_serial_port(endpoint: SerialEndpoint) -> None:

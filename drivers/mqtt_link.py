@@ -5,17 +5,23 @@ every callback hops to the asyncio loop with ``call_soon_threadsafe`` and paho's
 types are converted to ours at that edge. ``publish`` returns a future that
 resolves on the broker's PUBACK, which is what lets the outbox delete an event only
 once the broker has it. MQTT 5 first, falling back to 3.1.1 if the broker refuses
-the protocol version; last will ``status`` offline (retained); reconnect with
+the protocol version (CONNACK 0x84, or 3.1.1's 0x01 as NATS sends it) or closes the
+connection before any CONNACK twice in a row (RabbitMQ 3.10 does that to an MQTT 5
+CONNECT; docs/mqtt.md "Brokers"); last will ``status`` offline (retained); reconnect with
 jittered backoff is paho's own (``reconnect_delay_set``), TCP_NODELAY on the socket.
+
+The same link serves ``cabinet watch`` and the backend stand-in (no will, a session kept
+across reconnects, ``open`` to hear at once why a first connection fails, a shared
+subscription): one TLS set-up (``tls_context``) and one back-off (``drivers.backoff``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import random
 import socket
 import ssl
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,16 +30,19 @@ from urllib.parse import urlsplit
 
 import paho.mqtt.client as paho
 import structlog
-from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
+
+from drivers.backoff import DEFAULT_BACKOFF, Backoff
 
 log = structlog.get_logger("mqtt")
 
 KEEPALIVE_S = 30  # the broker declares us dead (last will) within 1.5x this
-RECONNECT_MIN_S = 1
-RECONNECT_MAX_S = 30
 UNSUPPORTED_PROTOCOL_VERSION = 132
+#: Connections closed before any CONNACK, in a row, after which the other protocol
+#: version is tried: one close may be a broker restarting, two are its answer.
+CLOSES_BEFORE_CONNACK_TO_SWITCH = 2
 REASON_FAILURE = 0x80  # MQTT 5: a PUBACK/PUBREC reason code from here up is a refusal
 
 
@@ -87,6 +96,39 @@ class TlsFiles:
     key_file: Path | None = None
 
 
+class TlsSetupError(ValueError):
+    """A CA bundle, client certificate or key that cannot be loaded; ``part`` says which."""
+
+    def __init__(self, part: str, files: str, detail: str) -> None:
+        what = "CA bundle" if part == "ca" else "client certificate / key"
+        super().__init__(f"{what} {files}: {detail}")
+        self.part = part  # "ca" or "cert": a command line names its own options after it
+        self.detail = detail
+
+
+def tls_context(tls: TlsFiles) -> ssl.SSLContext:
+    """The one TLS set-up of every client of ours: verify the broker, maybe show our cert."""
+    try:
+        context = ssl.create_default_context(cafile=str(tls.ca_file) if tls.ca_file else None)
+    except (OSError, ssl.SSLError) as exc:
+        raise TlsSetupError("ca", str(tls.ca_file), str(exc.strerror or exc)) from exc
+    if tls.cert_file is not None:
+        try:
+            context.load_cert_chain(str(tls.cert_file), str(tls.key_file) if tls.key_file else None)
+        except (OSError, ssl.SSLError) as exc:
+            files = f"{tls.cert_file} / {tls.key_file or '(in the certificate)'}"
+            raise TlsSetupError("cert", files, str(exc.strerror or exc)) from exc
+    return context
+
+
+class BrokerRefusedError(ConnectionError):
+    """The broker answered CONNECT with a refusal (bad credentials, not authorised, ...)."""
+
+
+class SessionTimeoutError(TimeoutError):
+    """The broker took the connection but answered no CONNECT in time."""
+
+
 @dataclass(frozen=True, slots=True)
 class Message:
     """An incoming message, in our own types."""
@@ -95,6 +137,9 @@ class Message:
     payload: bytes
     response_topic: str | None
     correlation_data: bytes | None
+    retain: bool = False  # a retained message replayed on subscribe: history, not news
+    mid: int = 0  # with ``manual_ack``: what ``MqttLink.ack`` acknowledges
+    qos: int = 0
 
 
 class MqttLink:
@@ -105,15 +150,35 @@ class MqttLink:
         url: str,
         *,
         client_id: str,
-        will_topic: str,
-        will_payload: bytes | Callable[[], bytes],
+        will_topic: str | None = None,
+        will_payload: bytes | Callable[[], bytes] = b"",
         username: str | None = None,
         password: str | None = None,
         tls: TlsFiles | None = None,
         on_connected: Callable[[], None] | None = None,
         on_message: Callable[[Message], None] | None = None,
+        on_disconnected: Callable[[str], None] | None = None,
+        session_expiry_s: int = 0,
+        resume_session: bool = False,
+        mqtt5: bool = True,
+        manual_ack: bool = False,
+        backoff: Backoff = DEFAULT_BACKOFF,
     ) -> None:
+        """Options beyond the cabinet's own (whose defaults they keep) serve the others.
+
+        ``session_expiry_s`` > 0 keeps the broker session (subscriptions, queued QoS 1
+        messages) across our reconnects; ``resume_session`` also takes it up again on the
+        first connection (a consumer coming back after a restart). ``manual_ack``: a QoS 1
+        message is acknowledged only by ``ack``, after the caller has kept it.
+        """
         self.address = parse_broker_url(url)
+        self._on_disconnected = on_disconnected
+        self._session_expiry_s = session_expiry_s
+        self._resume_session = resume_session
+        self._manual_ack = manual_ack
+        self._backoff = backoff
+        self._connack_waiters: list[asyncio.Future[tuple[int, str]]] = []
+        self.session_present = False  # the last CONNACK's: did the broker keep our session?
         self._client_id = client_id
         self._will = (will_topic, will_payload)
         self._credentials = (username, password)
@@ -124,28 +189,28 @@ class MqttLink:
         self._pending: dict[int, tuple[str, asyncio.Future[None]]] = {}
         self._subscriptions: list[str] = []
         self.connected = asyncio.Event()
-        self.protocol = paho.MQTTv5
+        self.protocol = paho.MQTTv5 if mqtt5 else paho.MQTTv311
+        self._connack_seen = False  # on the current connection attempt (paho's thread)
+        self._closed_before_connack = 0  # consecutive attempts (our loop)
         self._client = self._make_client()
 
     def _make_client(self) -> paho.Client:
+        # 3.1.1 has no session expiry: a kept session is clean_session=False
         client = paho.Client(
-            CallbackAPIVersion.VERSION2, client_id=self._client_id, protocol=self.protocol
+            CallbackAPIVersion.VERSION2,
+            client_id=self._client_id,
+            protocol=self.protocol,
+            # paho wants None with MQTT 5 (clean_start is given at connect instead)
+            clean_session=None if self.protocol == paho.MQTTv5 else not self._resume_session,
+            manual_ack=self._manual_ack,
         )
         username, password = self._credentials
         if username is not None:
             client.username_pw_set(username, password)
         if self.address.tls:
-            context = ssl.create_default_context(
-                cafile=str(self._tls.ca_file) if self._tls.ca_file else None
-            )
-            if self._tls.cert_file is not None:
-                context.load_cert_chain(
-                    str(self._tls.cert_file),
-                    str(self._tls.key_file) if self._tls.key_file else None,
-                )
-            client.tls_set_context(context)
+            client.tls_set_context(tls_context(self._tls))
         self._set_will(client)
-        client.reconnect_delay_set(RECONNECT_MIN_S, RECONNECT_MAX_S)
+        self._backoff.apply(client)
         client.max_inflight_messages_set(1000)  # the outbox drains a backlog at full speed
         client.max_queued_messages_set(0)
         client.on_connect = self._paho_connect
@@ -158,6 +223,8 @@ class MqttLink:
 
     def _set_will(self, client: paho.Client) -> None:
         topic, payload = self._will
+        if topic is None:
+            return  # a watcher or a backend: nobody needs to hear that it went away
         client.will_set(topic, payload() if callable(payload) else payload, qos=1, retain=True)
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -165,21 +232,82 @@ class MqttLink:
     def start(self) -> None:
         """Connect in the background; paho reconnects on its own after any loss."""
         self._loop = asyncio.get_running_loop()
+        self._connect()
+
+    def _connect(self) -> None:
         # jitter: a fleet of cabinets rebooting together must not reconnect in lockstep
-        self._client.reconnect_delay_set(RECONNECT_MIN_S + random.randint(0, 2), RECONNECT_MAX_S)  # noqa: S311
-        props = None
-        if self.protocol == paho.MQTTv5:
-            props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
-            props.SessionExpiryInterval = 0
+        self._backoff.apply(self._client)
         self._client.connect_async(
-            self.address.host, self.address.port, KEEPALIVE_S, clean_start=True, properties=props
+            self.address.host, self.address.port, KEEPALIVE_S, **self._connect_options()
         )
         self._client.loop_start()
 
-    def stop(self) -> None:
-        """Disconnect cleanly (the broker then does not send the last will)."""
+    def _connect_options(self) -> dict[str, Any]:
+        if self.protocol != paho.MQTTv5:
+            return {}  # 3.1.1: the session choice was made with the client (clean_session)
+        props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+        props.SessionExpiryInterval = self._session_expiry_s
+        clean_start: bool | int = True
+        if self._session_expiry_s > 0:
+            # resume: take up the session a previous run left; otherwise start clean once
+            # and keep the session across our own reconnects only
+            clean_start = False if self._resume_session else paho.MQTT_CLEAN_START_FIRST_ONLY
+        return {"clean_start": clean_start, "properties": props}
+
+    async def open(self, timeout_s: float) -> None:
+        """Connect now and raise what stands in the way, where ``start`` retries quietly.
+
+        For a tool a person is waiting on (``cabinet watch``): ``OSError`` for a broker not
+        reachable (refused, unknown host, TLS not trusted, ``TimeoutError``: no answer),
+        ``BrokerRefusedError`` for a CONNACK refusal, ``SessionTimeoutError`` for no CONNACK
+        within ``timeout_s``. An MQTT 5 refusal still falls back to 3.1.1 on the way.
+        Afterwards the link is as after ``start``: paho reconnects with the back-off.
+        """
+        self._loop = loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        client = self._client
+        self._backoff.apply(client)
+        # paho's blocking connect raises the real reason; its background one only retries
+        await asyncio.wait_for(
+            asyncio.to_thread(
+                client.connect,
+                self.address.host,
+                self.address.port,
+                KEEPALIVE_S,
+                **self._connect_options(),
+            ),
+            timeout_s,
+        )
+        client.loop_start()
+        while True:
+            answer: asyncio.Future[tuple[int, str]] = loop.create_future()
+            self._connack_waiters.append(answer)
+            try:
+                code, text = await asyncio.wait_for(answer, max(0.1, deadline - loop.time()))
+            except TimeoutError:
+                raise SessionTimeoutError(f"no CONNACK within {timeout_s:g} s") from None
+            if code == 0:
+                return
+            if self._client is client:  # no protocol fallback under way: the final answer
+                raise BrokerRefusedError(text)
+            client = self._client
+
+    def ack(self, message: Message) -> None:
+        """With ``manual_ack``: the caller has kept ``message``; the broker may forget it."""
+        if message.qos > 0:
+            self._client.ack(message.mid, message.qos)
+
+    def stop(self, *, forget_session: bool = False) -> None:
+        """Disconnect cleanly (the broker then does not send the last will).
+
+        ``forget_session``: end a kept session too (MQTT 5), leaving nothing on the broker.
+        """
+        props = None
+        if forget_session and self.protocol == paho.MQTTv5:
+            props = Properties(PacketTypes.DISCONNECT)  # type: ignore[no-untyped-call]
+            props.SessionExpiryInterval = 0
         with contextlib.suppress(Exception):
-            self._client.disconnect()
+            self._client.disconnect(properties=props)
         self._client.loop_stop()
         for _topic, future in self._pending.values():
             if not future.done():
@@ -229,16 +357,21 @@ class MqttLink:
         # before every (re)connection attempt, in paho's thread: a will built now carries a
         # ts later than anything this connection publishes (docs/mqtt.md §6)
         self._set_will(client)
+        self._connack_seen = False
 
     def _paho_socket_open(self, _client: Any, _userdata: Any, sock: Any) -> None:
         with contextlib.suppress(OSError, AttributeError):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
-    def _paho_connect(self, _c: Any, _u: Any, _flags: Any, reason: Any, _p: Any) -> None:
-        self._hop(self._connected, int(getattr(reason, "value", reason)), str(reason))
+    def _paho_connect(self, _c: Any, _u: Any, flags: Any, reason: Any, _p: Any) -> None:
+        self._connack_seen = True
+        present = bool(getattr(flags, "session_present", False))
+        self._hop(self._connected, int(getattr(reason, "value", reason)), str(reason), present)
 
-    def _paho_disconnect(self, _c: Any, _u: Any, _flags: Any, reason: Any, _p: Any) -> None:
-        self._hop(self._disconnected, str(reason))
+    def _paho_disconnect(self, client: Any, _u: Any, _flags: Any, reason: Any, _p: Any) -> None:
+        # a refused TCP connect is paho's on_connect_fail, not this: here the broker took
+        # the connection and our CONNECT, then closed it (without a CONNACK if not seen)
+        self._hop(self._disconnected, str(reason), not self._connack_seen, client)
 
     def _paho_publish(self, _c: Any, _u: Any, mid: int, reason: Any, _p: Any) -> None:
         # MQTT 5: the PUBACK's reason code; 3.1.1 has none and paho reports success
@@ -251,20 +384,25 @@ class MqttLink:
             payload=bytes(msg.payload),
             response_topic=getattr(props, "ResponseTopic", None),
             correlation_data=getattr(props, "CorrelationData", None),
+            retain=bool(msg.retain),
+            mid=msg.mid,
+            qos=msg.qos,
         )
         self._hop(self._message, message)
 
     # -- on our loop -----------------------------------------------------------------------
 
-    def _connected(self, code: int, text: str) -> None:
+    def _connected(self, code: int, text: str, session_present: bool = False) -> None:
+        self._closed_before_connack = 0
+        self.session_present = session_present
+        for waiter in self._connack_waiters:  # open() waits for an answer
+            if not waiter.done():
+                waiter.set_result((code, text))
+        self._connack_waiters.clear()
         if code != 0:
             if code == UNSUPPORTED_PROTOCOL_VERSION and self.protocol == paho.MQTTv5:
                 log.warning("mqtt5_refused_falling_back_to_311")
-                self._client.loop_stop()
-                self.protocol = paho.MQTTv311
-                self._client = self._make_client()
-                self._client.connect_async(self.address.host, self.address.port, KEEPALIVE_S)
-                self._client.loop_start()
+                self._switch_protocol(paho.MQTTv311)
                 return
             log.warning("mqtt_connect_refused", reason=text)
             return
@@ -279,10 +417,36 @@ class MqttLink:
         if self._on_connected is not None:
             self._on_connected()
 
-    def _disconnected(self, reason: str) -> None:
+    def _switch_protocol(self, protocol: MQTTProtocolVersion) -> None:
+        """Start over with a new paho client speaking ``protocol`` (paho cannot change)."""
+        # the old client's thread may sit in its 1 s select or its reconnect wait: it is
+        # told to disconnect and retired off this loop, which the field bus shares
+        old = self._client
+        with contextlib.suppress(Exception):
+            old.disconnect()
+        threading.Thread(target=old.loop_stop, name="mqtt-retired", daemon=True).start()
+        self.protocol = protocol
+        self._closed_before_connack = 0
+        self._client = self._make_client()
+        self._connect()
+
+    def _disconnected(self, reason: str, before_connack: bool, client: Any = None) -> None:
+        if before_connack and client is self._client:
+            self._closed_before_connack += 1
+            if self._closed_before_connack >= CLOSES_BEFORE_CONNACK_TO_SWITCH:
+                # the other version: a 3.1.1-only broker that closes on MQTT 5 (RabbitMQ
+                # 3.10), or back to 5 if 3.1.1 fares no better (the cause was elsewhere)
+                other = paho.MQTTv311 if self.protocol == paho.MQTTv5 else paho.MQTTv5
+                log.warning(
+                    "mqtt_closed_before_connack_switching_protocol",
+                    to="3.1.1" if other == paho.MQTTv311 else "5",
+                )
+                self._switch_protocol(other)
         if self.connected.is_set():
             log.warning("mqtt_disconnected", reason=reason)
         self.connected.clear()
+        if self._on_disconnected is not None:
+            self._on_disconnected(reason)
         # paho forgets in-flight messages with a clean session: the outbox resends them
         for _topic, future in self._pending.values():
             if not future.done():

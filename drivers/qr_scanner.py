@@ -1,5 +1,8 @@
 """The QR scanner: one ASCII line per scan over USB-CDC serial (or a TCP byte stream).
 
+A scanner that presents itself as a USB keyboard (``evdev:///dev/input/...``) is read by
+``drivers.hid_scanner`` and yields the same ``Scan`` / ``ScanGarbage`` items.
+
 A line the scanner mangled (not ASCII, unprintable, absurdly long, empty) is
 reported as ``ScanGarbage`` and reading goes on: a smudged code must never take
 the scanner input down.
@@ -8,13 +11,18 @@ the scanner input down.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from typing import Any
 
 import serial
 
-from drivers.bus_url import Endpoint, SerialEndpoint, TcpEndpoint, parse_endpoint
+from drivers.bus_url import (
+    InputDeviceEndpoint,
+    SerialEndpoint,
+    TcpEndpoint,
+    parse_scanner_endpoint,
+)
 
 MAX_LINE_BYTES = 1024  # a signed rider token is ~200 characters; anything far longer is noise
 
@@ -52,7 +60,7 @@ def classify(raw: bytes) -> Scan | ScanGarbage:
     return Scan(text.strip())
 
 
-async def _open(endpoint: Endpoint) -> tuple[asyncio.StreamReader, Any]:
+async def _open(endpoint: TcpEndpoint | SerialEndpoint) -> tuple[asyncio.StreamReader, Any]:
     loop = asyncio.get_running_loop()
     reader = asyncio.StreamReader(limit=MAX_LINE_BYTES)
     if isinstance(endpoint, TcpEndpoint):
@@ -91,9 +99,17 @@ async def _next_line(reader: asyncio.StreamReader) -> Scan | ScanGarbage:
         return ScanGarbage(f"line longer than {MAX_LINE_BYTES} bytes", head[:64])
 
 
-async def read_scans(url: str) -> AsyncIterator[Scan | ScanGarbage]:
+async def read_scans(url: str) -> AsyncGenerator[Scan | ScanGarbage, None]:
     """Yield every line the scanner sends until the stream ends."""
-    reader, closer = await _open(parse_endpoint(url))
+    endpoint = parse_scanner_endpoint(url)
+    if isinstance(endpoint, InputDeviceEndpoint):
+        # imported here: a cabinet with a serial scanner never loads the keymap
+        from drivers.hid_scanner import read_key_scans  # noqa: PLC0415
+
+        async for item in read_key_scans(endpoint.path):
+            yield item
+        return
+    reader, closer = await _open(endpoint)
     try:
         while True:
             try:

@@ -148,7 +148,7 @@ class BayTelemetry(BaseModel):
 
 
 class Telemetry(_Message):
-    """``telemetry`` (QoS 0): periodic measurements and the outbox's health."""
+    """``telemetry`` (QoS 1, held through a broker outage): periodic measurements and the outbox."""
 
     cabinet_id: str
     cabinet_temp_c: float | None

@@ -29,6 +29,7 @@ from protocol import bay_map, cabinet_map, firmware_map, meter_map, rtu_timing
 from protocol.units import ALL_UNITS, BAY_UNITS, CABINET_BOARD_UNIT
 from sim.cabinet_model import SimulatedCabinet
 from sim.faults import WriteRefusedError
+from sim.mbap_gateway import mbap_trace
 
 # pymodbus logs every request it cannot serve with a frame dump; the simulator's own
 # counters say the same once, so its chatter is kept to real failures.
@@ -40,6 +41,9 @@ WRITE_MULTIPLE = 16
 # asyncio's timers wake up to ~1 ms late; the last stretch of a modelled delay is slept
 # with a blocking sleep so that 115200-baud transactions (~9 ms) keep their shape.
 PRECISE_TAIL_S = 0.002
+#: A master keeps the line quiet this long after a broadcast so every board has acted
+#: (docs/hardware.md); the counters book it as line time, not as the master's idling.
+BROADCAST_QUIET_S = 0.01
 
 
 @dataclass(slots=True)
@@ -52,6 +56,13 @@ class UnitCounters:
     busy_s: float = 0.0
     dropped: int = 0
     corrupted: int = 0
+    #: register reads (FC03/FC04) and when the latest went onto the line (perf_counter,
+    #: the simulator's clock): two ``ctl state`` readings give a master's exact poll period
+    reads: int = 0
+    last_read_at: float = 0.0
+    #: line silence before this unit's requests beyond the t3.5 that ends the previous
+    #: frame: the master's own time between transactions (and its pacing), never the wire's
+    idle_before_s: float = 0.0
 
     def as_json(self) -> dict[str, Any]:
         """Render for ``ctl state``."""
@@ -62,6 +73,9 @@ class UnitCounters:
             "busy_s": round(self.busy_s, 4),
             "dropped": self.dropped,
             "corrupted": self.corrupted,
+            "reads": self.reads,
+            "last_read_at": round(self.last_read_at, 6),
+            "idle_before_s": round(self.idle_before_s, 6),
         }
 
 
@@ -103,6 +117,9 @@ class SimulatedBus:
         self._seed = seed
         self._server: ModbusTcpServer | None = None
         self.connections = 0  # masters that connected: a reconnect storm shows here
+        self.broadcasts = 0  # unit-0 frames (the heartbeat): on the line, in no unit's counters
+        self.broadcast_s = 0.0  # their wire time and the quiet after them
+        self._broadcast_quiet_until = 0.0
         self._last_rx = 0.0  # when the latest request bytes reached the simulator
         self._broadcast = False  # the latest request was addressed to unit 0 (everyone)
         self._gateway_rx: float | None = None  # a request's first byte at the pty gateway
@@ -192,7 +209,13 @@ class SimulatedBus:
             # still busy with the previous transaction: the simulator's own processing
             # time is part of the modelled time, not added on top of it.
             began = max(self._last_rx, self._line_free_at)
+            if self._line_free_at:
+                quiet_until = max(self._line_free_at, self._broadcast_quiet_until)
+                counters.idle_before_s += max(0.0, began - quiet_until)
             counters.requests += 1
+            if function_code in READ_FUNCTIONS:
+                counters.reads += 1
+                counters.last_read_at = began
             counters.bytes_in += request_bytes
             self.world.sync()
             silent = self.world.unit_silent(unit)
@@ -251,6 +274,13 @@ class SimulatedBus:
             self._last_rx = self._gateway_rx or time.perf_counter()
             self._gateway_rx = None
             self._broadcast = bool(data) and data[0] == 0
+            if self._broadcast:
+                # counters only: the frame's time on the wire and the quiet the master owes
+                # the boards; the timing model itself does not hold the next request back
+                self.broadcasts += 1
+                busy = rtu_timing.frame_time(len(data), self.baud) + BROADCAST_QUIET_S
+                self.broadcast_s += busy
+                self._broadcast_quiet_until = max(self._last_rx, self._line_free_at) + busy
             if len(data) >= rtu_timing.WRITE_SINGLE_BYTES and data[1] in (
                 WRITE_SINGLE,
                 WRITE_MULTIPLE,
@@ -303,16 +333,19 @@ class SimulatedBus:
 
     # -- lifecycle --------------------------------------------------------------------------
 
-    async def start(self, host: str, port: int) -> int:
-        """Listen for RTU-over-TCP masters; return the bound port (``port`` may be 0)."""
+    async def start(self, host: str, port: int, *, mbap: bool = False) -> int:
+        """Listen for masters; return the bound port (``port`` may be 0).
+
+        RTU over TCP by default; with ``mbap`` Modbus/TCP, as a gateway in that mode.
+        """
         # id 0 is pymodbus' catch-all: it serves unit ids nobody has, and _trace_packet then
         # drops the reply, so a scan of an empty address hears silence as on a real line.
         nobody = SimDevice(id=0, simdata=[SimData(0, values=0, datatype=DataType.REGISTERS)])
         self._server = ModbusTcpServer(
             [self._device(unit) for unit in ALL_UNITS] + [nobody],
-            framer=FramerType.RTU,
+            framer=FramerType.SOCKET if mbap else FramerType.RTU,
             address=(host, port),
-            trace_packet=self._trace_packet,
+            trace_packet=mbap_trace(self._trace_packet) if mbap else self._trace_packet,
             trace_connect=self._trace_connect,
             broadcast_enable=True,
         )
@@ -326,8 +359,14 @@ class SimulatedBus:
             await self._server.shutdown()  # type: ignore[no-untyped-call]
 
     def counters_json(self) -> dict[str, Any]:
-        """Per-unit counters keyed by unit id, and the count of master connections."""
+        """Per-unit counters keyed by unit id, and the count of master connections.
+
+        ``now`` is the simulator's clock (perf_counter), the one the ``*_at`` counters use.
+        """
         return {
+            "now": round(time.perf_counter(), 6),
             "connections": self.connections,
+            "broadcasts": self.broadcasts,
+            "broadcast_s": round(self.broadcast_s, 4),
             "units": {str(unit): c.as_json() for unit, c in self.counters.items()},
         }

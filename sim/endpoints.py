@@ -1,4 +1,8 @@
-"""Where the simulator listens: ``tcp://host:port`` (port 0 picks a free one) or ``pty:///path``."""
+"""Where the simulator listens: ``tcp://`` or ``modbus-tcp://host:port`` (port 0: a free one) or ``pty:///path``.
+
+``tcp://`` serves RTU frames over TCP (an RTU-over-TCP gateway); ``modbus-tcp://`` serves
+Modbus/TCP (MBAP), as a serial-to-Ethernet gateway in Modbus/TCP mode does.
+"""
 
 from __future__ import annotations
 
@@ -14,26 +18,28 @@ class EndpointError(ValueError):
 class ListenSpec:
     """A parsed listen URL: a TCP address, or the path of a pseudo-terminal symlink."""
 
-    kind: str  # "tcp" or "pty"
+    kind: str  # "tcp", "modbus-tcp" or "pty"
     host: str = "127.0.0.1"
     port: int = 0
     path: str = ""
 
 
-def parse_listen(url: str, *, allow_pty: bool = True) -> ListenSpec:
+def parse_listen(url: str, *, allow_pty: bool = True, allow_mbap: bool = False) -> ListenSpec:
     """Parse a listen URL, refusing forms the endpoint cannot serve."""
     parts = urlsplit(url)
-    if parts.scheme == "tcp":
+    if parts.scheme == "tcp" or (parts.scheme == "modbus-tcp" and allow_mbap):
         try:
             port = parts.port
         except ValueError as exc:
             raise EndpointError(f"{url!r}: the port is not a number") from exc
-        return ListenSpec("tcp", parts.hostname or "127.0.0.1", port or 0)
+        return ListenSpec(parts.scheme, parts.hostname or "127.0.0.1", port or 0)
     if parts.scheme == "pty" and allow_pty:
         if not parts.path:
             raise EndpointError(
                 f"{url!r}: a pty URL names the symlink to create, e.g. pty:///tmp/bus"
             )
         return ListenSpec("pty", path=parts.path)
-    forms = "tcp://host:port or pty:///path" if allow_pty else "tcp://host:port"
-    raise EndpointError(f"{url!r}: use {forms}")
+    forms = ["tcp://host:port"]
+    forms += ["modbus-tcp://host:port"] if allow_mbap else []
+    forms += ["pty:///path"] if allow_pty else []
+    raise EndpointError(f"{url!r}: use {' or '.join(forms)}")

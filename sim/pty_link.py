@@ -1,7 +1,9 @@
 """A pseudo-terminal standing in for a serial cable (RS-485 adapter or USB-CDC scanner).
 
 The simulator keeps the master side and publishes the slave side under a stable
-symlink, so the daemon opens it with pyserial exactly as it would open /dev/ttyUSB0.
+symlink, so the daemon opens it with pyserial exactly as it would open
+/dev/serial/by-id/usb-...; closing the link and opening a new one at the same path is
+what a USB adapter's re-enumeration looks like (a new device node behind the same name).
 """
 
 from __future__ import annotations
@@ -25,7 +27,8 @@ class PtyLink:
         os.set_blocking(self._master, False)
         if self.link_path.is_symlink() or self.link_path.exists():
             self.link_path.unlink()
-        self.link_path.symlink_to(os.ttyname(self._slave))
+        self.device_path = os.ttyname(self._slave)  # the /dev/pts/N behind the stable link
+        self.link_path.symlink_to(self.device_path)
         asyncio.get_running_loop().add_reader(self._master, self._readable)
 
     def _readable(self) -> None:

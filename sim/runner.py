@@ -78,7 +78,7 @@ class _PtyGateway:
 
 async def serve(options: SimOptions, *, ready: asyncio.Event | None = None) -> None:
     """Run the simulator until SIGINT/SIGTERM (or until cancelled)."""
-    bus_spec = parse_listen(options.bus)
+    bus_spec = parse_listen(options.bus, allow_mbap=True)
     scanner_spec = parse_listen(options.scanner)
     control_spec = parse_listen(options.control, allow_pty=False)
     world = SimulatedCabinet(
@@ -105,8 +105,8 @@ async def serve(options: SimOptions, *, ready: asyncio.Event | None = None) -> N
             # still counts 11-bit characters, as on the real 8E1 line.
             bus_url = f"serial://{bus_spec.path}?baud={options.baud}&parity=N"
         else:
-            port = await bus.start(bus_spec.host, bus_spec.port)
-            bus_url = f"tcp://{bus_spec.host}:{port}"
+            port = await bus.start(bus_spec.host, bus_spec.port, mbap=bus_spec.kind == "modbus-tcp")
+            bus_url = f"{bus_spec.kind}://{bus_spec.host}:{port}"
         scanner_url = await scanner.start(scanner_spec)
         control_url = await control.start(control_spec.host, control_spec.port)
         endpoints = {"bus": bus_url, "scanner": scanner_url, "control": control_url, **info}

@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import pytest
+import structlog
 
 from drivers.bus_url import parse_endpoint
 from drivers.modbus_bus import ModbusBus
@@ -70,10 +73,113 @@ async def master(url: str, **kwargs: Any) -> AsyncIterator[ModbusBus]:
         bus.close()
 
 
+# Commands that are a program of their own (a daemon, a server, a demo with its own
+# children and signal handling): always a real process. Every other command is a request
+# and an answer; it runs in-process (below), which is the same `main()` without ~0.4 s of
+# interpreter and import start-up per call: the suite makes hundreds of them.
+OWN_PROCESS = {"run", "demo"}
+
+
+def _is_own_process(args: tuple[str, ...]) -> bool:
+    if args[:1] == ("sim",):
+        return args[1:2] != ("ctl",)  # the simulator itself and the fleet simulation
+    return args[:1] != () and args[0] in OWN_PROCESS
+
+
+class _ThreadStream(io.TextIOBase):
+    """sys.stdout/stderr while in-process commands run: each command's thread writes to its
+    own buffer; every other thread (the test's, a broker's) to where it wrote before."""
+
+    def __init__(self, name: str) -> None:
+        self.buffers: dict[int, io.StringIO] = {}
+        self.fallback: TextIO = getattr(sys, name)
+
+    def _target(self) -> TextIO:
+        return self.buffers.get(threading.get_ident(), self.fallback)
+
+    def write(self, text: str) -> int:
+        return self._target().write(text)
+
+    def flush(self) -> None:
+        self._target().flush()
+
+    def isatty(self) -> bool:
+        return False  # a pipe, as for a real child process
+
+    def writable(self) -> bool:
+        return True
+
+
+_STDOUT = _ThreadStream("stdout")
+_STDERR = _ThreadStream("stderr")
+_IN_PROCESS_LOCK = threading.Lock()
+
+
 def cabinet_cmd(
     *args: str, timeout: float = 60.0, env: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess[str]:
-    """Run the real `cabinet` command line as a technician would."""
+    """Run the real `cabinet` command line as a technician would: its exit code, stdout, stderr.
+
+    In-process (the console script's own `main`, on a thread of its own so a test may call
+    it from inside an event loop), except for the commands in OWN_PROCESS, which get a real
+    process. `cabinet_process` always starts one, for what only a process shows.
+    """
+    if _is_own_process(args):
+        return cabinet_process(*args, timeout=timeout, env=env)
+    with _IN_PROCESS_LOCK:
+        return _in_process(args, timeout, env or {})
+
+
+def _in_process(
+    args: tuple[str, ...], timeout: float, env: dict[str, str]
+) -> subprocess.CompletedProcess[str]:
+    from cabinet.console.cli import main  # noqa: PLC0415 - only for the tests that use it
+
+    out, err = io.StringIO(), io.StringIO()
+    outcome: dict[str, Any] = {}
+
+    def run() -> None:
+        me = threading.get_ident()
+        _STDOUT.buffers[me], _STDERR.buffers[me] = out, err
+        try:
+            outcome["code"] = main(list(args))
+        except SystemExit as exc:  # argparse's usage errors and --help
+            if isinstance(exc.code, str):
+                err.write(exc.code + "\n")
+                outcome["code"] = 1
+            else:
+                outcome["code"] = exc.code or 0
+        except BaseException as exc:  # noqa: BLE001 - a real process would show the traceback
+            outcome["error"] = exc
+        finally:
+            del _STDOUT.buffers[me], _STDERR.buffers[me]
+
+    saved_env = dict(os.environ)
+    saved_log_config = structlog.get_config()
+    os.environ.update(env)
+    _STDOUT.fallback, _STDERR.fallback = sys.stdout, sys.stderr
+    sys.stdout, sys.stderr = _STDOUT, _STDERR  # type: ignore[assignment]
+    worker = threading.Thread(target=run, name=f"cabinet {' '.join(args[:2])}", daemon=True)
+    try:
+        worker.start()
+        worker.join(timeout)
+    finally:
+        sys.stdout, sys.stderr = _STDOUT.fallback, _STDERR.fallback
+        os.environ.clear()
+        os.environ.update(saved_env)
+        structlog.configure(**saved_log_config)  # the command set its own level and output
+    command = ["cabinet", *args]
+    if worker.is_alive():
+        raise subprocess.TimeoutExpired(command, timeout, out.getvalue(), err.getvalue())
+    if "error" in outcome:
+        raise AssertionError(f"cabinet {' '.join(args)} raised") from outcome["error"]
+    return subprocess.CompletedProcess(command, outcome["code"], out.getvalue(), err.getvalue())
+
+
+def cabinet_process(
+    *args: str, timeout: float = 60.0, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """The real `cabinet` command line as a process of its own (start-up, exit, signals)."""
     return subprocess.run(
         [sys.executable, "-m", "cabinet.console.cli", *args],
         capture_output=True,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections.abc import Iterator
@@ -11,7 +12,15 @@ import paho.mqtt.client as paho
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
+from cabinet.daemon.bus_scheduler import BusScheduler
+from cabinet.daemon.config import ConfigError, validate
+from cabinet.daemon.controller import CabinetController
+from cabinet.daemon.fleet_link import FleetLink
+from cabinet.daemon.journal import Journal
 from cabinet.demo.backend import Backend
+from drivers.bus_url import parse_endpoint
+from drivers.modbus_bus import ModbusBus
+from drivers.mqtt_link import MqttLink
 from tests.daemon_harness import running_cabinet, wait_until
 from tests.mqtt_broker import Mosquitto
 from tests.test_swap_end_to_end import SWAP_STEPS, collect, deposit
@@ -253,6 +262,64 @@ def test_telemetry_reports_measurements_and_the_outbox(tmp_path: Path, broker: M
     finally:
         client.loop_stop()
         client.disconnect()
+
+
+def _unreachable_fleet_link(
+    journal: Journal, *, interval_s: float, backlog_s: float = 3600.0
+) -> FleetLink:
+    """A fleet link whose broker is never there: what it holds is all there is to see."""
+    controller = CabinetController(
+        cabinet_id=CAB,
+        journal=journal,
+        scheduler=BusScheduler(ModbusBus(parse_endpoint("tcp://127.0.0.1:9"))),
+    )
+    return FleetLink(
+        controller,
+        lambda **kw: MqttLink("mqtt://127.0.0.1:9", client_id="t", **kw),
+        telemetry_interval_s=interval_s,
+        telemetry_backlog_s=backlog_s,
+    )
+
+
+def test_the_telemetry_backlog_is_an_hour_at_the_interval_by_default(tmp_path: Path) -> None:
+    fleet = _unreachable_fleet_link(Journal(tmp_path / "j.db"), interval_s=60.0)
+    assert fleet.telemetry_keep() == 60
+    fleet.telemetry_interval_s = 5.0  # a backend's settings.set: the cap follows
+    assert fleet.telemetry_keep() == 720
+    with pytest.raises(ConfigError) as refused:
+        validate(
+            {
+                "cabinet": {"id": "c"},
+                "bus": {"url": "tcp://h:1"},
+                "scanner": {"url": "tcp://h:2"},
+                "mqtt": {"url": "mqtt://h", "telemetry_backlog_s": 90_000},
+            }
+        )
+    assert [key for key, _ in refused.value.problems] == ["mqtt.telemetry_backlog_s"]
+
+
+def test_samples_over_the_cap_are_dropped_oldest_first_and_counted(tmp_path: Path) -> None:
+    journal = Journal(tmp_path / "j.db")
+    fleet = _unreachable_fleet_link(journal, interval_s=60.0, backlog_s=180.0)
+    fleet.telemetry_interval_s = 0.01  # sample quickly; the cap is then 180 s / 0.01 s ...
+    fleet.telemetry_backlog_s = 0.03  # ... so bring it back to 3 samples
+
+    async def sample_until_dropped() -> None:
+        fleet.link.start()
+        task = asyncio.create_task(fleet._publish_telemetry())
+        try:
+            while fleet.telemetry_dropped < 2:
+                await asyncio.sleep(0.01)
+        finally:
+            task.cancel()
+            fleet.link.stop()
+
+    asyncio.run(asyncio.wait_for(sample_until_dropped(), 10))
+    held = journal.held_telemetry(10)
+    assert len(held) == 3 and [s.ts for s in held] == sorted(s.ts for s in held)
+    newest = json.loads(held[-1].payload)
+    assert newest["ts"] == held[-1].ts and newest["cabinet_id"] == CAB  # the sample as taken
+    assert newest["outbox_dropped"] >= 1  # the payload reports what the cap dropped before it
 
 
 def test_retained_state_is_not_republished_for_events_alone(

@@ -707,3 +707,40 @@ def test_watch_shows_a_real_cabinet_and_its_swap(broker: Mosquitto, tmp_path: Pa
             assert row["missing_seqs"] == []
         finally:
             assert watcher.stop() == 0, watcher.notices
+
+
+@pytest.fixture
+def broker_311() -> Iterator[str]:
+    """The demo's embedded broker (MQTT 3.1.1 only), on a loop of its own; its URL."""
+    import asyncio  # noqa: PLC0415 - only this fixture runs a loop
+
+    from cabinet.demo.broker import EmbeddedBroker  # noqa: PLC0415 - the demo's extra
+
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    embedded = EmbeddedBroker()
+    url = asyncio.run_coroutine_threadsafe(embedded.start(), loop).result(timeout=30)
+    yield url
+    asyncio.run_coroutine_threadsafe(embedded.stop(), loop).result(timeout=30)
+    loop.call_soon_threadsafe(loop.stop)
+    thread.join(timeout=10)
+    loop.close()
+
+
+def test_watch_on_a_broker_that_speaks_only_mqtt_311(broker_311: str) -> None:
+    host, port = broker_311.removeprefix("mqtt://").split(":")
+    cabinet = paho.Client(CallbackAPIVersion.VERSION2, protocol=paho.MQTTv311)
+    cabinet.connect(host, int(port))
+    cabinet.loop_start()
+    try:
+        cabinet.publish("cabinets/cab-3/status", status(), qos=1, retain=True).wait_for_publish(10)
+    finally:
+        cabinet.disconnect()
+        cabinet.loop_stop()
+    # the watch asks for MQTT 5 first, is refused, and falls back like the cabinets do
+    result = run_watch("--broker", broker_311, "--json", "--duration", "1")
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == ""
+    row = json.loads(result.stdout.splitlines()[-1])
+    assert (row["cabinet"], row["online"]) == ("cab-3", True)

@@ -1,9 +1,10 @@
 """Everything a stranger controls, fuzzed: no crash, no hang, every rejection a clear error.
 
-MQTT command payloads, control-socket requests, scanner lines, config files and
-firmware images. (Rider tokens: tests/test_tokens.py; Modbus replies:
-tests/test_bus_fuzz.py.) Each target is the real parsing code the daemon runs;
-only the network under the fleet link is replaced, by a recorder.
+MQTT command payloads, control-socket requests, scanner lines, config files,
+firmware images and firmware download URLs (and their redirects). (Rider tokens:
+tests/test_tokens.py; Modbus replies: tests/test_bus_fuzz.py.) Each target is the
+real parsing code the daemon runs; only the network under the fleet link is
+replaced, by a recorder.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from cabinet.daemon.bus_scheduler import BusScheduler
 from cabinet.daemon.config import ConfigError, apply_env, validate
 from cabinet.daemon.control_server import ControlServer
 from cabinet.daemon.controller import CabinetController
+from cabinet.daemon.firmware_download import DownloadRefusedError, check_redirect, check_url
 from cabinet.daemon.fleet_link import FleetLink
 from cabinet.daemon.journal import Journal
 from cabinet.daemon.task_health import TaskHealth
@@ -213,3 +215,58 @@ def test_any_firmware_image_bytes_are_parsed_or_refused(data: bytes) -> None:
         parse_image(data)
     except ImageRejectedError as exc:
         assert exc.reason == "malformed" and str(exc)
+
+
+ALLOWED_HOSTS = ("fw.example.net", "store.example.net:8443", "[fd00::1]")
+url_parts = st.sampled_from(
+    ["http://", "https://", "HTTPS://", "ftp://", "file://", "//", "", "http:", "http:///"]
+)
+hosts = st.sampled_from(
+    [
+        "fw.example.net",
+        "FW.EXAMPLE.NET",
+        "store.example.net",
+        "fw.example.net.evil.io",
+        "127.0.0.1",
+        "169.254.169.254",
+        "[fd00::1]",
+        "[::1]",
+        "[fd00::1",
+        "fw.example.net@10.0.0.1",
+        "10.0.0.1@fw.example.net",
+        "user:pw@fw.example.net",
+        "fw.example.net\\@10.0.0.1",
+        "%66w.example.net",
+        "fw\u3002example.net",
+        "fw.example.net\t",
+        " fw.example.net",
+        "",
+    ]
+) | st.text(max_size=20)
+ports = st.sampled_from(["", ":8443", ":443", ":0", ":99999", ":-1", ":x", ":"]) | st.text(
+    max_size=6
+)
+urls = st.tuples(url_parts, hosts, ports, st.text(max_size=20)).map("".join) | st.text(max_size=60)
+
+
+@FUZZ
+@given(url=urls, location=urls)
+def test_any_download_url_or_redirect_is_on_the_list_or_refused(url: str, location: str) -> None:
+    """No URL or Location header gets past the allowlist, and none raises anything else."""
+    try:
+        target = check_url(url, ALLOWED_HOSTS)
+    except DownloadRefusedError as exc:
+        assert exc.reason in {"host_not_allowed", "invalid_source"} and str(exc)
+        return
+    assert (target.host, target.port) in {
+        ("fw.example.net", target.port),
+        ("store.example.net", 8443),
+        ("fd00::1", target.port),
+    }
+    try:
+        followed = check_redirect(target, location, ALLOWED_HOSTS)
+    except DownloadRefusedError as exc:
+        assert exc.reason in {"host_not_allowed", "invalid_source"} and str(exc)
+        return
+    assert followed.host in {"fw.example.net", "store.example.net", "fd00::1"}
+    assert not (target.scheme == "https" and followed.scheme == "http")

@@ -130,3 +130,20 @@ def test_commands_are_answered_when_the_journal_cannot_be_written(
     journal._db.execute("PRAGMA query_only = 0")
     fleet._check_backlog()
     assert [e["type"] for e in journal.events()][-1] == "alarm.raised"
+
+
+def test_held_telemetry_keeps_the_newest_and_leaves_only_when_acknowledged(
+    tmp_path: Path,
+) -> None:
+    journal = Journal(tmp_path / "j.db")
+    dropped = [journal.hold_telemetry(ts, b'{"ts": %d}' % ts, keep=3) for ts in range(1, 6)]
+    assert dropped == [0, 0, 0, 1, 1]  # over the cap, the oldest goes
+    held = journal.held_telemetry(10)
+    assert [s.ts for s in held] == [3, 4, 5] and held[0].payload == b'{"ts": 3}'
+    journal.release_telemetry(held[1].id)  # PUBACKs for the first two
+    journal.close()
+    reopened = Journal(tmp_path / "j.db")  # a restart keeps what is not acknowledged
+    assert [s.ts for s in reopened.held_telemetry(10)] == [5]
+    assert reopened.hold_telemetry(6, b"{}", keep=3) == 0
+    assert [s.ts for s in reopened.held_telemetry(10)] == [5, 6]  # order survives deletes
+    assert reopened.telemetry_backlog() == 2

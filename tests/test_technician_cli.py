@@ -148,6 +148,33 @@ def test_events_page_and_follow(cab: Cabinet) -> None:
         tech(cab, "bay", "enable", "11")
 
 
+def test_ctrl_c_ends_a_follow_started_with_sigint_ignored(cab: Cabinet) -> None:
+    # A shell starts a background job (`cmd &`) with SIGINT ignored and its children inherit
+    # that; exec keeps it, as here. A technician's script (or a test runner) started that way
+    # must still be able to end a follow with SIGINT.
+    ignore_then_exec = (
+        "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_IGN); "
+        "os.execv(sys.executable, [sys.executable, *sys.argv[1:]])"
+    )
+    follow = subprocess.Popen(
+        [sys.executable, "-c", ignore_then_exec, "-m", "cabinet.console.cli"]
+        + ["events", "--follow", "--json", "-c", str(cab.config)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=REPO,
+    )
+    try:
+        assert follow.stdout is not None
+        assert json.loads(follow.stdout.readline())["type"]  # following: history first
+        follow.send_signal(signal.SIGINT)
+        assert follow.wait(timeout=10) == 0
+    finally:
+        if follow.poll() is None:
+            follow.kill()
+            follow.wait()
+
+
 def test_bus_read_and_write_go_through_the_daemon(cab: Cabinet) -> None:
     read = tech_json(cab, "bus", "read", "2", "0", "3")
     assert read["registers"][0] == bay_map.MAP_VERSION  # the map version register

@@ -43,7 +43,8 @@ import structlog
 from cabinet.core.custody import Where
 from cabinet.core.swap_machine import Mode, Phase, TimerExpired
 from cabinet.daemon.bus_scheduler import BusScheduler, Priority
-from cabinet.daemon.controller import CabinetController, Clock
+from cabinet.daemon.clock import Clock
+from cabinet.daemon.controller import CabinetController
 from cabinet.daemon.fleet_link import FleetLink
 from cabinet.daemon.journal import Journal
 from drivers import modbus_bus
@@ -193,8 +194,11 @@ class VirtualCabinet:
         self._phase_since: tuple[str, Phase, float] = ("", Phase.IDLE, 0.0)
 
     def _controller(self) -> CabinetController:
-        bus = ModbusBus(parse_endpoint("tcp://127.0.0.1:9"), clock=self.clock)
-        bus._client = DirectClient(self.world, self.rng)  # type: ignore[assignment]
+        bus = ModbusBus(
+            parse_endpoint("tcp://127.0.0.1:9"),  # never opened: the simulated world answers
+            clock=self.clock,
+            client=DirectClient(self.world, self.rng),
+        )
         return CabinetController(
             cabinet_id="cab-virtual",
             journal=Journal(self.journal_path),
@@ -214,14 +218,14 @@ class VirtualCabinet:
     async def daemon_step(self) -> None:
         """What the daemon's tasks do within one step of virtual time."""
         c = self.controller
-        await c._heartbeat()
+        await c.poller.heartbeat()
         for bay in BAY_UNITS:
-            await c._read_bay(bay, Priority.ROUTINE)
-        await c._read_cabinet()
-        await c._apply_charging()
+            await c.poller.read_bay(bay, Priority.ROUTINE)
+        await c.poller.read_cabinet()
+        await c.poller.apply_charging()
         due = [t for t, deadline in c.timers.items() if deadline <= self.clock.t]
         if due:
-            c._feed([TimerExpired(t) for t in due])
+            c.feed([TimerExpired(t) for t in due])
         await c.drain()
 
     async def crash(self) -> None:

@@ -14,7 +14,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import signal
 import sys
+import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -34,6 +36,7 @@ from cabinet.daemon.config import (
     DEFAULT_CONFIG_PATH,
     BusSection,
     ConfigError,
+    device_name_problems,
     load,
     load_section,
     secret_problems,
@@ -181,18 +184,23 @@ def _config_check(args: argparse.Namespace) -> int:
             print(f"{len(exc.problems)} problem(s) in {args.config}")
         return EXIT_PROBLEM
     warnings = secret_problems(config, Path(args.config))
+    # advice, not a failure: the cabinet works with /dev/ttyUSB0 until the names move
+    unstable = device_name_problems(config)
     if args.json:
         print_json(
             {
                 "ok": not warnings,
                 "problems": [],
                 "warnings": [{"key": k, "message": m} for k, m in warnings],
+                "unstable_device_names": [{"key": k, "message": m} for k, m in unstable],
                 "cabinet_id": config.cabinet.id,
             }
         )
     else:
         for key, message in warnings:
             print(f"warning: {key}: {message}")
+        for key, message in unstable:
+            print(f"note: {key}: {message}")
         print(f"{args.config}: valid (cabinet {config.cabinet.id})", end="")
         print(f", {len(warnings)} warning(s)" if warnings else "")
     return EXIT_PROBLEM if warnings else EXIT_OK
@@ -335,7 +343,7 @@ def _config_arg(parser: argparse.ArgumentParser) -> None:
 def _add_bus_target(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--bus",
-        help="bus URL (tcp://host:port or serial:///dev/...); "
+        help="bus URL (tcp://host:port, modbus-tcp://host:port or serial:///dev/...); "
         "default: bus.url from the config file",
     )
     _config_arg(parser)
@@ -347,7 +355,11 @@ def _add_sim_parser(commands: Any) -> None:
     # Defaults live in sim.runner.SimOptions; the parser must not import sim, because the
     # daemon (`cabinet run`) builds this same parser and never loads the simulator.
     sim = commands.add_parser("sim", help="run the hardware simulator, or act on one (ctl)")
-    sim.add_argument("--bus", help="tcp://host:port or pty:///path (default tcp://127.0.0.1:5020)")
+    sim.add_argument(
+        "--bus",
+        help="tcp://host:port, modbus-tcp://host:port or pty:///path "
+        "(default tcp://127.0.0.1:5020)",
+    )
     sim.add_argument(
         "--scanner", help="tcp://host:port or pty:///path (default tcp://127.0.0.1:5022)"
     )
@@ -532,8 +544,21 @@ def _run(handler: Callable[[argparse.Namespace], Any], args: argparse.Namespace)
     return int(result)
 
 
+def _default_ctrl_c() -> None:
+    """Ctrl-C (SIGINT) ends a follow or a live view even when we were started with it ignored.
+
+    A shell starts a background job (``&``) with SIGINT ignored, its children inherit that,
+    and Python then never raises KeyboardInterrupt: ``cabinet events --follow`` started from
+    such a job (a script, a test runner in the background) could not be stopped by SIGINT.
+    Only the main thread may set a handler (tests call ``main`` on threads of their own).
+    """
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``cabinet`` console script."""
+    _default_ctrl_c()
     argv = sys.argv[1:] if argv is None else list(argv)
     args = _parser_for(argv).parse_args(argv)
     # Diagnostics print their findings; the bus log lines would only repeat them.

@@ -12,13 +12,22 @@ import os
 import re
 import stat
 import tomllib
+import urllib.parse
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from drivers.bus_url import BusUrlError, parse_endpoint
+from drivers.bus_url import (
+    BusUrlError,
+    InputDeviceEndpoint,
+    ScannerEndpoint,
+    SerialEndpoint,
+    parse_endpoint,
+    parse_scanner_endpoint,
+    unstable_device_name,
+)
 
 DEFAULT_CONFIG_PATH = Path("/etc/cabinet/cabinet.toml")
 ENV_PREFIX = "CABINET_"
@@ -63,7 +72,7 @@ class CabinetSection(_Section):
 
 
 class BusSection(_Section):
-    """``[bus]``: the RS-485 line (or RTU-over-TCP gateway) and how patient to be with it."""
+    """``[bus]``: the RS-485 line (or a TCP gateway: RTU over TCP, Modbus/TCP) and its patience."""
 
     url: str
     timeout_ms: int = Field(default=250, ge=20, le=2000)
@@ -79,7 +88,7 @@ class BusSection(_Section):
 
 
 class ScannerSection(_Section):
-    """``[scanner]``: the QR scanner's serial port or TCP stream."""
+    """``[scanner]``: the QR scanner's serial port, TCP stream or input device (USB keyboard)."""
 
     url: str | None = None
     #: refused scans journaled one by one per minute; the rest are counted into one
@@ -89,7 +98,13 @@ class ScannerSection(_Section):
     @field_validator("url")
     @classmethod
     def _check(cls, value: str | None) -> str | None:
-        return None if value is None else _endpoint_url(value)
+        if value is None:
+            return None
+        try:
+            parse_scanner_endpoint(value)
+        except BusUrlError as exc:
+            raise ValueError(str(exc)) from exc
+        return value
 
 
 class MqttSection(_Section):
@@ -102,6 +117,9 @@ class MqttSection(_Section):
     client_cert: Path | None = None
     client_key: Path | None = None
     telemetry_interval_s: float = Field(default=60.0, ge=5.0, le=3600.0)
+    #: telemetry held while the broker is away, as time at ``telemetry_interval_s`` (an
+    #: hour: 60 samples at 60 s, ~70 KB); the oldest go first. A day is the most kept.
+    telemetry_backlog_s: float = Field(default=3600.0, ge=0.0, le=86400.0)
 
 
 class AuthSection(_Section):
@@ -145,6 +163,27 @@ class FirmwareSection(_Section):
     #: ``cmd/firmware.update`` by path: only regular files in here; default
     #: ``<state_dir>/firmware`` (a path names a FIFO or a device just as easily)
     image_dir: Path | None = None
+    #: ``cmd/firmware.update`` by URL: the only hosts (``host`` or ``host:port``) the
+    #: cabinet downloads from, redirects included; empty (the default): URLs are refused
+    allowed_hosts: list[str] = Field(default_factory=list)
+    #: the whole download (connect, redirects, body) must finish within this
+    download_timeout_s: float = Field(default=120.0, ge=1.0, le=3600.0)
+
+    @field_validator("allowed_hosts")
+    @classmethod
+    def _hosts(cls, value: list[str]) -> list[str]:
+        """``host`` or ``host:port``, stored lower-case: what a URL's host is compared with."""
+        normalised = []
+        for entry in value:
+            parts = urllib.parse.urlsplit(f"//{entry.strip()}")
+            try:
+                _ = parts.port  # raises on a port that is not a number in 0-65535
+            except ValueError:
+                raise ValueError(f"{entry!r}: bad port") from None
+            if not parts.hostname or parts.path or parts.query or parts.username is not None:
+                raise ValueError(f"{entry!r} is not a host or host:port (no scheme, no path)")
+            normalised.append(entry.strip().lower())
+        return normalised
 
 
 class SwapSection(_Section):
@@ -296,4 +335,33 @@ def secret_problems(config: CabinetConfig, path: Path) -> list[tuple[str, str]]:
         problems.append(
             ("mqtt.client_key", f"{mqtt.client_key} is world-readable (chmod 600 or 640)")
         )
+    return problems
+
+
+def device_name_problems(config: CabinetConfig) -> list[tuple[str, str]]:
+    """Device paths the kernel numbers in plugging order (``/dev/ttyUSB0``, ``eventN``).
+
+    Not fatal (the cabinet works today), but after a reboot or a replug the RS-485
+    adapter and a USB-serial scanner can swap names, and the daemon then talks Modbus to
+    the scanner. ``/dev/serial/by-id/`` and ``/dev/input/by-id/`` names stay put.
+    """
+    problems = []
+    endpoints: list[tuple[str, ScannerEndpoint]] = [("bus.url", parse_endpoint(config.bus.url))]
+    if config.scanner.url is not None:
+        endpoints.append(("scanner.url", parse_scanner_endpoint(config.scanner.url)))
+    for key, endpoint in endpoints:
+        if isinstance(endpoint, InputDeviceEndpoint):
+            stable = "/dev/input/by-id/"
+        elif isinstance(endpoint, SerialEndpoint):
+            stable = "/dev/serial/by-id/"
+        else:
+            continue
+        if unstable_device_name(endpoint.path):
+            problems.append(
+                (
+                    key,
+                    f"{endpoint.path} is numbered in plugging order and can change across "
+                    f"boots: use its stable name under {stable} (ls -l {stable})",
+                )
+            )
     return problems

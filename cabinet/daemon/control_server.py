@@ -390,9 +390,8 @@ class ControlServer:
             await c.scheduler.submit(Priority.ROUTINE, job)
         except BusError as exc:
             raise RequestError("bus_error", str(exc)) from None
-        with c.journal.transaction() as db:  # a raw write can open a door: leave a trace
-            c.emit(
-                db,
+        c.record(  # a raw write can open a door: leave a trace
+            (
                 "bus.written",
                 {
                     "unit": parsed.unit,
@@ -401,6 +400,7 @@ class ControlServer:
                     "by": "technician",
                 },
             )
+        )
         return {"unit": parsed.unit, "address": parsed.address, "written": parsed.values}
 
 

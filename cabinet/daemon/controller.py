@@ -1,24 +1,26 @@
-"""The cabinet controller: the daemon's runtime around the sans-I/O decisions.
+"""The cabinet controller: decides, journals first, and hands the bus work to the poller.
 
-Theory of operation: the poller reads one bay at a time through the bus
-scheduler and turns each report into a snapshot; ``bay_tracker.diff`` turns
-snapshot changes into events for the swap machine; the machine's commands are
-committed to the journal in one transaction *with* the new snapshot baseline,
-custody moves and events, and only then carried out (doors unlocked, timers
-armed). Safety interlocks and the charging policy see every reading too.
+Theory of operation: the controller holds the cabinet's picture (session, bay
+snapshots, custody, interlocks, which units answer) and never touches the bus.
+The bay poller (``bay_poller``) reads the boards and hands each reading to
+``observe_bay``: ``bay_tracker.diff`` turns snapshot changes into events for the
+swap machine; the machine's commands are committed to the journal in one
+transaction *with* the new snapshot baseline, custody moves and events, and only
+then carried out — bus commands (``bus_commands``: doors, safety writes) go back
+to the poller, timers are armed here. Safety interlocks and the charging policy
+see every reading too. Everything else that writes the journal (the fleet link,
+the control server, the firmware service) goes through one door, ``record``.
 
-A reading that fails is stale, not news: the last snapshot stands until the bus
-isolates the unit (a few consecutive failures), and only then is the bay
-reported offline (``bay.offline``/``unit.offline`` once, an alarm after
-``offline_alarm_s``, see ``unit_presence``). A charger-off or contactor-open is
-done only once reading the board back confirms it; until then it is re-sent at
-safety priority and ``safety_write_failed`` stands. After a restart, ``recover``
-diffs the journaled baseline against fresh readings before any door is opened,
-keeps the session's journaled deadlines but gives the rider at least
-``RECOVERY_GRACE_S`` (they waited for the reboot too) — never a full new
-timeout, or a daemon restarting in a loop would keep an abandoned session, and
-the cabinet, busy forever — and re-sends an unlock whose door was never seen to
-open.
+A bay whose unit the bus isolated is reported offline (``bay.offline``/
+``unit.offline`` once, an alarm after ``offline_alarm_s``, see
+``unit_presence``). A charger-off or contactor-open is carried out even when the
+journal cannot record it (``safety_writes``: done once a read-back confirms it).
+After a restart, ``recover`` diffs the journaled baseline against fresh readings
+before any door is opened, keeps the session's journaled deadlines but gives the
+rider at least ``RECOVERY_GRACE_S`` (they waited for the reboot too) — never a
+full new timeout, or a daemon restarting in a loop would keep an abandoned
+session, and the cabinet, busy forever — and re-sends an unlock whose door was
+never seen to open.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import contextlib
 import copy
 import sqlite3
 import uuid
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Coroutine, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -37,7 +39,7 @@ import structlog
 
 from cabinet import __version__
 from cabinet.core.battery_rules import DispenseRules, rank_dispensable
-from cabinet.core.bay_tracker import OFFLINE, BaySnapshot, diff, snapshot_from_status
+from cabinet.core.bay_tracker import BaySnapshot, diff
 from cabinet.core.charging_policy import BayChargeView, ChargingRules, plan
 from cabinet.core.safety import (
     AbortSession,
@@ -63,7 +65,6 @@ from cabinet.core.swap_machine import (
     DispensableNow,
     Emit,
     Event,
-    LockJammed,
     MarkBayFaulty,
     Mode,
     Phase,
@@ -78,54 +79,35 @@ from cabinet.core.swap_machine import (
     Unlock,
 )
 from cabinet.core.unit_presence import DEFAULT_OFFLINE_ALARM_S, PresenceEvent, UnitPresence
-from cabinet.daemon.bus_scheduler import BusScheduler, Priority
+from cabinet.daemon.bay_poller import (
+    MIN_POLL_CYCLE_S,  # noqa: F401 - its old home
+    BayPoller,
+)
+from cabinet.daemon.bus_commands import BusCommand, MakeSafe, OperatorUnlock, SafetyTarget
+from cabinet.daemon.bus_scheduler import BusScheduler
 from cabinet.daemon.clock import (
     Clock,
     SystemClock,
 )  # one clock for the daemon (cabinet/daemon/clock.py)
 from cabinet.daemon.display.challenges import ChallengeBook
 from cabinet.daemon.journal import Journal, JournalError
-from drivers.boards import BayBoard, CabinetBoard, EnergyMeter
-from drivers.modbus_bus import (
-    HEARTBEAT_FAILSAFE_EXCEPTION,
-    BusError,
-    BusUnavailableError,
-    ExceptionReplyError,
-    ModbusBus,
-    UnitIsolatedError,
-)
-from protocol import bay_map
+from cabinet.daemon.safety_writes import SafetyWrite
+from drivers.modbus_bus import BusUnavailableError
 from protocol.cabinet_map import CabinetStatus
-from protocol.errors import ProtocolError, UnknownMapVersionError
 from protocol.meter_map import MeterReading
-from protocol.units import BAY_UNITS, CABINET_BOARD_UNIT, ENERGY_METER_UNIT
+from protocol.units import BAY_UNITS
 
 log = structlog.get_logger("controller")
 
-# A bay board in heartbeat fail-safe refuses an unlock with 0x06 (busy: retry after a
-# heartbeat); 0x04 (device failure) is a failing board. Rule in docs/hardware.md.
-HEARTBEAT_FAILSAFE_CODE = HEARTBEAT_FAILSAFE_EXCEPTION
-HOT_BAY_INTERVAL_S = 0.1  # a session's bay is re-read this often: a door seen open within ~0.1 s
-HEARTBEAT_INTERVAL_S = 1.0  # five per board timeout: one lost broadcast never trips a board
-CHARGER_REFRESH_S = 60.0  # re-send unchanged charger settings: a rebooted board forgets them
-METER_INTERVAL_S = 10.0
 #: After a restart a running timer gets at least this long: the rider waited for the
 #: reboot. Found by the virtual fault campaign (seed 2): full re-arming on every restart
 #: let a crash-looping daemon keep a walked-away session open forever.
 RECOVERY_GRACE_S = 15.0
 PENDING_PICKUPS = "pending_pickups"
-#: A poll cycle never starts sooner than this after the previous one started. A healthy
-#: cycle takes longer anyway (12 bays + cabinet board: ~0.1 s of wire at 115200 baud,
-#: ~0.9 s at 9600); this only bites when every call fails at once (adapter gone, every
-#: unit isolated), where it caps the poller at 4 cycles a second instead of a busy loop.
-MIN_POLL_CYCLE_S = 0.25
-#: Pauses between tries of an unconfirmed safety write: quick at first (one lost frame),
-#: then once a second for as long as it takes — never a busy loop on a dead board.
-SAFETY_RETRY_S = (0.2, 0.4, 0.8, 1.0)
-#: Pauses between attempts to reopen a lost adapter or gateway.
-BUS_REOPEN_S = (0.5, 1.0, 2.0, 5.0, 10.0)
 DEFAULT_SILENCE_UNHEALTHY_S = 30.0  # ten heartbeat timeouts: no unit answering is not a blip
 UNITS_OFFLINE = "units_offline"
+#: One event for ``record``: its type and payload.
+EventRecord = tuple[str, dict[str, Any]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -159,21 +141,6 @@ def _material(snapshot: BaySnapshot) -> tuple[Any, ...]:
 RESERVATION_PHASES = frozenset(
     {Phase.OPENING_RETURN, Phase.AWAITING_DEPOSIT, Phase.OPENING_DISPENSE}
 )
-
-#: A safety write's target: ("charger", bay) or ("contactor", None).
-SafetyTarget = tuple[str, int | None]
-
-
-@dataclass(slots=True)
-class SafetyWrite:
-    """A charger-off or contactor-open not yet confirmed by reading the board back."""
-
-    target: SafetyTarget
-    due: float  # monotonic: the next try
-    tries: int = 0
-    busy: bool = False  # a try is on the bus now
-    alarmed: bool = False  # its ``safety_write_failed`` alarm is journaled
-    error: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -239,30 +206,28 @@ class CabinetController:
         self._event_tick = asyncio.Event()  # replaced on every event: wakes every follower
         self.maintenance: str | None = None  # a technician's self-test holds off sessions
         self.last_cycle_at: float | None = None  # monotonic end of the last full poll cycle
-        self._last_read: dict[int, float] = {}
-        self._commanded: dict[int, tuple[bool, float, float]] = {}
-        self._heartbeat_counter = 0
-        self._last_meter = float("-inf")
         self.meter: MeterReading | None = None
         self.cabinet_status: CabinetStatus | None = None
         self._pending: set[asyncio.Task[None]] = set()
-        self.on_unlock_sent: Callable[[int], None] | None = None  # for latency measurement
         self.journal_alarm: str | None = None  # why the journal cannot be written (an alarm)
-        # -- bus truth: who answers, which safety writes are unconfirmed, is the bus there
+        # -- bus truth: who answers, is the bus there (the poller reports, this journals)
         self.presence = UnitPresence.from_json(
             journal.setting(UNITS_OFFLINE),
             offline_alarm_s=self.settings.offline_alarm_s,
             now=self.clock.monotonic(),
             wall=self.clock.wall(),
         )
-        self.safety_writes: dict[SafetyTarget, SafetyWrite] = {}
-        self._safety_wakeup = asyncio.Event()
-        self.last_answer_at = self.clock.monotonic()  # a unit answered (any unit, any call)
-        self._answers_seen = 0
         self.bus_lost: BusOutage | None = None
-        self._heartbeat_failing = False
         self.poll_cycles = 0
         self._journal_alarm_stored = False  # its alarm.raised made it into the journal
+        # the hands and eyes: reads the boards into observe_bay and carries out bus
+        # commands; its background I/O is spawned here (late-bound: tests replace _spawn)
+        self.poller = BayPoller(self, scheduler, spawn=lambda coro: self._spawn(coro))  # noqa: PLW0108
+
+    @property
+    def safety_writes(self) -> dict[SafetyTarget, SafetyWrite]:
+        """The safety writes not yet confirmed by a read-back (the poller re-tries them)."""
+        return self.poller.safety.writes
 
     # -- the journal-first step --------------------------------------------------------------
 
@@ -270,12 +235,33 @@ class CabinetController:
         return int(self.clock.wall() * 1000)
 
     def emit(self, db: sqlite3.Connection, type_: str, payload: dict[str, Any]) -> None:
-        """Append an event to the outbox (inside the caller's transaction)."""
+        """Append an event to the outbox inside the controller's own transaction.
+
+        Callers outside the controller use ``record`` (the one door) instead.
+        """
         event = self.journal.add_event(db, type_, payload, self._ts_ms())
         self.changed.set()
         self._event_tick.set()
         self._event_tick = asyncio.Event()
         log.info("event", **{k: v for k, v in event.items() if k not in {"ts"}})
+
+    def record(
+        self,
+        *events: EventRecord,
+        change: Callable[[sqlite3.Connection], None] | None = None,
+    ) -> None:
+        """The one door for writes outside the journal-first step: events, journaled first.
+
+        ``events`` (and ``change``, a write of state that goes with them) are committed
+        in one transaction with the controller's memory rolled back if it fails (see
+        ``_committing``); raises ``JournalError`` when the journal cannot take them.
+        Inside an enclosing transaction (a fleet command) they share its fate.
+        """
+        with self._committing() as db:
+            for type_, payload in events:
+                self.emit(db, type_, payload)
+            if change is not None:
+                change(db)
 
     async def next_event(self) -> None:
         """Return once another event has been journaled (for ``cabinet events --follow``)."""
@@ -456,19 +442,20 @@ class CabinetController:
         self.journal.set_service(db, bay, in_service=False, reason=reason)
         self.emit(db, "bay.disabled", {"bay": bay, "reason": reason, "by": "controller"})
 
-    def _feed(self, events: Iterable[Event]) -> None:
+    def feed(self, events: Iterable[Event]) -> None:
+        """Step the machine through ``events``, journal first, then carry out the bus work."""
         io: list[Command] = []
         with self._committing() as db:
             for event in events:
                 self._step(db, event, io)
         self._carry_out(io)
 
-    def _carry_out(self, io: list[Command]) -> None:
-        for command in io:
-            if isinstance(command, Unlock):
-                self._spawn(self._unlock(command.bay))
+    def _carry_out(self, io: Sequence[Command | BusCommand]) -> None:
+        """Hand the journaled decisions' bus commands to the poller."""
+        self.poller.carry_out([c for c in io if isinstance(c, Unlock | OperatorUnlock | MakeSafe)])
 
-    def _spawn(self, coro: Any) -> None:
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        """Run bus I/O in the background, tracked for ``drain`` and logged if it fails."""
         task = asyncio.get_running_loop().create_task(coro)
         self._pending.add(task)
         task.add_done_callback(self._task_done)
@@ -479,48 +466,7 @@ class CabinetController:
             exc = task.exception()
             log.error("background_action_failed", error=f"{type(exc).__name__}: {exc}")
 
-    async def _unlock(self, bay: int) -> None:
-        session_id = self.state.session_id
-
-        async def unlock_if_still_wanted(bus: ModbusBus) -> bool:
-            # Checked when the frame is about to go out, not when it was queued: a session
-            # aborted meanwhile (smoke) must not have a door open after the fact.
-            if self.state.session_id != session_id or bay not in self._hot_bays():
-                return False
-            await BayBoard(bus, bay).unlock()
-            return True
-
-        try:
-            try:
-                sent = await self.scheduler.submit(Priority.UNLOCK, unlock_if_still_wanted)
-            except ExceptionReplyError as exc:
-                if exc.code != HEARTBEAT_FAILSAFE_CODE:
-                    raise
-                # the board is in heartbeat fail-safe, not jammed: heartbeat, then once more
-                await self._heartbeat(Priority.UNLOCK)
-                sent = await self.scheduler.submit(Priority.UNLOCK, unlock_if_still_wanted)
-        except ExceptionReplyError as exc:
-            failsafe = exc.code == HEARTBEAT_FAILSAFE_CODE
-            log.warning(
-                "unlock_refused",
-                bay=bay,
-                error=str(exc),
-                cause="heartbeat fail-safe" if failsafe else "board failure",
-            )
-            if not failsafe:
-                self._feed([LockJammed(bay)])
-            return
-        except BusError as exc:
-            log.warning("unlock_failed", bay=bay, error=str(exc))
-            return  # the unlock timer will notice the door never opened
-        if not sent:
-            log.info("unlock_dropped", bay=bay, reason="session no longer wants this door")
-            return
-        if self.on_unlock_sent is not None:
-            self.on_unlock_sent(bay)
-        await self._read_bay(bay, Priority.ACTIVE)
-
-    # -- observations -------------------------------------------------------------------------
+    # -- observations: the poller hands every reading in --------------------------------------
 
     def _moves_machine(self, events: list[Event]) -> bool:
         """Whether ``events`` would change the session or make it act (a pure dry run)."""
@@ -616,62 +562,21 @@ class CabinetController:
     def _safety_io(self, actions: list[SafetyAction]) -> None:
         for action in actions:
             if isinstance(action, ChargerOff):
-                self._make_safe(("charger", action.bay))
+                self._carry_out([MakeSafe(("charger", action.bay))])
             elif isinstance(action, AllChargersOff):
-                for bay in BAY_UNITS:
-                    self._make_safe(("charger", bay))
+                self._carry_out([MakeSafe(("charger", bay)) for bay in BAY_UNITS])
             elif isinstance(action, OpenContactor):
-                self._make_safe(("contactor", None))
+                self._carry_out([MakeSafe(("contactor", None))])
             elif isinstance(action, AbortSession) and self.state.phase is not Phase.IDLE:
-                self._feed([Abort(action.reason)])
+                self.feed([Abort(action.reason)])
 
-    async def refresh_bay(self, bay: int) -> BaySnapshot | None:
-        """Read ``bay`` now (ahead of routine polling); its snapshot, or None if unknown."""
-        await self._read_bay(bay, Priority.ACTIVE)
-        return self.snapshots.get(bay)
+    def observe_cabinet(self, status: CabinetStatus) -> bool:
+        """Take a cabinet board reading through the interlocks.
 
-    async def _read_bay(self, bay: int, priority: Priority) -> None:
-        self._last_read[bay] = self.clock.monotonic()
-        try:
-            status = await self.scheduler.submit(
-                priority, lambda bus: BayBoard(bus, bay).read_status()
-            )
-        except BusUnavailableError as exc:
-            self._bus_unavailable(exc)
-            return  # nobody was asked: the bay's picture is stale, not news
-        except UnitIsolatedError:
-            self._presence_silent(bay)
-            self.observe_bay(bay, OFFLINE)
-            return
-        except UnknownMapVersionError as exc:
-            self._presence_answered(bay)
-            with self._committing() as db:
-                self._take_out_of_service(db, bay, str(exc))
-            return
-        except (BusError, ProtocolError):
-            if self.scheduler.bus.is_isolated(bay):
-                self._presence_silent(bay)
-                self.observe_bay(bay, OFFLINE)
-            return  # stale: the last snapshot stands until the unit is isolated
-        self._presence_answered(bay)
-        try:
-            self.observe_bay(bay, snapshot_from_status(status))
-        except JournalError:
-            return  # not recorded, so not acted on: the next reading retries (journal.py logs it)
-
-    async def _read_cabinet(self) -> None:
-        try:
-            status = await self.scheduler.submit(
-                Priority.ROUTINE, lambda bus: CabinetBoard(bus).read_status()
-            )
-        except BusUnavailableError as exc:
-            self._bus_unavailable(exc)
-            return
-        except (BusError, ProtocolError):
-            if self.scheduler.bus.is_isolated(CABINET_BOARD_UNIT):
-                self._presence_silent(CABINET_BOARD_UNIT)
-            return
-        self._presence_answered(CABINET_BOARD_UNIT)
+        Returns whether the contactor should be closed now (the poller writes it; the
+        next reading checks it). One that should be open but reads closed is this
+        reading's read-back: its confirmed opening is started here.
+        """
         self.cabinet_status = status
         actions = self.safety.observe_cabinet(
             smoke=status.smoke, mains_present=status.mains_present
@@ -681,35 +586,19 @@ class CabinetController:
                 self._safety_journal(db, actions)
             self._safety_io(actions)
         want_closed = not self.safety.smoke and not self.safety.mains_lost
-        if status.contactor_closed != want_closed:
-            if want_closed:
-                await self._contactor(closed=True, priority=Priority.ROUTINE)
-            else:  # this reading is the read-back: the contactor is still closed
-                self._make_safe(("contactor", None))
+        if status.contactor_closed == want_closed:
+            return False
+        if not want_closed:
+            self._carry_out([MakeSafe(("contactor", None))])
+        return want_closed
 
-    async def _contactor(self, *, closed: bool, priority: Priority) -> None:
-        """Close the contactor (routine: the next cabinet reading checks it)."""
-        try:
-            await self.scheduler.submit(
-                priority, lambda bus: CabinetBoard(bus).set_contactor(closed=closed)
-            )
-        except BusError as exc:
-            log.info("contactor_write_failed", closed=closed, error=str(exc))
+    def board_unreadable(self, bay: int, reason: str) -> None:
+        """A bay board answers with a register map this daemon cannot read: out of service."""
+        with self._committing() as db:
+            self._take_out_of_service(db, bay, reason)
 
-    async def _charger(self, bay: int, amps: float, priority: Priority) -> None:
-        enabled = amps > 0.0
-        try:
-            await self.scheduler.submit(
-                priority,
-                lambda bus: BayBoard(bus, bay).set_charger(enabled=enabled, current_limit_a=amps),
-            )
-        except BusError as exc:
-            log.debug("charger_write_failed", bay=bay, error=str(exc))
-            self._commanded.pop(bay, None)
-            return
-        self._commanded[bay] = (enabled, amps, self.clock.monotonic())
-
-    async def _apply_charging(self) -> None:
+    def charging_plan(self) -> dict[int, float]:
+        """The charging current for every answering bay (the poller writes it)."""
         views = {
             bay: BayChargeView(
                 snap, bay not in self.out_of_service, self.safety.charging_allowed(bay)
@@ -717,40 +606,18 @@ class CabinetController:
             for bay, snap in self.snapshots.items()
             if snap.online
         }
-        now = self.clock.monotonic()
-        for bay, amps in plan(views, self.settings.charging).items():
-            last = self._commanded.get(bay)
-            if (
-                last is None
-                or (last[0], last[1]) != (amps > 0, amps)
-                or (now - last[2] > CHARGER_REFRESH_S)
-            ):
-                await self._charger(bay, amps, Priority.ROUTINE)
+        return plan(views, self.settings.charging)
 
-    async def _heartbeat(self, priority: Priority = Priority.ACTIVE) -> None:
-        self._heartbeat_counter = (self._heartbeat_counter + 1) & 0xFFFF
-        counter = self._heartbeat_counter
-        try:
-            await self.scheduler.submit(
-                priority,
-                lambda bus: bus.broadcast_register(bay_map.CommandReg.HEARTBEAT, counter),
-            )
-        except BusError as exc:
-            if not self._heartbeat_failing:  # once per episode, not once a second
-                log.warning("heartbeat_failed", error=str(exc))
-            self._heartbeat_failing = True
-        else:
-            if self._heartbeat_failing:
-                log.info("heartbeat_sent_again")
-            self._heartbeat_failing = False
+    def safety_still_wanted(self, target: SafetyTarget) -> bool:
+        """Whether a charger-off or contactor-open is still required by the interlocks."""
+        kind, bay = target
+        if kind == "contactor":
+            return self.safety.smoke or self.safety.mains_lost
+        assert bay is not None
+        return not self.safety.charging_allowed(bay)
 
-    async def heartbeat_forever(self) -> None:
-        """Tell the boards we are alive, in a task of its own so a poller crash cannot stop it."""
-        while True:
-            await self._heartbeat()
-            await asyncio.sleep(HEARTBEAT_INTERVAL_S)
-
-    def _hot_bays(self) -> list[int]:
+    def hot_bays(self) -> list[int]:
+        """The bay whose door the session is using now (read often, unlocked if wanted)."""
         state = self.state
         if state.phase is Phase.IDLE:
             return []
@@ -760,40 +627,20 @@ class CabinetController:
             bay = state.return_bay
         return [bay] if bay is not None else []
 
-    async def _read_hot_bays(self) -> None:
-        for bay in self._hot_bays():
-            if self.clock.monotonic() - self._last_read.get(bay, 0.0) >= HOT_BAY_INTERVAL_S:
-                await self._read_bay(bay, Priority.ACTIVE)
-
-    async def _read_meter_if_due(self) -> None:
-        now = self.clock.monotonic()
-        if now - self._last_meter < METER_INTERVAL_S:
-            return
-        self._last_meter = now
-        try:
-            self.meter = await self.scheduler.submit(
-                Priority.ROUTINE, lambda bus: EnergyMeter(bus).read()
-            )
-        except BusUnavailableError as exc:
-            self._bus_unavailable(exc)
-            return
-        except (BusError, ProtocolError):
-            if self.scheduler.bus.is_isolated(ENERGY_METER_UNIT):
-                self._presence_silent(ENERGY_METER_UNIT)
-            return
-        self._presence_answered(ENERGY_METER_UNIT)
-
     # -- bus truth: who answers, and is the bus there at all --------------------------------
 
-    def _presence_answered(self, unit: int) -> None:
+    def unit_answered(self, unit: int) -> None:
+        """``unit`` answered the poller: back online if it was not."""
         now, wall = self.clock.monotonic(), self.clock.wall()
         self._journal_presence(lambda p: p.answered(unit, now=now, wall=wall))
 
-    def _presence_silent(self, unit: int) -> None:
+    def unit_silent(self, unit: int) -> None:
+        """The bus isolated ``unit`` after repeated silence."""
         now, wall = self.clock.monotonic(), self.clock.wall()
         self._journal_presence(lambda p: p.silent(unit, now=now, wall=wall))
 
-    def _presence_alarms_due(self) -> None:
+    def presence_alarms_due(self) -> None:
+        """Raise the alarms of units silent for ``offline_alarm_s`` (once a poll cycle)."""
         now = self.clock.monotonic()
         self._journal_presence(lambda p: p.due(now))
 
@@ -809,10 +656,10 @@ class CabinetController:
             self.presence = presence
             return
         try:
-            with self._committing() as db:
-                for event in events:
-                    self.emit(db, event.type, event.data)
-                self.journal.put_setting(db, UNITS_OFFLINE, presence.as_json())
+            self.record(
+                *((event.type, event.data) for event in events),
+                change=lambda db: self.journal.put_setting(db, UNITS_OFFLINE, presence.as_json()),
+            )
         except JournalError:
             return  # journal_unwritable is its own alarm; the log has the event lines
         self.presence = presence
@@ -820,176 +667,29 @@ class CabinetController:
             level = log.info if event.type.endswith("online") else log.warning
             level("unit_presence", type=event.type, **event.data)
 
-    def unit_silence_s(self) -> float:
-        """Seconds since any unit last answered anything (a read, a write, an exception)."""
-        answers = sum(stats.ok for stats in self.scheduler.bus.stats.values())
-        if answers != self._answers_seen:
-            self._answers_seen = answers
-            self.last_answer_at = self.clock.monotonic()
-        return self.clock.monotonic() - self.last_answer_at
-
-    def _bus_unavailable(self, exc: BusUnavailableError) -> None:
+    def bus_unavailable(self, exc: BusUnavailableError) -> None:
         """The adapter or gateway is gone: news once; the poller reopens it."""
         if self.bus_lost is not None:
             return
         self.bus_lost = BusOutage(str(exc), self.clock.monotonic(), self.clock.wall())
         log.error("bus_lost", error=str(exc))
-        try:
-            with self._committing() as db:
-                self.emit(db, "bus.lost", {"error": str(exc)})
-        except JournalError:
-            pass
+        with contextlib.suppress(JournalError):
+            self.record(("bus.lost", {"error": str(exc)}))
 
-    async def _reopen_bus(self) -> None:
-        """Reopen the adapter with back-off until it opens, then say how long it was gone."""
-        tries = 0
-        while True:
-            await asyncio.sleep(BUS_REOPEN_S[min(tries, len(BUS_REOPEN_S) - 1)])
-            tries += 1
-            try:
-                await self.scheduler.submit(Priority.SAFETY, _reopen)
-            except BusUnavailableError as exc:
-                if tries == 1:
-                    log.warning("bus_reopen_failing", error=str(exc))
-                continue
-            break
+    def bus_restored(self, tries: int) -> None:
+        """The poller reopened the adapter: say how long it was gone."""
         lost, self.bus_lost = self.bus_lost, None
         assert lost is not None
         outage_s = round(self.clock.wall() - lost.since_wall, 1)
         log.info("bus_restored", outage_s=outage_s, tries=tries)
-        try:
-            with self._committing() as db:
-                self.emit(db, "bus.restored", {"outage_s": outage_s})
-        except JournalError:
-            pass
+        with contextlib.suppress(JournalError):
+            self.record(("bus.restored", {"outage_s": outage_s}))
 
-    # -- safety writes: confirmed by reading the board back -----------------------------------
-
-    def _make_safe(self, target: SafetyTarget) -> None:
-        """Charger off / contactor open, now, and again until a read-back confirms it."""
-        write = self.safety_writes.get(target)
-        if write is None:
-            write = self.safety_writes[target] = SafetyWrite(target, due=self.clock.monotonic())
-        if write.due <= self.clock.monotonic():  # else its back-off is running
-            self._spawn(self._try_safety_write(target))
-
-    def _safety_still_wanted(self, target: SafetyTarget) -> bool:
-        kind, bay = target
-        if kind == "contactor":
-            return self.safety.smoke or self.safety.mains_lost
-        assert bay is not None
-        return not self.safety.charging_allowed(bay)
-
-    async def _try_safety_write(self, target: SafetyTarget) -> None:
-        """One try: the write at SAFETY priority, then the read-back that confirms it."""
-        write = self.safety_writes.get(target)
-        if write is None or write.busy:
-            return
-        write.busy = True
-        try:
-            if not self._safety_still_wanted(target):
-                self._safety_settled(write, "no longer required")
-                return
-            error = await self._safety_attempt(target)
-        finally:
-            write.busy = False
-        if error is None:
-            self._safety_settled(write, "confirmed by read-back")
-            return
-        write.tries += 1
-        write.error = error
-        pause = SAFETY_RETRY_S[min(write.tries - 1, len(SAFETY_RETRY_S) - 1)]
-        write.due = self.clock.monotonic() + pause
-        self._safety_wakeup.set()
-        if not write.alarmed:
-            what = "charger off" if target[0] == "charger" else "main contactor open"
-            log.error("safety_write_failed", target=target[0], bay=target[1], error=error)
-            write.alarmed = self._safety_alarm(
-                write, active=True, detail=f"{what} not confirmed: {error}"
-            )
-
-    async def _safety_attempt(self, target: SafetyTarget) -> str | None:
-        """Write and read back; None if confirmed, else why not."""
-        kind, bay = target
-        problem: str | None = None
-        try:
-            if kind == "charger":
-                assert bay is not None
-                await self.scheduler.submit(
-                    Priority.SAFETY,
-                    lambda bus: BayBoard(bus, bay).set_charger(enabled=False, current_limit_a=0.0),
-                )
-            else:
-                await self.scheduler.submit(
-                    Priority.SAFETY, lambda bus: CabinetBoard(bus).set_contactor(closed=False)
-                )
-        except BusError as exc:  # the reply may be lost while the write landed: read back
-            problem = f"write failed: {exc}"
-        try:
-            if kind == "charger":
-                assert bay is not None
-                regs = await self.scheduler.submit(
-                    Priority.SAFETY,
-                    lambda bus: bus.read_holding(bay, bay_map.CommandReg.CHARGER_ENABLE, 1),
-                )
-                still_on = bool(regs[0])
-            else:
-                status = await self.scheduler.submit(
-                    Priority.SAFETY, lambda bus: CabinetBoard(bus).read_status()
-                )
-                still_on = status.contactor_closed
-        except (BusError, ProtocolError) as exc:
-            return f"{problem}; read-back failed: {exc}" if problem else f"read-back failed: {exc}"
-        if still_on:
-            board = "the board" if kind == "charger" else "the cabinet board"
-            return f"{board} still reads {'charger enabled' if kind == 'charger' else 'closed'}"
-        if kind == "charger":
-            assert bay is not None
-            self._commanded[bay] = (False, 0.0, self.clock.monotonic())
-        return None
-
-    def _safety_settled(self, write: SafetyWrite, how: str) -> None:
-        if write.alarmed and not self._safety_alarm(write, active=False, detail=how):
-            write.due = self.clock.monotonic() + SAFETY_RETRY_S[-1]  # cleared on a later try
-            return
-        self.safety_writes.pop(write.target, None)
-        if write.tries:
-            log.info("safety_write_settled", target=write.target[0], bay=write.target[1], how=how)
-
-    def _safety_alarm(self, write: SafetyWrite, *, active: bool, detail: str) -> bool:
-        try:
-            with self._committing() as db:
-                self.emit(
-                    db,
-                    "alarm.raised" if active else "alarm.cleared",
-                    {"kind": "safety_write_failed", "bay": write.target[1], "detail": detail},
-                )
-        except JournalError:
-            return False  # not journaled: raised or cleared on the next try
-        return True
-
-    async def safety_writes_forever(self) -> None:
-        """Re-try every unconfirmed safety write when its back-off is over."""
-        while True:
-            self._safety_wakeup.clear()
-            now = self.clock.monotonic()
-            for target, write in list(self.safety_writes.items()):
-                if write.due <= now and not write.busy:
-                    await self._try_safety_write(target)
-            pending = [w.due for w in self.safety_writes.values() if not w.busy]
-            delay = max(0.0, min(pending) - self.clock.monotonic()) if pending else None
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(delay):
-                    await self._safety_wakeup.wait()
-
-    # -- long-running loops ------------------------------------------------------------------
+    # -- start-up and the timers --------------------------------------------------------------
 
     async def recover(self) -> None:
         """Rebuild the picture from the boards before any door opens (DESIGN.md §5)."""
-        await self._heartbeat()
-        await self._read_cabinet()
-        for bay in BAY_UNITS:
-            await self._read_bay(bay, Priority.ACTIVE)
+        await self.poller.read_everything()
         resumed = self.state.session_id if self.state.phase is not Phase.IDLE else None
         io: list[Command] = []
         with self._committing() as db:
@@ -999,7 +699,7 @@ class CabinetController:
                 for timer, deadline in list(self.timers.items()):
                     grace = min(machine.timeouts.of(timer), RECOVERY_GRACE_S)
                     self._arm(db, timer, max(deadline - now, grace))
-                door_bay = self._hot_bays()
+                door_bay = self.hot_bays()
                 if (
                     self.state.phase
                     in (
@@ -1023,35 +723,6 @@ class CabinetController:
         self.ready = True
         self._timer_wakeup.set()
 
-    async def poll_forever(self) -> None:
-        """The poll cycle: every bay once, the session's bays often, heartbeat, charging.
-
-        Paced: a cycle starts at most every ``MIN_POLL_CYCLE_S`` (the session's bays are
-        still read every ``HOT_BAY_INTERVAL_S`` meanwhile), and a lost adapter is reopened
-        with back-off before the next cycle — so calls that fail at once never make a
-        busy loop.
-        """
-        while True:
-            started = self.clock.monotonic()
-            if self.bus_lost is not None:
-                await self._reopen_bus()
-            for bay in BAY_UNITS:
-                await self._read_bay(bay, Priority.ROUTINE)
-                await self._read_hot_bays()
-            await self._read_cabinet()
-            await self._apply_charging()
-            await self._read_meter_if_due()
-            self._presence_alarms_due()
-            self.last_cycle_at = self.clock.monotonic()
-            self.poll_cycles += 1
-            await self._pace(started)
-
-    async def _pace(self, started: float) -> None:
-        """Wait out the rest of the minimum cycle, keeping the session's bays fresh."""
-        while (left := started + MIN_POLL_CYCLE_S - self.clock.monotonic()) > 0:
-            await asyncio.sleep(min(left, HOT_BAY_INTERVAL_S))
-            await self._read_hot_bays()
-
     async def timers_forever(self) -> None:
         """Turn deadlines into ``TimerExpired`` events."""
         while True:
@@ -1066,7 +737,7 @@ class CabinetController:
             except TimeoutError:
                 now = self.clock.monotonic()
                 due = [t for t, deadline in self.timers.items() if deadline <= now]
-                self._feed([TimerExpired(t) for t in due])
+                self.feed([TimerExpired(t) for t in due])
 
     # -- session requests ---------------------------------------------------------------------
 
@@ -1130,19 +801,8 @@ class CabinetController:
             self.emit(db, "bay.opened", {"bay": bay, "by": by})
             # unlocked once the record is on disk: inside a fleet command's transaction
             # that is with its request_id (docs/mqtt.md §3.1), never for a rolled-back one
-            self.journal.after_commit(lambda: self._spawn(self._operator_unlock(bay)))
+            self.journal.after_commit(lambda: self._carry_out([OperatorUnlock(bay)]))
         return None
-
-    async def _operator_unlock(self, bay: int) -> None:
-        try:
-            await self.scheduler.submit(Priority.UNLOCK, lambda bus: BayBoard(bus, bay).unlock())
-        except BusError as exc:
-            with self._committing() as db:
-                self.emit(db, "bay.fault", {"bay": bay, "reason": f"remote open failed: {exc}"})
-
-    def forget_charger_command(self, bay: int) -> None:
-        """Someone else drove this bay's charger: the policy re-sends its setting next cycle."""
-        self._commanded.pop(bay, None)
 
     def set_dispense_threshold(self, min_soc_pct: float, by: str) -> None:
         """Change the dispensing SoC threshold at runtime (persisted in the journal)."""
@@ -1249,12 +909,6 @@ class CabinetController:
         """Wait for unlocks and safety writes in flight (tests, shutdown)."""
         while self._pending:
             await asyncio.gather(*list(self._pending), return_exceptions=True)
-
-
-async def _reopen(bus: ModbusBus) -> None:
-    """Close and reopen the port (a job on the bus master: no transaction is in flight)."""
-    bus.close()
-    await bus.connect()
 
 
 def _with_id(event: Event) -> SwapState:

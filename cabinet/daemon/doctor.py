@@ -77,7 +77,7 @@ def _poll(c: CabinetController) -> Check:
 
 def _bus(c: CabinetController) -> Check:
     """Whether anybody answers: a poll loop that runs against silence is not healthy."""
-    silence = c.unit_silence_s()
+    silence = c.poller.unit_silence_s()
     cycles = f"{c.poll_cycles} poll cycles"
     if c.bus_lost is not None:
         return Check("bus", "fail", f"bus lost ({c.bus_lost.error}); reopening; {cycles}")

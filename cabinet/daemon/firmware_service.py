@@ -5,7 +5,8 @@ open or does not answer is skipped (and says why). Each bay to flash is taken ou
 service first — synchronously, after the idle check, so no session can pick it in
 between — flashed through the bus scheduler at routine priority (riders' unlocks
 and the session's reads go first, so the cabinet keeps swapping on the other bays),
-and put back once its new image is confirmed. One update runs at a time. Every step
+and put back once its new image is confirmed. One update runs at a time — from the
+command that asked for it, so reading or downloading its image counts. Every step
 is an event: ``firmware.rejected``, ``firmware.started``, ``firmware.progress`` (every
 quarter), ``firmware.updated``, ``firmware.failed``.
 """
@@ -16,8 +17,7 @@ import asyncio
 import contextlib
 import time
 import urllib.parse
-import urllib.request
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -28,6 +28,14 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from cabinet.core.swap_machine import Phase
 from cabinet.daemon.bus_scheduler import Priority
 from cabinet.daemon.controller import CabinetController
+from cabinet.daemon.firmware_download import (
+    DOWNLOAD_FAILED,
+    FAILED_DETAIL,
+    DownloadFailedError,
+    DownloadRefusedError,
+    check_url,
+    download,
+)
 from cabinet.daemon.journal import JournalError
 from drivers.boards import BayBoard
 from drivers.modbus_bus import BusError, ModbusBus
@@ -49,7 +57,6 @@ log = structlog.get_logger("firmware")
 
 UPDATING = "firmware update"
 EVENT_STEPS = 4  # firmware.progress at 25 %, 50 %, 75 %
-DOWNLOAD_TIMEOUT_S = 60.0
 Report = Callable[[dict[str, Any]], Awaitable[None]]
 
 
@@ -82,7 +89,7 @@ class FirmwareService:
     def __init__(self, controller: CabinetController, keys: list[Ed25519PublicKey]) -> None:
         self.controller = controller
         self.keys = keys
-        self._running = asyncio.Lock()
+        self._busy = False  # claimed synchronously: no await between the check and the claim
 
     async def _submit(self, job: Callable[[ModbusBus], Awaitable[Any]]) -> Any:
         return await self.controller.scheduler.submit(Priority.ROUTINE, job)
@@ -141,22 +148,43 @@ class FirmwareService:
         report: Report = _report_nothing,
     ) -> list[BayResult]:
         """Flash ``image`` onto each of ``bays`` in turn; one result per bay."""
-        if self._running.locked():
+        self.claim()
+        try:
+            return await self.flash(image, bays, force=force, by=by, report=report)
+        finally:
+            self.release()
+
+    def claim(self) -> None:
+        """Take the service for one update (raise ``busy`` if it is taken); see release."""
+        if self._busy:
             raise FirmwareRefusedError("busy", "another firmware update is running")
-        if (
-            not self.controller.journal_writable()
-        ):  # every step is journaled, bays go out of service
+        self._busy = True
+
+    def release(self) -> None:
+        """The update that claimed the service is over: reading, download and flashing."""
+        self._busy = False
+
+    async def flash(
+        self,
+        image: FirmwareImage,
+        bays: list[int],
+        *,
+        force: bool,
+        by: str,
+        report: Report = _report_nothing,
+    ) -> list[BayResult]:
+        """``update`` for a caller that already holds the claim."""
+        if not self.controller.journal_writable():  # every step is journaled
             raise FirmwareRefusedError(
                 "journal_unwritable",
                 f"the journal cannot be written: {self.controller.journal_alarm}",
             )
-        async with self._running:
-            results = []
-            for bay in bays:
-                result = await self._update_bay(image, bay, force=force, by=by, report=report)
-                results.append(result)
-                await report({"result": asdict(result)})
-            return results
+        results = []
+        for bay in bays:
+            result = await self._update_bay(image, bay, force=force, by=by, report=report)
+            results.append(result)
+            await report({"result": asdict(result)})
+        return results
 
     def _busy_reason(self, bay: int) -> str | None:
         c = self.controller
@@ -238,13 +266,12 @@ class FirmwareService:
 
     @property
     def busy(self) -> bool:
-        """Whether an update is running."""
-        return self._running.locked()
+        """Whether an update is running (or its image is being read or downloaded)."""
+        return self._busy
 
     def event(self, type_: str, payload: dict[str, Any]) -> None:
         """Journal a firmware event."""
-        with self.controller.journal.transaction() as db:
-            self.controller.emit(db, type_, payload)
+        self.controller.record((type_, payload))
 
 
 class FirmwareFetcher:
@@ -254,14 +281,27 @@ class FirmwareFetcher:
     downloading and flashing happen in the background and report through events,
     because none of them may hold up the event loop (docs/firmware.md, "Nothing that
     can block runs on the event loop"). Only what costs no waiting is checked before
-    the reply: the scheme, that a path lies in the image directory, and — on the
-    descriptor opened with ``O_NONBLOCK`` — that it is a regular file within the cap.
+    the reply: the scheme, that a URL's host is in ``firmware.allowed_hosts``, that a
+    path lies in the image directory, and — on the descriptor opened with
+    ``O_NONBLOCK`` — that it is a regular file within the cap. The service is claimed
+    before the reply and released when the background work ends, so a second update
+    while the first one's image downloads is ``busy``.
     """
 
-    def __init__(self, service: FirmwareService, max_bytes: int, image_dir: Path) -> None:
+    def __init__(
+        self,
+        service: FirmwareService,
+        max_bytes: int,
+        image_dir: Path,
+        *,
+        allowed_hosts: Sequence[str] = (),
+        download_timeout_s: float = 120.0,
+    ) -> None:
         self.service = service
         self.max_bytes = max_bytes
         self.image_dir = image_dir
+        self.allowed_hosts = tuple(allowed_hosts)
+        self.download_timeout_s = download_timeout_s
         with contextlib.suppress(OSError):  # where operators put images; no read-only surprise
             image_dir.mkdir(mode=0o750, parents=True, exist_ok=True)
         self._tasks: set[asyncio.Task[None]] = set()
@@ -275,13 +315,21 @@ class FirmwareFetcher:
             raise FirmwareRefusedError(
                 "journal_unwritable", f"the journal cannot be written: {alarm}"
             )
-        scheme = urllib.parse.urlsplit(source).scheme
+        try:
+            parts = urllib.parse.urlsplit(source)
+        except ValueError:  # "http://[": a bracket with no IPv6 address in it
+            raise FirmwareRefusedError("invalid_source", f"{source!r} is not a valid URL") from None
+        scheme = parts.scheme
         if scheme in ("http", "https"):
+            try:
+                check_url(source, self.allowed_hosts)  # no I/O: nothing resolved or sent
+            except DownloadRefusedError as exc:
+                raise FirmwareRefusedError(exc.reason, str(exc)) from None
             self._spawn(self._fetch_and_update(source, bays, force))
             return {"accepted": True, "bays": bays, "source": source}
         if scheme not in ("", "file"):
             raise FirmwareRefusedError("invalid_source", f"unsupported source {source!r}")
-        path = Path(urllib.parse.urlsplit(source).path if scheme == "file" else source)
+        path = Path(parts.path if scheme == "file" else source)
         try:
             fd = open_image(inside(path, self.image_dir), self.max_bytes)
         except ImageSourceError as exc:
@@ -309,42 +357,44 @@ class FirmwareFetcher:
             "firmware.rejected", {"reason": reason, "detail": detail, "by": "operator"}
         )
 
-    def _download(self, url: str) -> bytes:
-        request = urllib.request.Request(url, headers={"User-Agent": "swap-cabinet"})  # noqa: S310 - scheme checked
-        with urllib.request.urlopen(request, timeout=DOWNLOAD_TIMEOUT_S) as response:  # noqa: S310
-            data: bytes = response.read(self.max_bytes + 1)
-        if len(data) > self.max_bytes:
-            raise FirmwareRefusedError("too_large", f"{url} is over {self.max_bytes} bytes")
-        return data
-
     async def _fetch_and_update(self, url: str, bays: list[int], force: bool) -> None:
         try:
-            data = await asyncio.to_thread(self._download, url)
-        except (OSError, ValueError) as exc:
-            self._rejected("download_failed", str(exc))
+            data = await download(
+                url,
+                self.allowed_hosts,
+                deadline_s=self.download_timeout_s,
+                max_bytes=self.max_bytes,
+            )
+        except DownloadFailedError as exc:  # the real reason stays on the device
+            log.warning("firmware_download_failed", url=url, error=str(exc))
+            self._rejected(DOWNLOAD_FAILED, FAILED_DETAIL)
             return
-        except FirmwareRefusedError as exc:
+        except DownloadRefusedError as exc:  # a redirect off the list, over the cap
+            log.warning("firmware_download_refused", url=url, error=str(exc))
             self._rejected(exc.reason, str(exc))
             return
         await self._load_and_update(data, bays, force)
 
     async def _update(self, image: FirmwareImage, bays: list[int], force: bool) -> None:
         try:
-            await self.service.update(image, bays, force=force, by="operator")
+            await self.service.flash(image, bays, force=force, by="operator")
         except FirmwareRefusedError as exc:
             self.service.event(
                 "firmware.rejected", {"reason": exc.reason, "detail": str(exc), "by": "operator"}
             )
 
     def _spawn(self, work: Awaitable[None]) -> None:
+        """Claim the service now (the reply says accepted), release it when ``work`` ends."""
+        self.service.claim()
         task = asyncio.ensure_future(self._logged(work))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    @staticmethod
-    async def _logged(work: Awaitable[None]) -> None:
+    async def _logged(self, work: Awaitable[None]) -> None:
         """A background update that cannot journal stops with one clear line, no traceback."""
         try:
             await work
         except JournalError as exc:
             log.error("firmware_update_stopped", error=str(exc))
+        finally:
+            self.service.release()

@@ -10,6 +10,9 @@ On every (re)connect the retained ``status`` (online) and ``state`` are publishe
 the last will says offline. Commands on ``cmd/<name>`` are validated, answered on
 the MQTT 5 response topic (else ``reply``) and remembered by ``request_id``, so a
 retried command is never executed twice. The field bus never waits on any of this.
+Telemetry is held in the journal too (``telemetry_backlog``, bounded) and published at
+QoS 1 once the event outbox has nothing to send, so a backlog of samples after an
+outage arrives in order with its original ``ts`` and never holds up an event.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from cabinet.daemon import views
 from cabinet.daemon.controller import CabinetController
 from cabinet.daemon.firmware_service import FirmwareFetcher, FirmwareRefusedError
 from cabinet.daemon.journal import JournalError
+from cabinet.daemon.telemetry_backlog import TelemetryBacklog
 from drivers.mqtt_link import Message, MqttLink, PublishRefusedError
 from protocol import messages, topics
 from protocol.units import BAY_UNITS
@@ -58,6 +62,9 @@ COMMANDS_PER_WINDOW = 120
 #: configuration problem (ACL, quota) that a person fixes, so retry soon, then rarely.
 REFUSED_RETRY_MIN_S = 1.0
 REFUSED_RETRY_MAX_S = 60.0
+#: Telemetry held while the broker is away (``mqtt.telemetry_backlog_s``): this much time
+#: at the current interval, 60 samples at the default 60 s; the oldest are dropped first.
+TELEMETRY_BACKLOG_S = 3600.0
 
 
 def _json(model: BaseModel) -> bytes:
@@ -82,6 +89,7 @@ class FleetLink:
         link_factory: Callable[..., MqttLink],
         *,
         telemetry_interval_s: float = 60.0,
+        telemetry_backlog_s: float = TELEMETRY_BACKLOG_S,
         firmware: FirmwareFetcher | None = None,
     ) -> None:
         self.controller = controller
@@ -108,7 +116,17 @@ class FleetLink:
         stored = controller.journal.setting("telemetry_interval_s")
         self.telemetry_interval_s = float(stored) if stored else telemetry_interval_s
         self._last_state: messages.State | None = None
-        self.telemetry_dropped = 0  # samples not sent while the broker was unreachable
+        self.telemetry_backlog_s = telemetry_backlog_s
+        self.telemetry_dropped = 0  # samples dropped: over the backlog cap, or journal full
+        #: set while the event outbox has nothing to send (or is backing off a refusal):
+        #: held telemetry goes out only then, so events never wait behind it
+        self._events_clear = asyncio.Event()
+        self._telemetry = TelemetryBacklog(
+            controller.journal,
+            self.link,
+            topics.telemetry(self.cabinet_id),
+            events_clear=self._events_clear,
+        )
         self._backlog_alarm = False
         self._refused_alarm: str | None = None  # the active publish_refused alarm's detail
         self._refused_delay_s = REFUSED_RETRY_MIN_S
@@ -126,6 +144,7 @@ class FleetLink:
                 group.create_task(self._drain_outbox())
                 group.create_task(self._publish_state())
                 group.create_task(self._publish_telemetry())
+                group.create_task(self._telemetry.drain())
                 group.create_task(self._summarise_rate_limited())
         finally:
             await self._say_offline()
@@ -175,6 +194,7 @@ class FleetLink:
         while True:
             self._check_backlog()
             if not self.link.connected.is_set():
+                self._events_clear.clear()  # what waits now goes before held telemetry
                 # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation
                 # that races the event (the daemon's stop then hangs) - the campaign found it
                 with contextlib.suppress(TimeoutError):
@@ -183,9 +203,11 @@ class FleetLink:
                 continue
             batch = journal.unpublished(PUBLISH_WINDOW)
             if not batch:
+                self._events_clear.set()
                 self.controller.changed.clear()
                 await self.controller.changed.wait()
                 continue
+            self._events_clear.clear()
             futures = [
                 self.link.publish(topics.events(self.cabinet_id), self._event(e)) for e in batch
             ]
@@ -211,6 +233,7 @@ class FleetLink:
 
     async def _back_off_refused(self, refused: PublishRefusedError) -> None:
         """Alarm once, then wait before resending: a refusing broker is not hammered."""
+        self._events_clear.set()  # telemetry is not held hostage by a refused event
         if self._refused_alarm is None:
             self._refused_alarm = self._alarm("alarm.raised", "publish_refused", str(refused))
             if self._refused_alarm is not None:
@@ -230,8 +253,7 @@ class FleetLink:
     def _alarm(self, type_: str, kind: str, detail: str) -> str | None:
         """Journal an alarm event; ``None`` if the journal cannot be written (retried later)."""
         try:
-            with self.controller.journal.transaction() as db:
-                self.controller.emit(db, type_, {"kind": kind, "bay": None, "detail": detail})
+            self.controller.record((type_, {"kind": kind, "bay": None, "detail": detail}))
         except JournalError:
             return None
         return detail
@@ -260,12 +282,12 @@ class FleetLink:
             else "the backlog is back under its cap"
         )
         try:
-            with self.controller.journal.transaction() as db:
-                self.controller.emit(
-                    db,
+            self.controller.record(
+                (
                     "alarm.raised" if over else "alarm.cleared",
                     {"kind": "outbox_backlog", "bay": None, "detail": detail},
                 )
+            )
         except JournalError:
             return  # disk full: raised (or cleared) on a later check, once it can be stored
         self._backlog_alarm = over
@@ -306,12 +328,18 @@ class FleetLink:
             await asyncio.sleep(STATE_MIN_INTERVAL_S)
 
     async def _publish_telemetry(self) -> None:
+        """A sample every interval, held in the journal until the broker acknowledges it."""
         while True:
             await asyncio.sleep(self.telemetry_interval_s)
-            if not self.link.connected.is_set():
-                self.telemetry_dropped += 1  # telemetry is not worth the outbox: dropped
-            else:
-                self.link.publish(topics.telemetry(self.cabinet_id), _json(self.telemetry()), qos=0)
+            sample = self.telemetry()
+            self.telemetry_dropped += self._telemetry.hold(
+                sample.ts, _json(sample), self.telemetry_keep()
+            )
+
+    def telemetry_keep(self) -> int:
+        """How many samples are held at most: ``telemetry_backlog_s`` at the current interval."""
+        # the epsilon: 0.3 s / 0.1 s is 2.999… in floating point, and means 3 samples
+        return max(1, int(self.telemetry_backlog_s / self.telemetry_interval_s + 1e-9))
 
     def telemetry(self) -> messages.Telemetry:
         """Periodic measurements, including how the outbox is doing."""
@@ -363,19 +391,22 @@ class FleetLink:
         bursts = self._rate.due(self.controller.clock.monotonic())
         if not bursts:
             return
-        with contextlib.suppress(JournalError), self.controller.journal.transaction() as db:
-            for burst in bursts:
-                self.controller.emit(
-                    db,
-                    "command.rate_limited",
-                    {
-                        "source": burst.source,
-                        "count": burst.count,
-                        "first_ts": burst.first_ts,
-                        "last_ts": burst.last_ts,
-                        "commands": burst.reasons,
-                    },
+        with contextlib.suppress(JournalError):
+            self.controller.record(
+                *(
+                    (
+                        "command.rate_limited",
+                        {
+                            "source": burst.source,
+                            "count": burst.count,
+                            "first_ts": burst.first_ts,
+                            "last_ts": burst.last_ts,
+                            "commands": burst.reasons,
+                        },
+                    )
+                    for burst in bursts
                 )
+            )
             log.warning("commands_rate_limited", bursts=len(bursts))
 
     def _handle(self, name: str, payload: bytes) -> dict[str, Any]:
@@ -393,9 +424,9 @@ class FleetLink:
             # one transaction: the effect's events and the request_id's record are on
             # disk together or not at all, so a crash between them cannot make a retry
             # act twice (docs/mqtt.md §3.1); doors unlock only after the commit
-            with self.controller.journal.transaction() as db:
+            with self.controller.journal.transaction():
                 reply = self._execute(name, payload, request_id)
-                self._record_in(db, name, reply["request_id"], reply)
+                self._record_in(name, reply["request_id"], reply)
         except JournalError as exc:  # disk full: the command did nothing, and says why
             error = messages.ReplyError(code="journal_unwritable", message=str(exc))
             reply = self._reply(name, request_id, ok=False, error=error)
@@ -462,28 +493,26 @@ class FleetLink:
         ).model_dump(mode="json")
 
     def _record(self, name: str, request_id: str | None, reply: dict[str, Any]) -> None:
-        with contextlib.suppress(JournalError), self.controller.journal.transaction() as db:
-            self._record_in(db, name, request_id, reply)
+        with contextlib.suppress(JournalError):
+            self._record_in(name, request_id, reply)
 
-    def _record_in(
-        self, db: sqlite3.Connection, name: str, request_id: str | None, reply: dict[str, Any]
-    ) -> None:
+    def _record_in(self, name: str, request_id: str | None, reply: dict[str, Any]) -> None:
         error = reply.get("error") or {}
         duplicate = error.get("code") == "duplicate_request"
-        if request_id is not None and not duplicate:
-            self.controller.journal.put_command_reply(
-                db, request_id, reply, self.controller.clock.wall()
-            )
-        self.controller.emit(
-            db,
-            "command.handled",
-            {
-                "command": name,
-                "request_id": request_id,
-                "ok": reply["ok"],
-                "error": error.get("code"),
-            },
-        )
+
+        def reply_kept(db: sqlite3.Connection) -> None:
+            if request_id is not None and not duplicate:
+                self.controller.journal.put_command_reply(
+                    db, request_id, reply, self.controller.clock.wall()
+                )
+
+        event = {
+            "command": name,
+            "request_id": request_id,
+            "ok": reply["ok"],
+            "error": error.get("code"),
+        }
+        self.controller.record(("command.handled", event), change=reply_kept)
 
     @staticmethod
     def _args(model: type[BaseModel], args: dict[str, Any]) -> Any:

@@ -8,7 +8,15 @@ on restart the daemon reloads the active session and reconciles it with what the
 bays report. The ``events`` table is the outbox: every event gets a gap-free
 ``seq`` (it survives restarts) and a unique ``id``, and stays until the fleet link
 has it acknowledged. Used token nonces are kept until their expiry so a token
-cannot be replayed across a reboot.
+cannot be replayed across a reboot. Telemetry samples taken while the broker is away
+wait in ``telemetry_backlog`` (bounded) until it acknowledges them.
+
+Schema: the version is read from ``meta.schema_version`` at open. ``MIGRATIONS`` is the
+numbered list of steps from an empty file to ``SCHEMA_VERSION``; each step the file has
+not had runs once, in its own transaction together with the version bump, so a crash
+mid-migration leaves the previous version whole. A journal from a newer release is
+refused (``JournalTooNewError``) and left untouched. A released step is never edited:
+a change to the schema is a new step at the end.
 """
 
 from __future__ import annotations
@@ -18,9 +26,9 @@ import json
 import os
 import sqlite3
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +42,6 @@ from cabinet.daemon.tokens import CLOCK_SKEW_S
 
 log = structlog.get_logger("journal")
 
-SCHEMA_VERSION = 1
 EVENT_HISTORY = 10_000  # published events kept for `cabinet events`; unpublished are never pruned
 #: The idempotency window of remote commands (docs/mqtt.md): a retried ``request_id``
 #: within a day — and among the last 10,000 — gets its original reply; a backend
@@ -42,7 +49,9 @@ EVENT_HISTORY = 10_000  # published events kept for `cabinet events`; unpublishe
 COMMAND_WINDOW_S = 24 * 3600.0
 COMMAND_WINDOW_MAX = 10_000
 
-_SCHEMA = """
+#: Schema version 1, as every release up to 6f91ae5 wrote it (with IF NOT EXISTS, since that
+#: release ran it at every open and added tables to it without a version bump). Frozen.
+_V1_SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS sessions (
     id TEXT PRIMARY KEY, rider_id TEXT NOT NULL, mode TEXT NOT NULL,
@@ -79,6 +88,93 @@ class JournalUnwritableError(JournalError):
     The cabinet goes on without it — it refuses riders, visibly, and keeps polling —
     and resumes by itself once a write succeeds again (docs/swap.md).
     """
+
+
+class JournalTooNewError(JournalError, ValueError):
+    """The journal was written by a newer release: this one refuses to start on it.
+
+    Also a ``ValueError``, so the command line prints it as one ``cabinet: error:``
+    line rather than as an internal error: it is the installation, not a bug.
+    """
+
+
+#: Runtime state the controller still reads and writes under its old settings key:
+#: since schema version 2 it lives in the ``pending_pickups`` table.
+PENDING_PICKUPS_KEY = "pending_pickups"
+
+
+def _run_script(db: sqlite3.Connection, script: str) -> None:
+    """Run DDL statement by statement: ``executescript`` would commit the transaction."""
+    for statement in script.split(";"):
+        if statement.strip():
+            db.execute(statement)
+
+
+def _v1_first_journal(db: sqlite3.Connection) -> None:
+    _run_script(db, _V1_SCHEMA)
+
+
+def _v2_pending_pickups_table(db: sqlite3.Connection) -> None:
+    # first the whole v1 schema: a journal labelled 1 may predate tables that release
+    # added to it without a bump (``commands``) if it was never opened in between
+    _run_script(db, _V1_SCHEMA)
+    db.execute(
+        "CREATE TABLE pending_pickups (bay INTEGER PRIMARY KEY, battery_id TEXT NOT NULL, "
+        "rider_id TEXT, session_id TEXT)"
+    )
+    row = db.execute(
+        "SELECT value FROM meta WHERE key = ?", (f"setting.{PENDING_PICKUPS_KEY}",)
+    ).fetchone()
+    if row is not None:
+        Journal.put_pending_pickups(db, {int(b): v for b, v in json.loads(row[0]).items()})
+        db.execute("DELETE FROM meta WHERE key = ?", (f"setting.{PENDING_PICKUPS_KEY}",))
+
+
+def _v3_telemetry_backlog_table(db: sqlite3.Connection) -> None:
+    # AUTOINCREMENT: ids never come back after a delete, so id order is sample order
+    db.execute(
+        "CREATE TABLE telemetry_backlog (id INTEGER PRIMARY KEY AUTOINCREMENT, "
+        "ts INTEGER NOT NULL, payload BLOB NOT NULL)"
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Migration:
+    """One numbered step of the schema: ``apply`` brings version - 1 to ``version``."""
+
+    version: int
+    why: str
+    apply: Callable[[sqlite3.Connection], None]
+
+
+#: From an empty file to the current schema, in order; append, never edit a released step.
+MIGRATIONS: tuple[Migration, ...] = (
+    Migration(1, "the first journal: sessions, custody, outbox, tokens", _v1_first_journal),
+    Migration(2, "pending pickups in their own table, not in settings", _v2_pending_pickups_table),
+    Migration(3, "telemetry held through a broker outage", _v3_telemetry_backlog_table),
+)
+SCHEMA_VERSION = MIGRATIONS[-1].version
+
+
+def _stored_version(db: sqlite3.Connection) -> int:
+    """``meta.schema_version``, 0 for an empty file (or one cut short before its first step)."""
+    if db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'meta'").fetchone():
+        row = db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+        if row is not None:
+            try:
+                return int(row[0])
+            except ValueError:
+                raise JournalError(f"unreadable schema version {row[0]!r}") from None
+    return 0
+
+
+@dataclass(frozen=True, slots=True)
+class HeldSample:
+    """A telemetry sample waiting for the broker: ``id`` orders them, ``ts`` is when taken."""
+
+    id: int
+    ts: int
+    payload: bytes
 
 
 #: SQLite's primary result codes that mean "the storage let us down", not "a bug":
@@ -150,11 +246,8 @@ class Journal:
             if max_bytes is not None:  # ``cabinet.journal_max_mb``: full before the disk is
                 (page,) = self._db.execute("PRAGMA page_size").fetchone()
                 self._db.execute(f"PRAGMA max_page_count = {max(1, max_bytes // int(page))}")
-            self._db.executescript(_SCHEMA)
-            self._db.execute(
-                "INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),)
-            )
-        except (sqlite3.Error, OSError) as exc:
+            version = _stored_version(self._db)
+        except (sqlite3.Error, OSError, JournalError) as exc:
             raise JournalError(f"cannot open the journal at {path}: {exc}") from exc
         self.path = path
         #: why the last write failed for want of storage ("database or disk is full"), or
@@ -164,6 +257,42 @@ class Journal:
         self._depth = 0  # transactions open: nested ones join the outermost
         self._after_commit: list[Callable[[], None]] = []
         self._after_rollback: list[Callable[[], None]] = []
+        if version > SCHEMA_VERSION:
+            self._db.close()
+            raise JournalTooNewError(
+                f"the journal at {path} has schema version {version}, newer than this cabinet "
+                f"software understands ({SCHEMA_VERSION}): a newer release wrote it. Run that "
+                "release again, or move the journal aside to start an empty one (its unsent "
+                "events and custody ledger would then be lost)"
+            )
+        if version < SCHEMA_VERSION:
+            self._migrate(announce=version > 0)
+
+    def _migrate(self, *, announce: bool) -> None:
+        """Run the steps this file has not had, each once, each with its version bump.
+
+        The version is read again inside each step's transaction: another process
+        opening the same file at the same moment (``cabinet events`` during a start)
+        then finds the step done and skips it.
+        """
+        for step in MIGRATIONS:
+            try:
+                with self.transaction() as db:
+                    if _stored_version(db) >= step.version:
+                        continue
+                    step.apply(db)
+                    db.execute(
+                        "INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)",
+                        (str(step.version),),
+                    )
+            except (sqlite3.Error, JournalError, ValueError, TypeError) as exc:
+                self._db.close()
+                raise JournalError(
+                    f"cannot migrate the journal at {self.path} to schema version "
+                    f"{step.version} ({step.why}): {exc}"
+                ) from exc
+            if announce:  # a new journal is just created, not migrated
+                log.info("journal_migrated", version=step.version, why=step.why)
 
     def close(self) -> None:
         """Close the database."""
@@ -440,7 +569,13 @@ class Journal:
     # -- runtime settings ----------------------------------------------------------------------
 
     def setting(self, key: str) -> Any:
-        """A runtime setting changed by the backend, or None."""
+        """A runtime setting changed by the backend, or None.
+
+        ``pending_pickups`` is runtime state, not a setting: it is read from its own
+        table (the controller still asks for it by this key).
+        """
+        if key == PENDING_PICKUPS_KEY:
+            return self.pending_pickups() or None
         row = self._db.execute(
             "SELECT value FROM meta WHERE key = ?", (f"setting.{key}",)
         ).fetchone()
@@ -448,10 +583,72 @@ class Journal:
 
     @staticmethod
     def put_setting(db: sqlite3.Connection, key: str, value: Any) -> None:
-        """Persist a runtime setting."""
+        """Persist a runtime setting (``pending_pickups`` goes to its own table)."""
+        if key == PENDING_PICKUPS_KEY:
+            Journal.put_pending_pickups(db, {int(bay): v for bay, v in value.items()})
+            return
         db.execute(
             "INSERT OR REPLACE INTO meta VALUES (?, ?)", (f"setting.{key}", json.dumps(value))
         )
+
+    # -- runtime state: pickups in doubt ---------------------------------------------------------
+
+    def pending_pickups(self) -> dict[int, list[str]]:
+        """Dispense bays that went silent with the door open: bay -> [battery, rider, session].
+
+        Settled (the battery went with the rider, or it is still there) when the bay's
+        board answers again; kept across restarts until then.
+        """
+        rows = self._db.execute(
+            "SELECT bay, battery_id, rider_id, session_id FROM pending_pickups ORDER BY bay"
+        )
+        return {bay: [battery, rider, session] for bay, battery, rider, session in rows}
+
+    @staticmethod
+    def put_pending_pickups(
+        db: sqlite3.Connection, pickups: Mapping[int, Sequence[str | None]]
+    ) -> None:
+        """Replace the pickups in doubt with ``pickups`` (inside the step's transaction)."""
+        db.execute("DELETE FROM pending_pickups")
+        db.executemany(
+            "INSERT INTO pending_pickups VALUES (?, ?, ?, ?)",
+            [(int(bay), *entry) for bay, entry in pickups.items()],
+        )
+
+    # -- telemetry held for the broker ------------------------------------------------------------
+
+    def hold_telemetry(self, ts_ms: int, payload: bytes, keep: int) -> int:
+        """Keep a sample until the broker acknowledges it; the newest ``keep`` at most.
+
+        Returns how many of the oldest samples were dropped to stay within ``keep``.
+        """
+        with self.transaction() as db:
+            db.execute(
+                "INSERT INTO telemetry_backlog (ts, payload) VALUES (?, ?)", (ts_ms, payload)
+            )
+            dropped = db.execute(
+                "DELETE FROM telemetry_backlog WHERE id <= "
+                "(SELECT max(id) FROM telemetry_backlog) - ?",
+                (max(1, keep),),
+            ).rowcount
+        return int(dropped)
+
+    def held_telemetry(self, limit: int) -> list[HeldSample]:
+        """The oldest samples the broker has not acknowledged yet, in the order taken."""
+        rows = self._db.execute(
+            "SELECT id, ts, payload FROM telemetry_backlog ORDER BY id LIMIT ?", (limit,)
+        )
+        return [HeldSample(id_, ts, bytes(payload)) for id_, ts, payload in rows]
+
+    def release_telemetry(self, upto_id: int) -> None:
+        """The broker acknowledged every held sample up to ``upto_id`` (PUBACK, in order)."""
+        with self.transaction() as db:
+            db.execute("DELETE FROM telemetry_backlog WHERE id <= ?", (upto_id,))
+
+    def telemetry_backlog(self) -> int:
+        """How many telemetry samples wait for the broker."""
+        (count,) = self._db.execute("SELECT count(*) FROM telemetry_backlog").fetchone()
+        return int(count)
 
     # -- token replay cache -----------------------------------------------------------------
 

@@ -33,6 +33,7 @@ from cabinet.daemon.doctor import FleetFacts
 from cabinet.daemon.firmware_service import FirmwareFetcher, FirmwareService
 from cabinet.daemon.fleet_link import FleetLink
 from cabinet.daemon.journal import Journal, JournalError
+from cabinet.daemon.state_lock import StateDirLock, StateDirLockedError
 from cabinet.daemon.systemd_notify import Notifier
 from cabinet.daemon.task_health import TaskHealth
 from cabinet.daemon.tokens import KeyFileError, TokenRefusedError, load_public_key, verify
@@ -166,11 +167,9 @@ class ScanRefusals:
             "reasons": burst.reasons,
         }
         log.info("scans_refused_burst", **summary)
-        try:
-            with self.controller.journal.transaction() as db:
-                self.controller.emit(db, "auth.refused_burst", summary)
-        except JournalError:
-            pass  # journal_unwritable: the log line above has the figures
+        # journal_unwritable: the log line above has the figures
+        with contextlib.suppress(JournalError):
+            self.controller.record(("auth.refused_burst", summary))
 
 
 async def scanner_loop(config: CabinetConfig, controller: CabinetController) -> None:
@@ -278,7 +277,7 @@ def health_problem(tasks: TaskHealth, controller: CabinetController) -> str | No
         age = controller.clock.monotonic() - controller.last_cycle_at
         if age > POLL_STALL_S:
             return f"no full poll cycle for {age:.0f} s"
-    silence = controller.unit_silence_s()
+    silence = controller.poller.unit_silence_s()
     if silence > controller.settings.silence_unhealthy_s:  # a loop that runs is not enough
         return f"no unit has answered on the bus for {silence:.0f} s"
     return None
@@ -384,6 +383,11 @@ async def run_daemon(config: CabinetConfig, config_path: Path | None = None) -> 
     firmware_keys = _firmware_keys(config)
     if firmware_keys is None:
         return 1
+    try:  # before the journal, the bus or MQTT: one daemon per state directory
+        state_lock = StateDirLock.acquire(config.cabinet.state_dir)
+    except StateDirLockedError as exc:
+        log.error("cannot_start", error=str(exc))
+        return 1
     controller = controller_for(config)
     journal, scheduler, bus = controller.journal, controller.scheduler, controller.scheduler.bus
     health = TaskHealth()
@@ -408,6 +412,7 @@ async def run_daemon(config: CabinetConfig, config_path: Path | None = None) -> 
     except (AlreadyRunningError, ValueError) as exc:
         log.error("cannot_start", error=str(exc))
         journal.close()
+        state_lock.release()
         return 1
     stop = _stop_on_signals()
     tasks: list[asyncio.Task[None]] = []
@@ -421,8 +426,8 @@ async def run_daemon(config: CabinetConfig, config_path: Path | None = None) -> 
         notifier.notify(status="connecting to the bus")
         await _connect_bus(bus)
         start("bus_master", scheduler.run)
-        start("heartbeat", controller.heartbeat_forever)
-        start("safety_writes", controller.safety_writes_forever)
+        start("heartbeat", controller.poller.heartbeat_forever)
+        start("safety_writes", controller.poller.safety_writes_forever)
         notifier.notify(status="reconciling the journal with the boards")
         await controller.recover()
         notifier.notify(ready="1", status="running")
@@ -434,7 +439,7 @@ async def run_daemon(config: CabinetConfig, config_path: Path | None = None) -> 
             bays_known=len(controller.snapshots),
             resumed_session=controller.state.session_id or None,
         )
-        start("poller", controller.poll_forever)
+        start("poller", controller.poller.poll_forever)
         start("timers", controller.timers_forever)
         start("scanner", lambda: scanner_loop(config, controller))
         if config.mqtt is not None:
@@ -442,8 +447,13 @@ async def run_daemon(config: CabinetConfig, config_path: Path | None = None) -> 
                 controller,
                 lambda **kw: mqtt_link_for(config, **kw),
                 telemetry_interval_s=config.mqtt.telemetry_interval_s,
+                telemetry_backlog_s=config.mqtt.telemetry_backlog_s,
                 firmware=FirmwareFetcher(
-                    firmware, config.firmware.max_download_bytes, config.firmware_image_dir
+                    firmware,
+                    config.firmware.max_download_bytes,
+                    config.firmware_image_dir,
+                    allowed_hosts=config.firmware.allowed_hosts,
+                    download_timeout_s=config.firmware.download_timeout_s,
                 ),
             )
             start("fleet_link", fleet.run)
@@ -458,5 +468,6 @@ async def run_daemon(config: CabinetConfig, config_path: Path | None = None) -> 
                 await task
         bus.close()
         journal.close()
+        state_lock.release()
     log.info("stopped")
     return 0

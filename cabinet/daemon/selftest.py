@@ -58,7 +58,7 @@ async def _wait_for(
     """Re-read ``bay`` until ``want`` holds; the matching snapshot, or None on timeout."""
     deadline = c.clock.monotonic() + timeout_s
     while True:
-        snap = await c.refresh_bay(bay)
+        snap = await c.poller.refresh_bay(bay)
         if snap is not None and snap.online and want(snap):
             return snap
         if c.clock.monotonic() >= deadline:
@@ -129,7 +129,7 @@ async def _charger(c: CabinetController, bay: int) -> Result:
     except BusError as exc:
         return Result("charger", bay, "fail", f"could not switch it on: {exc}")
     finally:
-        c.forget_charger_command(bay)  # the policy re-applies its own setting next cycle
+        c.poller.forget_charger_command(bay)  # the policy re-applies its own setting next cycle
     if charging is None:
         return Result("charger", bay, "fail", f"no current after {CHARGER_WAIT_S:.0f} s")
     return Result("charger", bay, "pass", f"current flowing at a {TEST_CURRENT_A:.1f} A limit")
@@ -138,7 +138,7 @@ async def _charger(c: CabinetController, bay: int) -> Result:
 async def _bay(
     c: CabinetController, bay: int, close_timeout_s: float, report: Report
 ) -> list[Result]:
-    snap = await c.refresh_bay(bay)
+    snap = await c.poller.refresh_bay(bay)
     if snap is None or not snap.online:
         return [Result("board", bay, "fail", "the bay board does not answer")]
     results = [Result("board", bay, "pass", "answers")]
@@ -162,22 +162,17 @@ async def run_selftest(
         await report({"result": asdict(result)})
 
     try:
-        with c.journal.transaction() as db:
-            c.emit(db, "selftest.started", {"bays": bays, "by": "technician"})
+        c.record(("selftest.started", {"bays": bays, "by": "technician"}))
         await done(await _meter(c))
         for bay in bays:
             for result in await _bay(c, bay, close_timeout_s, report):
                 await done(result)
     finally:
         c.maintenance = None
-        with c.journal.transaction() as db:
-            c.emit(
-                db,
-                "selftest.finished",
-                {
-                    "passed": sum(r.outcome == "pass" for r in results),
-                    "failed": [asdict(r) for r in results if r.outcome == "fail"],
-                    "skipped": sum(r.outcome == "skip" for r in results),
-                },
-            )
+        finished = {
+            "passed": sum(r.outcome == "pass" for r in results),
+            "failed": [asdict(r) for r in results if r.outcome == "fail"],
+            "skipped": sum(r.outcome == "skip" for r in results),
+        }
+        c.record(("selftest.finished", finished))
     return results

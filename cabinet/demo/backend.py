@@ -4,28 +4,58 @@ Used by the tests and the demo the way a real backend would use the broker: it
 subscribes to ``cabinets/+/#``, keeps every event (de-duplicated by ``id``, with
 gap detection by ``seq``), remembers retained status/state, and sends commands
 with an MQTT 5 response topic and correlation data.
+
+It speaks MQTT through the cabinets' own ``drivers.mqtt_link.MqttLink`` (its TLS set-up
+and reconnection back-off), on an asyncio loop in a thread of its own, so that tests and
+the demo can call it from plain code. With ``group`` it is one of N consumers of an MQTT 5
+shared subscription (``$share/<group>/cabinets/+/events``): the broker hands each event to
+one consumer of the group, and the group de-duplicates by id in a ``SeenEvents`` store
+that outlives a consumer's restart (docs/mqtt.md "Scaling out").
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import threading
 import time
 import urllib.request
 import uuid
 from collections import defaultdict
-from typing import Any
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
 
-import paho.mqtt.client as paho
-from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from cabinet.demo.seen_events import SeenEvents, store_path
+from drivers.mqtt_link import Message, MqttLink, TlsFiles
 from protocol import topics
+
+T = TypeVar("T")
+
+CONNECT_TIMEOUT_S = 10.0
+#: A consumer's broker session (its subscription and the events queued for it) outlives
+#: a restart of the consumer by this much.
+SESSION_EXPIRY_S = 3600
+
+
+def shared_events_filter(group: str) -> str:
+    """The events of every cabinet, shared among the consumers of ``group`` (MQTT 5)."""
+    if not group or any(c in group for c in "/+#"):
+        raise ValueError(f"{group!r}: a share group is one topic level, without / + #")
+    return f"$share/{group}/{topics.events('+')}"
 
 
 class Backend:
-    """Subscribes to the whole fleet; thread-safe accessors for what it has seen."""
+    """Subscribes to the whole fleet; thread-safe accessors for what it has seen.
+
+    ``group``: one consumer of a shared subscription; ``event_list`` and ``gaps`` then
+    cover this consumer's share only. ``state_dir``: de-duplicate by id across restarts
+    in the group's (or this client's) ``SeenEvents`` file there; events are acknowledged
+    to the broker only once recorded, so a consumer that dies loses none of them.
+    """
 
     def __init__(
         self,
@@ -36,13 +66,20 @@ class Backend:
         persistent: bool = False,
         mqtt5: bool = True,
         tls: tuple[str, str, str] | None = None,
+        group: str | None = None,
+        state_dir: Path | None = None,
     ) -> None:
         self._lock = threading.Lock()
         self._mqtt5 = mqtt5
+        self.client_id = client_id
         self.events: dict[str, list[dict[str, Any]]] = defaultdict(list)  # in arrival order
         self.duplicates: dict[str, int] = defaultdict(int)
         self.state_publishes: dict[str, int] = defaultdict(int)  # deadbands are tested on it
+        self.received_ids: list[str] = []  # every event delivery, duplicates included
         self._seen_ids: set[str] = set()
+        self._seen = (
+            SeenEvents(store_path(state_dir, group or client_id)) if state_dir is not None else None
+        )
         self.status: dict[str, dict[str, Any]] = {}
         self.state: dict[str, dict[str, Any]] = {}
         self.replies: dict[str, dict[str, Any]] = {}
@@ -52,49 +89,81 @@ class Backend:
         self._reply_root = f"replies/{client_id}"
         self._reply_nonce = uuid.uuid4().hex
         self._reply_topic = f"{self._reply_root}/+/{self._reply_nonce}"
-        # the demo's broker speaks 3.1.1 only: replies then come on cabinets/<id>/reply
-        if mqtt5:
-            self._client = paho.Client(
-                CallbackAPIVersion.VERSION2, client_id=client_id, protocol=paho.MQTTv5
-            )
+        # a group member keeps its session: what the broker queued for it while it was
+        # away is its share, which no other member receives
+        keep = persistent or group is not None
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(
+            target=self._loop.run_forever, name=f"backend-{client_id}", daemon=True
+        )
+        self._thread.start()
+        try:
+            self._link = self._on_loop(lambda: self._new_link(host, port, tls, keep))
+        except ValueError:  # a TLS file that cannot be loaded
+            self._stop_loop()
+            raise
+        if group is None:
+            self._link.subscribe(f"{topics.ROOT}/+/#")
         else:
-            self._client = paho.Client(
-                CallbackAPIVersion.VERSION2,
-                client_id=client_id,
-                protocol=paho.MQTTv311,
-                clean_session=not persistent,
-            )
-        if tls is not None:  # (CA, client certificate, client key), as a fleet backend connects
-            ca, cert, key = tls
-            self._client.tls_set(ca_certs=ca, certfile=cert, keyfile=key)
-        self._client.on_connect = self._connected
-        self._client.on_message = self._message
-        self._connected_event = threading.Event()
-        props = None
-        if persistent:  # like a real backend: the broker queues what we miss while away
-            props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
-            props.SessionExpiryInterval = 3600
-        if mqtt5:
-            self._client.connect(host, port, 30, clean_start=not persistent, properties=props)
-        else:
-            self._client.connect(host, port, 30)
-        self._client.loop_start()
-        if not self._connected_event.wait(10):
-            raise ConnectionError(f"backend could not connect to {host}:{port}")
+            for kind in (topics.status, topics.state, topics.reply):
+                self._link.subscribe(kind("+"))
+            self._link.subscribe(shared_events_filter(group))
+        self._link.subscribe(self._reply_topic)
+        try:
+            asyncio.run_coroutine_threadsafe(
+                self._link.open(CONNECT_TIMEOUT_S), self._loop
+            ).result()
+        except (OSError, ValueError) as exc:
+            self.close()  # paho would otherwise go on retrying in its thread
+            raise ConnectionError(f"backend could not connect to {host}:{port}: {exc}") from exc
+
+    def _new_link(
+        self, host: str, port: int, tls: tuple[str, str, str] | None, keep: bool
+    ) -> MqttLink:
+        scheme = "mqtts" if tls is not None else "mqtt"
+        return MqttLink(
+            f"{scheme}://{host}:{port}",
+            client_id=self.client_id,
+            tls=TlsFiles(*(Path(f) for f in tls)) if tls is not None else None,
+            on_message=self._message,
+            session_expiry_s=SESSION_EXPIRY_S if keep else 0,
+            resume_session=keep,
+            # the demo's broker speaks 3.1.1 only: replies then come on cabinets/<id>/reply
+            mqtt5=self._mqtt5,
+            manual_ack=self._seen is not None,
+        )
+
+    def _on_loop(self, fn: Callable[[], T]) -> T:
+        """Run ``fn`` on the backend's loop (the link is not thread-safe) and return its value."""
+
+        async def call() -> T:
+            return fn()
+
+        return asyncio.run_coroutine_threadsafe(call(), self._loop).result()
 
     def close(self) -> None:
-        """Disconnect."""
-        self._client.disconnect()
-        self._client.loop_stop()
+        """Disconnect (a consumer's session stays on the broker for its restart)."""
+        if self._loop.is_closed():
+            return  # closed already
+        self._on_loop(self._link.stop)
+        self._stop_loop()
+        if self._seen is not None:
+            self._seen.close()
 
-    def _connected(self, client: Any, _u: Any, _f: Any, reason: Any, _p: Any) -> None:
-        if reason.is_failure:
-            return  # refused: the constructor's wait times out with a clear error
-        client.subscribe(f"{topics.ROOT}/+/#", qos=1)
-        client.subscribe(self._reply_topic, qos=1)
-        self._connected_event.set()
+    def _stop_loop(self) -> None:
+        # what paho handed over before it stopped is handled first: stop is queued after it
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=10)
+        self._loop.close()
 
-    def _message(self, _c: Any, _u: Any, msg: paho.MQTTMessage) -> None:
+    def _message(self, message: Message) -> None:
+        try:
+            self._handle(message)
+        finally:
+            if self._seen is not None:
+                self._link.ack(message)  # kept (or not ours to keep): the broker may forget it
+
+    def _handle(self, msg: Message) -> None:
         try:
             payload = json.loads(msg.payload)
         except (ValueError, RecursionError):  # bad JSON, a 5,000-digit number, deep nesting
@@ -109,16 +178,24 @@ class Backend:
                 return
             cabinet, kind = parts[1], parts[2]
             if kind == "events":
-                if payload["id"] in self._seen_ids:
+                self.received_ids.append(payload["id"])
+                if not self._first_time(payload, cabinet):
                     self.duplicates[cabinet] += 1
                     return
-                self._seen_ids.add(payload["id"])
                 self.events[cabinet].append(payload)
             elif kind == "status":
                 self.status[cabinet] = payload
             elif kind == "state":
                 self.state[cabinet] = payload
                 self.state_publishes[cabinet] += 1
+
+    def _first_time(self, event: dict[str, Any], cabinet: str) -> bool:
+        if self._seen is not None:
+            return self._seen.first_time(event["id"], cabinet, int(event["seq"]), self.client_id)
+        if event["id"] in self._seen_ids:
+            return False
+        self._seen_ids.add(event["id"])
+        return True
 
     def event_list(self, cabinet_id: str) -> list[dict[str, Any]]:
         """Unique events of one cabinet, sorted by seq."""
@@ -147,8 +224,9 @@ class Backend:
         props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
         props.ResponseTopic = f"{self._reply_root}/{cabinet_id}/{self._reply_nonce}"
         props.CorrelationData = key.encode()
-        self._client.publish(
-            topics.command(cabinet_id, name), body, qos=1, properties=props if self._mqtt5 else None
+        topic = topics.command(cabinet_id, name)
+        self._on_loop(
+            lambda: self._link.publish(topic, body, properties=props if self._mqtt5 else None)
         )
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:

@@ -77,8 +77,10 @@ class SimCabinet:
         self.cabinet_id = f"fleet-{index:03d}"
         self.rng = random.Random(seed + index)
         self.world = SimulatedCabinet(clock=time.monotonic, seed=seed + index, charge_speedup=120)
-        bus = ModbusBus(parse_endpoint("tcp://127.0.0.1:9"))  # never opened: DirectClient
-        bus._client = DirectClient(self.world, self.rng, wire_delay_s=WIRE_S)  # type: ignore[assignment]
+        bus = ModbusBus(  # never opened: the simulated world answers through DirectClient
+            parse_endpoint("tcp://127.0.0.1:9"),
+            client=DirectClient(self.world, self.rng, wire_delay_s=WIRE_S),
+        )
         self.controller = CabinetController(
             cabinet_id=self.cabinet_id,
             journal=Journal(tmp / f"{self.cabinet_id}.db"),
@@ -97,10 +99,10 @@ class SimCabinet:
         c = self.controller
         async with asyncio.TaskGroup() as group:
             group.create_task(c.scheduler.run())
-            group.create_task(c.heartbeat_forever())
-            group.create_task(c.safety_writes_forever())
+            group.create_task(c.poller.heartbeat_forever())
+            group.create_task(c.poller.safety_writes_forever())
             await c.recover()
-            group.create_task(c.poll_forever())
+            group.create_task(c.poller.poll_forever())
             group.create_task(c.timers_forever())
             group.create_task(self.fleet.run())
             group.create_task(self._rider())

@@ -1,7 +1,8 @@
 """``cabinet watch``: the operator's live view of every cabinet on a broker.
 
-``FleetSubscriber`` is paho-mqtt in its own thread; messages and link changes hop to
-the asyncio loop as queue items and feed a ``fleet_view.FleetView``. It keeps a
+``FleetSubscriber`` is the same ``drivers.mqtt_link.MqttLink`` the cabinets use (one TLS
+set-up, one reconnection back-off); messages and link changes become queue items on the
+asyncio loop and feed a ``fleet_view.FleetView``. It keeps a
 broker session across its own reconnects so a network blip of the watching laptop
 is not mistaken for a gap in a cabinet's stream. The outputs (a screen redrawn in
 place, a table printed on change, JSON lines) only decide *when* to render what the
@@ -12,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import os
 import socket
@@ -22,15 +22,19 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol, TextIO
-
-import paho.mqtt.client as paho
-from paho.mqtt.enums import CallbackAPIVersion
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
+from typing import Protocol, TextIO
 
 from cabinet.operator.fleet_view import DEFAULT_READY_SOC_PCT, FleetView, render_screen
-from drivers.mqtt_link import BrokerAddress, TlsFiles, parse_broker_url
+from drivers.mqtt_link import (
+    BrokerAddress,
+    BrokerRefusedError,
+    Message,
+    MqttLink,
+    SessionTimeoutError,
+    TlsFiles,
+    TlsSetupError,
+    parse_broker_url,
+)
 from protocol import topics
 
 #: A watch that cannot reach its broker says so instead of showing an empty fleet forever.
@@ -38,16 +42,11 @@ CONNECT_TIMEOUT_S = 10.0
 #: The broker keeps our subscriptions and queues QoS 1 events this long while the watch
 #: itself is disconnected, and forgets them this long after a watch dies without a goodbye.
 SESSION_EXPIRY_S = 300
-KEEPALIVE_S = 30  # the broker notices a dead watch within 1.5x this
-RECONNECT_MIN_S = 1
-RECONNECT_MAX_S = 30  # the same backoff cap as the cabinets, so an outage ends similarly
 PRINT_INTERVAL_S = 1.0  # a table printed to a file or pipe at most this often
 REDRAW_MIN_S = 0.2  # a busy fleet must not make the screen flicker
 REDRAW_MAX_S = 1.0  # the "heard ago" column keeps counting on a quiet fleet
 # keeps the password out of `ps`; S105: this is the variable's name, not a password
 CLEAR_SCREEN = "\x1b[H\x1b[2J"
-#: paho's text for the CONNACK a 3.1.1-only broker answers an MQTT 5 CONNECT with.
-UNSUPPORTED_PROTOCOL = "Unsupported protocol version"
 #: The four subscriptions, at QoS 1 so no event is lost between the broker and the watch.
 FILTERS = tuple(
     topic("+") for topic in (topics.status, topics.state, topics.telemetry, topics.events)
@@ -186,7 +185,7 @@ class LiveScreen:
 
 @dataclass(frozen=True, slots=True)
 class Incoming:
-    """A message, converted from paho's types at the thread boundary."""
+    """A message, as the view needs it."""
 
     topic: str
     payload: bytes
@@ -216,27 +215,19 @@ def _describe(exc: BaseException, address: BrokerAddress) -> str:
     return str(exc) or type(exc).__name__
 
 
-def _tls_context(tls: TlsFiles) -> ssl.SSLContext:
-    try:
-        context = ssl.create_default_context(cafile=str(tls.ca_file) if tls.ca_file else None)
-    except (OSError, ssl.SSLError) as exc:
-        raise ValueError(f"--ca-file {tls.ca_file}: {exc.strerror or exc}") from exc
-    if tls.cert_file is not None:
-        try:
-            context.load_cert_chain(str(tls.cert_file), str(tls.key_file) if tls.key_file else None)
-        except (OSError, ssl.SSLError) as exc:
-            raise ValueError(
-                f"--client-cert {tls.cert_file} / --client-key {tls.key_file}: "
-                f"{exc.strerror or exc}"
-            ) from exc
-    return context
+def _tls_problem(exc: TlsSetupError, tls: TlsFiles) -> str:
+    """The TLS set-up's complaint, in the names of this command's own options."""
+    if exc.part == "ca":
+        return f"--ca-file {tls.ca_file}: {exc.detail}"
+    return f"--client-cert {tls.cert_file} / --client-key {tls.key_file}: {exc.detail}"
 
 
 class FleetSubscriber:
-    """paho-mqtt 2 (its own thread) subscribed to the fleet; reconnects by itself.
+    """The fleet's four topic trees over an ``MqttLink``; reconnects by itself.
 
-    MQTT 5 first (a session that outlives the watch's own blips); a 3.1.1-only broker
-    (the demo's) refuses that with "unsupported protocol version" and gets 3.1.1.
+    MQTT 5 first, with a session that outlives the watch's own blips (the broker queues
+    what it misses meanwhile); a 3.1.1-only broker (the demo's) gets 3.1.1, which the
+    link falls back to. Everything the link reports becomes an item in ``inbox``.
     """
 
     def __init__(
@@ -249,130 +240,64 @@ class FleetSubscriber:
     ) -> None:
         self.address = address
         self.inbox: asyncio.Queue[Incoming | LinkChange] = asyncio.Queue()
-        self._loop = asyncio.get_running_loop()
-        self._credentials = (username, password)
-        self._tls = tls
-        self._mqtt5 = True
-        self._first_connack: asyncio.Future[tuple[bool, str]] = self._loop.create_future()
-        self._client = self._new_client()
-
-    def _new_client(self) -> paho.Client:
-        if self._mqtt5:
-            client = paho.Client(
-                CallbackAPIVersion.VERSION2,
+        self._had_session = False  # before the first session, open() reports what goes wrong
+        try:
+            self._link = MqttLink(
+                self._where(),
                 client_id=f"cabinet-watch-{uuid.uuid4().hex[:12]}",
-                protocol=paho.MQTTv5,
+                username=username,
+                password=password,
+                tls=tls,
+                on_connected=self._up,
+                on_disconnected=self._down,
+                on_message=self._message,
+                session_expiry_s=SESSION_EXPIRY_S,
             )
-        else:
-            client = paho.Client(
-                CallbackAPIVersion.VERSION2,
-                client_id=f"cabinet-watch-{uuid.uuid4().hex[:12]}",
-                protocol=paho.MQTTv311,
-                clean_session=True,  # a random client id must not leave sessions behind
-            )
-        username, password = self._credentials
-        if username is not None:
-            client.username_pw_set(username, password)
-        if self.address.tls:
-            client.tls_set_context(_tls_context(self._tls))
-        client.reconnect_delay_set(RECONNECT_MIN_S, RECONNECT_MAX_S)
-        client.on_connect = self._paho_connect
-        client.on_disconnect = self._paho_disconnect
-        client.on_message = self._paho_message
-        return client
+        except TlsSetupError as exc:
+            raise ValueError(_tls_problem(exc, tls)) from exc
+        for topic_filter in FILTERS:
+            self._link.subscribe(topic_filter)
 
     async def connect(self, timeout_s: float = CONNECT_TIMEOUT_S) -> None:
-        """Get a session or raise ``BrokerUnreachableError``; paho keeps it up afterwards."""
-        accepted, reason = await self._session(timeout_s)
-        if not accepted and reason == UNSUPPORTED_PROTOCOL:
-            self._client.loop_stop()
-            self._mqtt5 = False
-            self._first_connack = self._loop.create_future()
-            self._client = self._new_client()
-            accepted, reason = await self._session(timeout_s)
-        if not accepted:
+        """Get a session or raise ``BrokerUnreachableError``; the link keeps it up afterwards."""
+        try:
+            await self._link.open(timeout_s)
+        except BrokerRefusedError as exc:
             raise BrokerUnreachableError(
-                f"the broker at {self._where()} refused the session: {reason}"
-            )
+                f"the broker at {self._where()} refused the session: {exc}"
+            ) from None
+        except SessionTimeoutError:
+            raise BrokerUnreachableError(
+                f"the broker at {self._where()} did not accept a session within {timeout_s:g} s"
+            ) from None
+        except OSError as exc:  # refused, unknown host, TLS, no answer (TimeoutError)
+            raise BrokerUnreachableError(
+                f"cannot reach the broker at {self._where()}: {_describe(exc, self.address)}"
+            ) from exc
 
     def _where(self) -> str:
         scheme = "mqtts" if self.address.tls else "mqtt"
         return f"{scheme}://{self.address.host}:{self.address.port}"
 
-    async def _session(self, timeout_s: float) -> tuple[bool, str]:
-        deadline = self._loop.time() + timeout_s
-        options: dict[str, Any] = {}
-        if self._mqtt5:
-            props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
-            props.SessionExpiryInterval = SESSION_EXPIRY_S
-            options = {"clean_start": paho.MQTT_CLEAN_START_FIRST_ONLY, "properties": props}
-        try:
-            # the blocking connect raises the real reason (refused, TLS, DNS); paho's own
-            # background connect would only retry it silently
-            await asyncio.wait_for(
-                asyncio.to_thread(
-                    self._client.connect,
-                    self.address.host,
-                    self.address.port,
-                    KEEPALIVE_S,
-                    **options,
-                ),
-                timeout_s,
-            )
-        except (OSError, TimeoutError) as exc:
-            raise BrokerUnreachableError(
-                f"cannot reach the broker at {self._where()}: {_describe(exc, self.address)}"
-            ) from exc
-        self._client.loop_start()
-        try:
-            return await asyncio.wait_for(
-                asyncio.shield(self._first_connack), max(0.1, deadline - self._loop.time())
-            )
-        except TimeoutError:
-            raise BrokerUnreachableError(
-                f"the broker at {self._where()} did not accept a session within {timeout_s:g} s"
-            ) from None
-
     def close(self) -> None:
         """Leave without leaving a session behind on the broker."""
-        props = None
-        if self._mqtt5:
-            props = Properties(PacketTypes.DISCONNECT)  # type: ignore[no-untyped-call]
-            props.SessionExpiryInterval = 0
-        with contextlib.suppress(Exception):  # already gone is as good as gone
-            self._client.disconnect(properties=props)
-        self._client.loop_stop()
+        self._link.stop(forget_session=True)
 
-    # paho's thread: convert, then hop to the loop
+    # the link's callbacks, on the loop
 
-    def _hop(self, fn: Callable[..., None], *args: Any) -> None:
-        if not self._loop.is_closed():
-            with contextlib.suppress(RuntimeError):  # the loop closed between check and call
-                self._loop.call_soon_threadsafe(fn, *args)
-
-    def _paho_connect(self, client: paho.Client, _u: Any, flags: Any, reason: Any, _p: Any) -> None:
-        if not reason.is_failure:
-            client.subscribe([(topic_filter, 1) for topic_filter in FILTERS])
-        self._hop(self._connected, not reason.is_failure, str(reason), bool(flags.session_present))
-
-    def _paho_disconnect(self, _c: Any, _u: Any, _flags: Any, reason: Any, _p: Any) -> None:
-        self._hop(self.inbox.put_nowait, LinkChange(up=False, detail=str(reason)))
-
-    def _paho_message(self, _c: Any, _u: Any, msg: paho.MQTTMessage) -> None:
-        self._hop(self.inbox.put_nowait, Incoming(msg.topic, bytes(msg.payload), msg.retain))
-
-    # on the loop
-
-    def _connected(self, accepted: bool, reason: str, session_present: bool) -> None:
-        if not self._first_connack.done():
-            self._first_connack.set_result((accepted, reason))
+    def _up(self) -> None:
+        if not self._had_session:
+            self._had_session = True  # the first session: connect() returns, nothing to say
             return
-        if accepted:
-            self.inbox.put_nowait(
-                LinkChange(up=True, detail=reason, session_lost=not session_present)
-            )
-        else:
-            self.inbox.put_nowait(LinkChange(up=False, detail=f"refused: {reason}"))
+        lost = not self._link.session_present
+        self.inbox.put_nowait(LinkChange(up=True, detail="reconnected", session_lost=lost))
+
+    def _down(self, reason: str) -> None:
+        if self._had_session:  # before it, a protocol fallback may close a connection
+            self.inbox.put_nowait(LinkChange(up=False, detail=reason))
+
+    def _message(self, message: Message) -> None:
+        self.inbox.put_nowait(Incoming(message.topic, message.payload, message.retain))
 
 
 # -- the command ---------------------------------------------------------------------------

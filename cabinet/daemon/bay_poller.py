@@ -1,0 +1,381 @@
+"""The bay poller: observes the boards for the controller and carries out its bus commands.
+
+Theory of operation: the controller decides and never touches the bus; this is
+its hands and eyes. The poll cycle reads one bay at a time through the bus
+scheduler and hands each reading to ``CabinetController.observe_bay`` (the
+cabinet board's to ``observe_cabinet``, who answers to the presence book);
+the session's bays are re-read every ``HOT_BAY_INTERVAL_S``; the charging plan
+the controller draws is written to the boards (re-sent when a board may have
+forgotten it); the heartbeat broadcast keeps the boards out of fail-safe.
+Bus commands the controller journaled (``bus_commands``) are carried out here:
+a session's unlock (dropped if the session no longer wants that door when the
+frame is about to go), a person's unlock, and the safety writes
+(``safety_writes``, confirmed by read-back).
+
+A reading that fails is stale, not news: the last snapshot stands until the bus
+isolates the unit, and only then is the bay reported offline. A lost adapter or
+gateway is reported once and reopened with back-off before the next cycle; a
+cycle starts at most every ``MIN_POLL_CYCLE_S``, so calls that fail at once
+never make a busy loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Coroutine
+from typing import TYPE_CHECKING, Any
+
+import structlog
+
+from cabinet.core.bay_tracker import OFFLINE, BaySnapshot, snapshot_from_status
+from cabinet.core.swap_machine import LockJammed, Unlock
+from cabinet.daemon.bus_commands import BusCommand, MakeSafe, OperatorUnlock
+from cabinet.daemon.bus_scheduler import BusScheduler, Priority
+from cabinet.daemon.journal import JournalError
+from cabinet.daemon.safety_writes import SafetyWriter
+from drivers.boards import BayBoard, CabinetBoard, EnergyMeter
+from drivers.modbus_bus import (
+    HEARTBEAT_FAILSAFE_EXCEPTION,
+    BusError,
+    BusUnavailableError,
+    ExceptionReplyError,
+    ModbusBus,
+    UnitIsolatedError,
+)
+from protocol import bay_map
+from protocol.errors import ProtocolError, UnknownMapVersionError
+from protocol.units import BAY_UNITS, CABINET_BOARD_UNIT, ENERGY_METER_UNIT
+
+if TYPE_CHECKING:
+    from cabinet.daemon.controller import CabinetController
+
+log = structlog.get_logger("controller")
+
+# A bay board in heartbeat fail-safe refuses an unlock with 0x06 (busy: retry after a
+# heartbeat); 0x04 (device failure) is a failing board. Rule in docs/hardware.md.
+HEARTBEAT_FAILSAFE_CODE = HEARTBEAT_FAILSAFE_EXCEPTION
+HOT_BAY_INTERVAL_S = 0.1  # a session's bay is re-read this often: a door seen open within ~0.1 s
+HEARTBEAT_INTERVAL_S = 1.0  # five per board timeout: one lost broadcast never trips a board
+CHARGER_REFRESH_S = 60.0  # re-send unchanged charger settings: a rebooted board forgets them
+METER_INTERVAL_S = 10.0
+#: A poll cycle never starts sooner than this after the previous one started. A healthy
+#: cycle takes longer anyway (12 bays + cabinet board: ~0.1 s of wire at 115200 baud,
+#: ~0.9 s at 9600); this only bites when every call fails at once (adapter gone, every
+#: unit isolated), where it caps the poller at 4 cycles a second instead of a busy loop.
+MIN_POLL_CYCLE_S = 0.25
+#: Pauses between attempts to reopen a lost adapter or gateway.
+BUS_REOPEN_S = (0.5, 1.0, 2.0, 5.0, 10.0)
+
+
+class BayPoller:
+    """Reads the boards into the controller and carries out the bus commands it decides."""
+
+    def __init__(
+        self,
+        controller: CabinetController,
+        scheduler: BusScheduler,
+        *,
+        spawn: Callable[[Coroutine[Any, Any, None]], None],
+    ) -> None:
+        self.controller = controller
+        self.scheduler = scheduler
+        self.clock = controller.clock
+        self._spawn = spawn
+        self.safety = SafetyWriter(
+            scheduler=scheduler,
+            clock=controller.clock,
+            spawn=spawn,
+            still_wanted=controller.safety_still_wanted,
+            record=lambda type_, payload: controller.record((type_, payload)),
+            charger_off=self._charger_confirmed_off,
+        )
+        self.on_unlock_sent: Callable[[int], None] | None = None  # for latency measurement
+        self._last_read: dict[int, float] = {}
+        self._commanded: dict[int, tuple[bool, float, float]] = {}
+        self._heartbeat_counter = 0
+        self._heartbeat_failing = False
+        self._last_meter = float("-inf")
+        self.last_answer_at = self.clock.monotonic()  # a unit answered (any unit, any call)
+        self._answers_seen = 0
+
+    # -- carrying out what the controller decided ------------------------------------------
+
+    def carry_out(self, commands: list[BusCommand]) -> None:
+        """Start the bus I/O for journaled decisions (in the background: never blocks)."""
+        for command in commands:
+            if isinstance(command, Unlock):
+                self._spawn(self._unlock(command.bay))
+            elif isinstance(command, OperatorUnlock):
+                self._spawn(self._operator_unlock(command.bay))
+            elif isinstance(command, MakeSafe):
+                self.safety.make_safe(command.target)
+
+    async def _unlock(self, bay: int) -> None:
+        c = self.controller
+        session_id = c.state.session_id
+
+        async def unlock_if_still_wanted(bus: ModbusBus) -> bool:
+            # Checked when the frame is about to go out, not when it was queued: a session
+            # aborted meanwhile (smoke) must not have a door open after the fact.
+            if c.state.session_id != session_id or bay not in c.hot_bays():
+                return False
+            await BayBoard(bus, bay).unlock()
+            return True
+
+        try:
+            try:
+                sent = await self.scheduler.submit(Priority.UNLOCK, unlock_if_still_wanted)
+            except ExceptionReplyError as exc:
+                if exc.code != HEARTBEAT_FAILSAFE_CODE:
+                    raise
+                # the board is in heartbeat fail-safe, not jammed: heartbeat, then once more
+                await self.heartbeat(Priority.UNLOCK)
+                sent = await self.scheduler.submit(Priority.UNLOCK, unlock_if_still_wanted)
+        except ExceptionReplyError as exc:
+            failsafe = exc.code == HEARTBEAT_FAILSAFE_CODE
+            log.warning(
+                "unlock_refused",
+                bay=bay,
+                error=str(exc),
+                cause="heartbeat fail-safe" if failsafe else "board failure",
+            )
+            if not failsafe:
+                c.feed([LockJammed(bay)])
+            return
+        except BusError as exc:
+            log.warning("unlock_failed", bay=bay, error=str(exc))
+            return  # the unlock timer will notice the door never opened
+        if not sent:
+            log.info("unlock_dropped", bay=bay, reason="session no longer wants this door")
+            return
+        if self.on_unlock_sent is not None:
+            self.on_unlock_sent(bay)
+        await self.read_bay(bay, Priority.ACTIVE)
+
+    async def _operator_unlock(self, bay: int) -> None:
+        try:
+            await self.scheduler.submit(Priority.UNLOCK, lambda bus: BayBoard(bus, bay).unlock())
+        except BusError as exc:
+            self.controller.record(
+                ("bay.fault", {"bay": bay, "reason": f"remote open failed: {exc}"})
+            )
+
+    # -- the forever-loops -------------------------------------------------------------------
+
+    async def poll_forever(self) -> None:
+        """The poll cycle: every bay once, the session's bays often, charging, the meter.
+
+        Paced: a cycle starts at most every ``MIN_POLL_CYCLE_S`` (the session's bays are
+        still read every ``HOT_BAY_INTERVAL_S`` meanwhile), and a lost adapter is reopened
+        with back-off before the next cycle — so calls that fail at once never make a
+        busy loop.
+        """
+        c = self.controller
+        while True:
+            started = self.clock.monotonic()
+            if c.bus_lost is not None:
+                await self._reopen_bus()
+            for bay in BAY_UNITS:
+                await self.read_bay(bay, Priority.ROUTINE)
+                await self._read_hot_bays()
+            await self.read_cabinet()
+            await self.apply_charging()
+            await self._read_meter_if_due()
+            c.presence_alarms_due()
+            c.last_cycle_at = self.clock.monotonic()
+            c.poll_cycles += 1
+            await self._pace(started)
+
+    async def _pace(self, started: float) -> None:
+        """Wait out the rest of the minimum cycle, keeping the session's bays fresh."""
+        while (left := started + MIN_POLL_CYCLE_S - self.clock.monotonic()) > 0:
+            await asyncio.sleep(min(left, HOT_BAY_INTERVAL_S))
+            await self._read_hot_bays()
+
+    async def heartbeat_forever(self) -> None:
+        """Tell the boards we are alive, in a task of its own so a poller crash cannot stop it."""
+        while True:
+            await self.heartbeat()
+            await asyncio.sleep(HEARTBEAT_INTERVAL_S)
+
+    async def safety_writes_forever(self) -> None:
+        """Re-try every unconfirmed safety write when its back-off is over."""
+        await self.safety.forever()
+
+    async def read_everything(self) -> None:
+        """Heartbeat, then every board once at ACTIVE priority: the picture for recovery."""
+        await self.heartbeat()
+        await self.read_cabinet()
+        for bay in BAY_UNITS:
+            await self.read_bay(bay, Priority.ACTIVE)
+
+    # -- observations --------------------------------------------------------------------------
+
+    async def refresh_bay(self, bay: int) -> BaySnapshot | None:
+        """Read ``bay`` now (ahead of routine polling); its snapshot, or None if unknown."""
+        await self.read_bay(bay, Priority.ACTIVE)
+        return self.controller.snapshots.get(bay)
+
+    async def read_bay(self, bay: int, priority: Priority) -> None:
+        """Read one bay board and hand the reading (or its silence) to the controller."""
+        c = self.controller
+        self._last_read[bay] = self.clock.monotonic()
+        try:
+            status = await self.scheduler.submit(
+                priority, lambda bus: BayBoard(bus, bay).read_status()
+            )
+        except BusUnavailableError as exc:
+            c.bus_unavailable(exc)
+            return  # nobody was asked: the bay's picture is stale, not news
+        except UnitIsolatedError:
+            c.unit_silent(bay)
+            c.observe_bay(bay, OFFLINE)
+            return
+        except UnknownMapVersionError as exc:
+            c.unit_answered(bay)
+            c.board_unreadable(bay, str(exc))
+            return
+        except (BusError, ProtocolError):
+            if self.scheduler.bus.is_isolated(bay):
+                c.unit_silent(bay)
+                c.observe_bay(bay, OFFLINE)
+            return  # stale: the last snapshot stands until the unit is isolated
+        c.unit_answered(bay)
+        try:
+            c.observe_bay(bay, snapshot_from_status(status))
+        except JournalError:
+            return  # not recorded, so not acted on: the next reading retries (journal.py logs it)
+
+    async def read_cabinet(self) -> None:
+        """Read the cabinet board; close the contactor if the controller wants it closed."""
+        c = self.controller
+        try:
+            status = await self.scheduler.submit(
+                Priority.ROUTINE, lambda bus: CabinetBoard(bus).read_status()
+            )
+        except BusUnavailableError as exc:
+            c.bus_unavailable(exc)
+            return
+        except (BusError, ProtocolError):
+            if self.scheduler.bus.is_isolated(CABINET_BOARD_UNIT):
+                c.unit_silent(CABINET_BOARD_UNIT)
+            return
+        c.unit_answered(CABINET_BOARD_UNIT)
+        if c.observe_cabinet(status):
+            await self._close_contactor()
+
+    async def _close_contactor(self) -> None:
+        """Close the contactor (routine: the next cabinet reading checks it)."""
+        try:
+            await self.scheduler.submit(
+                Priority.ROUTINE, lambda bus: CabinetBoard(bus).set_contactor(closed=True)
+            )
+        except BusError as exc:
+            log.info("contactor_write_failed", closed=True, error=str(exc))
+
+    async def _read_hot_bays(self) -> None:
+        for bay in self.controller.hot_bays():
+            if self.clock.monotonic() - self._last_read.get(bay, 0.0) >= HOT_BAY_INTERVAL_S:
+                await self.read_bay(bay, Priority.ACTIVE)
+
+    async def _read_meter_if_due(self) -> None:
+        now = self.clock.monotonic()
+        if now - self._last_meter < METER_INTERVAL_S:
+            return
+        self._last_meter = now
+        c = self.controller
+        try:
+            c.meter = await self.scheduler.submit(
+                Priority.ROUTINE, lambda bus: EnergyMeter(bus).read()
+            )
+        except BusUnavailableError as exc:
+            c.bus_unavailable(exc)
+            return
+        except (BusError, ProtocolError):
+            if self.scheduler.bus.is_isolated(ENERGY_METER_UNIT):
+                c.unit_silent(ENERGY_METER_UNIT)
+            return
+        c.unit_answered(ENERGY_METER_UNIT)
+
+    # -- charging and heartbeat --------------------------------------------------------------
+
+    async def apply_charging(self) -> None:
+        """Write the controller's charging plan, re-sending what a board may have forgotten."""
+        now = self.clock.monotonic()
+        for bay, amps in self.controller.charging_plan().items():
+            last = self._commanded.get(bay)
+            if (
+                last is None
+                or (last[0], last[1]) != (amps > 0, amps)
+                or (now - last[2] > CHARGER_REFRESH_S)
+            ):
+                await self._charger(bay, amps, Priority.ROUTINE)
+
+    async def _charger(self, bay: int, amps: float, priority: Priority) -> None:
+        enabled = amps > 0.0
+        try:
+            await self.scheduler.submit(
+                priority,
+                lambda bus: BayBoard(bus, bay).set_charger(enabled=enabled, current_limit_a=amps),
+            )
+        except BusError as exc:
+            log.debug("charger_write_failed", bay=bay, error=str(exc))
+            self._commanded.pop(bay, None)
+            return
+        self._commanded[bay] = (enabled, amps, self.clock.monotonic())
+
+    def _charger_confirmed_off(self, bay: int) -> None:
+        self._commanded[bay] = (False, 0.0, self.clock.monotonic())
+
+    def forget_charger_command(self, bay: int) -> None:
+        """Someone else drove this bay's charger: the policy re-sends its setting next cycle."""
+        self._commanded.pop(bay, None)
+
+    async def heartbeat(self, priority: Priority = Priority.ACTIVE) -> None:
+        """One heartbeat broadcast; a failing heartbeat is logged once per episode."""
+        self._heartbeat_counter = (self._heartbeat_counter + 1) & 0xFFFF
+        counter = self._heartbeat_counter
+        try:
+            await self.scheduler.submit(
+                priority,
+                lambda bus: bus.broadcast_register(bay_map.CommandReg.HEARTBEAT, counter),
+            )
+        except BusError as exc:
+            if not self._heartbeat_failing:  # once per episode, not once a second
+                log.warning("heartbeat_failed", error=str(exc))
+            self._heartbeat_failing = True
+        else:
+            if self._heartbeat_failing:
+                log.info("heartbeat_sent_again")
+            self._heartbeat_failing = False
+
+    # -- is the bus there at all ---------------------------------------------------------------
+
+    def unit_silence_s(self) -> float:
+        """Seconds since any unit last answered anything (a read, a write, an exception)."""
+        answers = sum(stats.ok for stats in self.scheduler.bus.stats.values())
+        if answers != self._answers_seen:
+            self._answers_seen = answers
+            self.last_answer_at = self.clock.monotonic()
+        return self.clock.monotonic() - self.last_answer_at
+
+    async def _reopen_bus(self) -> None:
+        """Reopen the adapter with back-off until it opens; the controller records the outage."""
+        tries = 0
+        while True:
+            await asyncio.sleep(BUS_REOPEN_S[min(tries, len(BUS_REOPEN_S) - 1)])
+            tries += 1
+            try:
+                await self.scheduler.submit(Priority.SAFETY, _reopen)
+            except BusUnavailableError as exc:
+                if tries == 1:
+                    log.warning("bus_reopen_failing", error=str(exc))
+                continue
+            break
+        self.controller.bus_restored(tries)
+
+
+async def _reopen(bus: ModbusBus) -> None:
+    """Close and reopen the port (a job on the bus master: no transaction is in flight)."""
+    bus.close()
+    await bus.connect()

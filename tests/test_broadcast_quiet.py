@@ -1,0 +1,91 @@
+"""After a broadcast the master keeps the line quiet until every board has acted.
+
+docs/hardware.md: nobody replies to a write to unit 0, so the master keeps the line quiet
+for 10 ms after it; on a serial line that counts from the frame's last byte, which leaves
+the UART a frame time after the write call returned. Measured as a board sees it: from
+the broadcast's first byte to the next request's first byte, on a pseudo-terminal.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import tty
+
+import pytest
+
+from drivers.boards import BayBoard
+from drivers.bus_url import parse_endpoint
+from drivers.modbus_bus import BROADCAST_TURNAROUND_S, ModbusBus
+from protocol import bay_map, rtu_timing
+from tests.test_golden_frames import GOLDEN
+
+#: The line process notices a frame's first byte up to about this late on a loaded
+#: machine (a wake-up), which shortens the quiet it measures, never lengthens it.
+OBSERVER_LATE_S = 0.002
+
+
+#: A process of its own plays the line, so that the test's event loop (which holds the
+#: GIL while it works) cannot make it notice a frame late: it prints when each 8-byte
+#: frame's first byte arrived (CLOCK_MONOTONIC, the same clock in every process) and
+#: answers a bay-status request with ``reply``.
+LINE = """
+import os, select, sys, time
+fd, reply = int(sys.argv[1]), bytes.fromhex(sys.argv[2])
+pending, first, seen_broadcast = b"", 0.0, False
+print("ready", flush=True)
+while True:
+    if not select.select([fd], [], [], 5)[0]:
+        break
+    data = os.read(fd, 512)
+    if not pending:
+        first = time.perf_counter()
+    pending += data
+    if len(pending) >= 8:
+        print(first, pending[0], flush=True)
+        if pending[0] != 0:
+            os.write(fd, reply)
+            if pending[0] == 3 and seen_broadcast:
+                break
+        seen_broadcast = seen_broadcast or pending[0] == 0
+        pending = b""
+"""
+
+
+@pytest.mark.parametrize("baud", [9600, 115200])
+def test_the_next_request_waits_for_the_broadcast_frame_and_the_boards(baud: int) -> None:
+    golden = GOLDEN["bay-status"]
+    pty_master, pty_slave = os.openpty()
+    tty.setraw(pty_slave)
+    line = subprocess.Popen(
+        [sys.executable, "-c", LINE, str(pty_master), golden.reply.hex()],
+        pass_fds=[pty_master],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+
+    async def master() -> None:
+        url = f"serial://{os.ttyname(pty_slave)}?baud={baud}&parity=N"
+        async with ModbusBus(parse_endpoint(url), timeout_s=0.5) as bus:
+            # as in the daemon, the heartbeat goes out amid polling: right after the port
+            # opens the event loop is still busy and the write leaves late
+            await BayBoard(bus, 3).read_status()
+            await bus.broadcast_register(bay_map.CommandReg.HEARTBEAT, 7)
+            await BayBoard(bus, 3).read_status()
+
+    try:
+        assert line.stdout is not None
+        assert line.stdout.readline() == "ready\n"  # listening before the first frame
+        asyncio.run(master())
+        out, _ = line.communicate(timeout=10)
+    finally:
+        line.kill()
+        os.close(pty_master)
+        os.close(pty_slave)
+    frames = [(float(t), int(unit)) for t, unit in (row.split() for row in out.splitlines())]
+    assert [unit for _, unit in frames] == [3, 0, 3]
+    quiet = frames[2][0] - frames[1][0]
+    frame_s = rtu_timing.frame_time(rtu_timing.WRITE_SINGLE_BYTES, baud)
+    assert quiet >= frame_s + BROADCAST_TURNAROUND_S - OBSERVER_LATE_S

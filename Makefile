@@ -26,8 +26,11 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
+# Tests mostly wait on real processes (daemon, simulator, broker), so more workers than cores
+# pays; TEST_WORKERS=0 runs them in one process (a debugger, a traceback without interleaving).
+TEST_WORKERS ?= 6
 unit: $(STAMP)
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q -n $(TEST_WORKERS) --dist worksteal
 
 ## screenshots: the rider's screen at both sizes in both languages (docs/rider-screen/)
 screenshots: $(STAMP)
@@ -36,11 +39,13 @@ screenshots: $(STAMP)
 ## bench: bus cycle, swap latency, outbox drain, firmware update, daemon RSS/CPU, fleet N
 bench: $(STAMP)
 	$(BIN)/python bench/bus_cycle.py
+	$(BIN)/python bench/daemon_cycle.py
 	$(BIN)/python bench/swap_latency.py --swaps 20
 	$(BIN)/python bench/outbox.py
 	$(BIN)/python bench/firmware.py
 	$(BIN)/python bench/daemon_resources.py
 	$(BIN)/python bench/fleet.py
+	$(BIN)/python bench/broker_cost.py
 
 ## schemas: regenerate protocol/schemas/*.json from the message models
 schemas: $(STAMP)

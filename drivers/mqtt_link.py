@@ -431,7 +431,9 @@ class MqttLink:
         self._connect()
 
     def _disconnected(self, reason: str, before_connack: bool, client: Any = None) -> None:
-        if before_connack and client is self._client:
+        if client is not None and client is not self._client:
+            return  # a client retired by a protocol switch: its news is not the link's
+        if before_connack:
             self._closed_before_connack += 1
             if self._closed_before_connack >= CLOSES_BEFORE_CONNACK_TO_SWITCH:
                 # the other version: a 3.1.1-only broker that closes on MQTT 5 (RabbitMQ

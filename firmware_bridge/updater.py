@@ -24,6 +24,7 @@ from drivers.boards import BayBoard
 from drivers.modbus_bus import BusError, ExceptionReplyError, ModbusBus
 from firmware_bridge.image import FirmwareImage
 from protocol import firmware_map as fw
+from protocol.bay_map import BayStatus
 from protocol.errors import ProtocolError, UnknownMapVersionError
 
 T = TypeVar("T")
@@ -78,8 +79,12 @@ class BayUpdater:
         *,
         on_progress: Callable[[Progress], Awaitable[None] | None] = lambda _p: None,
         board_wait_s: float = BOARD_WAIT_S,
+        submit_chunk: Submit | None = None,
     ) -> None:
         self._submit = submit
+        # the image chunks: the daemon queues them below its polling (Priority.BULK), so
+        # the transfer fills the wire polling leaves and never delays a bay's reading
+        self._submit_chunk = submit_chunk or submit
         self.unit = unit
         self.image = image
         self._on_progress = on_progress
@@ -117,7 +122,7 @@ class BayUpdater:
         while offset < total:
             chunk = payload[offset : offset + fw.CHUNK_BYTES]
             try:
-                await self._write(fw.CHUNK_START, fw.encode_chunk(offset, chunk))
+                await self._write_chunk(fw.encode_chunk(offset, chunk))
             except BusError:
                 offset = await self._resume()
                 continue
@@ -170,8 +175,7 @@ class BayUpdater:
         while True:
             await asyncio.sleep(POLL_S)
             try:
-                board = await self._submit(lambda bus: BayBoard(bus, self.unit).read_status())
-                status = await self._status()
+                board, status = await self._submit(self._read_back)
             except UnknownMapVersionError as exc:
                 await self._command(fw.Command.ROLLBACK)
                 raise UpdateFailedError(
@@ -198,6 +202,11 @@ class BayUpdater:
                 await self._command(fw.Command.CONFIRM)
                 return
 
+    async def _read_back(self, bus: ModbusBus) -> tuple[BayStatus, fw.Status]:
+        """The rebooted board's status block and bootloader status, in one bus slot."""
+        board = await BayBoard(bus, self.unit).read_status()
+        return board, await read_status(bus, self.unit)
+
     # -- exchanges -------------------------------------------------------------------------
 
     async def _status(self) -> fw.Status:
@@ -211,6 +220,9 @@ class BayUpdater:
 
     async def _write(self, address: int, regs: list[int]) -> None:
         await self._submit(lambda bus: bus.write_registers(self.unit, address, regs))
+
+    async def _write_chunk(self, regs: list[int]) -> None:
+        await self._submit_chunk(lambda bus: bus.write_registers(self.unit, fw.CHUNK_START, regs))
 
     async def _command(self, command: fw.Command) -> None:
         try:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Final, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, create_model
+from pydantic import BaseModel, ConfigDict, Field
 
 from protocol.catalogue import EVENTS, REPLY_ERROR_CODES, DoorName, ModeName, PhaseName
 
@@ -271,7 +271,14 @@ class Reply(_Message):
 
 
 def _typed_event(type_: str) -> type[Event]:
-    """The envelope with ``type`` fixed to one catalogue entry and ``data`` its model."""
+    """The envelope with ``type`` fixed to one catalogue entry and ``data`` its model.
+
+    Built only for the schema files (tools/gen_schemas.py, the contract tests): the daemon
+    never validates its own events, so it neither builds these models nor imports
+    ``create_model``/``TypeAdapter`` (DESIGN.md §6, resident memory).
+    """
+    from pydantic import create_model  # noqa: PLC0415 - schema generation only
+
     name = "".join(part.capitalize() for part in type_.replace("_", ".").split(".")) + "Event"
     fixed_type: Any = Literal[type_]  # built at run time: one literal per catalogue entry
     return create_model(
@@ -289,6 +296,8 @@ def event_schema() -> dict[str, Any]:
     An event whose ``data`` does not match its type, or whose type is not in the
     catalogue, is invalid.
     """
+    from pydantic import TypeAdapter  # noqa: PLC0415 - schema generation only
+
     union: Any = Union[tuple(_typed_event(type_) for type_ in EVENTS)]  # noqa: UP007
     adapter: TypeAdapter[Any] = TypeAdapter(Annotated[union, Field(discriminator="type")])
     schema = adapter.json_schema()

@@ -31,8 +31,13 @@ def command(cabinet_id: str, name: str) -> str:
 
 
 def commands_filter(cabinet_id: str) -> str:
-    """The subscription for every command of this cabinet."""
-    return f"{ROOT}/{cabinet_id}/cmd/+"
+    """The subscription for every command of this cabinet, in either spelling.
+
+    ``cmd/#`` rather than ``cmd/+``: NATS (2.9) disconnects a publisher whose topic has a
+    dot and RabbitMQ (3.10) turns the dot into a level, so there ``bay.disable`` travels
+    as ``cmd/bay/disable`` (docs/mqtt.md, "Brokers").
+    """
+    return f"{ROOT}/{cabinet_id}/cmd/#"
 
 
 def reply(cabinet_id: str) -> str:
@@ -41,9 +46,13 @@ def reply(cabinet_id: str) -> str:
 
 
 def command_name(cabinet_id: str, topic: str) -> str | None:
-    """The command name of a topic under this cabinet's ``cmd/``, or None."""
+    """The command name of a topic under this cabinet's ``cmd/``, or None.
+
+    ``cmd/bay.disable`` and ``cmd/bay/disable`` both name ``bay.disable``: the second is the
+    spelling for brokers that cannot carry a dot in a topic.
+    """
     prefix = f"{ROOT}/{cabinet_id}/cmd/"
     if not topic.startswith(prefix):
         return None
-    name = topic.removeprefix(prefix)
-    return name if name and "/" not in name else None
+    levels = topic.removeprefix(prefix).split("/")
+    return ".".join(levels) if all(levels) else None

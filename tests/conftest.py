@@ -122,9 +122,10 @@ def cabinet_cmd(
 
     In-process (the console script's own `main`, on a thread of its own so a test may call
     it from inside an event loop), except for the commands in OWN_PROCESS, which get a real
-    process. `cabinet_process` always starts one, for what only a process shows.
+    process. `cabinet_process` always starts one, for what only a process shows;
+    CABINET_TEST_CLI_PROCESS=1 makes every call one (to tell a harness effect from a bug).
     """
-    if _is_own_process(args):
+    if _is_own_process(args) or os.environ.get("CABINET_TEST_CLI_PROCESS"):
         return cabinet_process(*args, timeout=timeout, env=env)
     with _IN_PROCESS_LOCK:
         return _in_process(args, timeout, env or {})

@@ -180,13 +180,16 @@ def running_cabinet(
         assert result.returncode == 0, result.stderr
         config = write_config(tmp, sim, extra or {})
         cab = Cabinet(sim, tmp, config, tmp / "backend.key", env=env or {})
-        cab.start()
+        failed = True
         try:
+            cab.start()
             yield cab
+            failed = False
         finally:
             cab.stop()
             log = tmp / "daemon.log"
-            if log.exists() and os.environ.get("CABINET_TEST_SHOW_LOG"):
-                sys.stderr.write(log.read_text())
+            # a failing test shows what the daemon said (pytest prints a failed test's stderr)
+            if log.exists() and (failed or os.environ.get("CABINET_TEST_SHOW_LOG")):
+                sys.stderr.write(log.read_text()[-20_000:])
     finally:
         stop_sim_process(sim)

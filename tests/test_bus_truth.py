@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from cabinet.daemon.controller import MIN_POLL_CYCLE_S
+from cabinet.daemon.bay_poller import MIN_POLL_CYCLE_S
 from tests.conftest import cabinet_cmd, start_sim_process, stop_sim_process
 from tests.daemon_harness import Cabinet, running_cabinet, wait_until
 

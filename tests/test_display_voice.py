@@ -48,7 +48,8 @@ def test_clips_are_synthesised_once_and_played_from_a_file(tmp_path: Path) -> No
     async def scenario() -> None:
         voice = Voice(f"{WRITER} {played} {{file}}", tmp_path / "clips")
         voice.say("take", "zh-CN", ["请从 4 号仓取出电池并关好仓门"])
-        await _until(played.exists)
+        # the player creates the file before it writes the clip's path into it
+        await _until(lambda: played.exists() and played.read_text().endswith("\n"))
 
     asyncio.run(scenario())
     clip = Path(played.read_text().strip())

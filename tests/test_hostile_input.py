@@ -84,6 +84,7 @@ def test_every_refusal_is_either_recorded_or_counted_and_records_are_bounded(
 def test_a_flood_of_garbage_scans_is_summarised_and_a_rider_still_swaps(tmp_path: Path) -> None:
     with running_cabinet(tmp_path, seed=21) as cab:
         cab.scan("FORGED-0")  # the reader is connected: nothing of the flood is lost
+        cab.wait_event("auth.refused")  # and its refusal journaled before the flood
         refused_before = len(cab.events("auth.refused"))
         token = cab.token("R-after-flood")
         forged = [f"FORGED-{n}" for n in range(1, 1001)]

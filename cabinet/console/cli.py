@@ -299,12 +299,26 @@ def _sim(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+MAX_FLEET = 5000  # cabinets in one `sim fleet` run
+
+
 def _sim_fleet(args: argparse.Namespace) -> int:
     from cabinet.demo.fleet_sim import main as fleet_main  # noqa: PLC0415 - loads the simulator
 
-    if not 1 <= args.cabinets <= 1000:
-        raise CliError("--cabinets is 1-1000")
-    return fleet_main(args.cabinets, args.broker, args.duration, args.seed)
+    if not 1 <= args.cabinets <= MAX_FLEET:
+        raise CliError(f"--cabinets is 1-{MAX_FLEET}")
+    if args.processes is not None and not 1 <= args.processes <= 64:
+        raise CliError("--processes is 1-64")
+    if not 1.0 <= args.pace <= 100.0:
+        raise CliError("--pace is 1-100")
+    return fleet_main(
+        args.cabinets,
+        args.broker,
+        args.duration,
+        args.seed,
+        processes=args.processes,
+        pace=args.pace,
+    )
 
 
 def _sim_ctl(args: argparse.Namespace) -> int:
@@ -397,12 +411,28 @@ def _add_sim_parser(commands: Any) -> None:
     heal.add_argument("--bay", type=int)
     verbs.add_parser("state", help="print the simulated state as JSON")
     fleet = sim_commands.add_parser(
-        "fleet", help="N simulated cabinets with their daemon logic against one broker"
+        "fleet", help="N simulated cabinets with their daemon logic, over P processes, one broker"
     )
     fleet.add_argument("--cabinets", type=int, default=10, metavar="N")
     fleet.add_argument("--broker", required=True, help="mqtt://host:port")
     fleet.add_argument("--duration", type=float, default=60.0, metavar="S")
     fleet.add_argument("--seed", type=int, default=1)
+    fleet.add_argument(
+        "--processes",
+        type=int,
+        default=None,
+        metavar="P",
+        help="worker processes the cabinets are split over (default: one per core; "
+        "at least one per 150 cabinets: paho's select() takes fds < 1024 only)",
+    )
+    fleet.add_argument(
+        "--pace",
+        type=float,
+        default=1.0,
+        metavar="F",
+        help="each cabinet F times cheaper: bus transactions F x the 19200-baud wire time, "
+        "riders and telemetry F x rarer (for a large N on a small machine)",
+    )
     fleet.set_defaults(handler=_sim_fleet)
 
 

@@ -3,7 +3,7 @@
 Theory of operation: the controller decides and never touches the bus; this is
 its hands and eyes. The poll cycle reads one bay at a time through the bus
 scheduler and hands each reading to ``CabinetController.observe_bay`` (the
-cabinet board's to ``observe_cabinet``, who answers to the presence book);
+cabinet board's to ``observe_cabinet``, who answers to ``bus_truth``);
 the session's bays are re-read every ``HOT_BAY_INTERVAL_S``; the charging plan
 the controller draws is written to the boards (re-sent when a board may have
 forgotten it); the heartbeat broadcast keeps the boards out of fail-safe.
@@ -59,10 +59,16 @@ HEARTBEAT_INTERVAL_S = 1.0  # five per board timeout: one lost broadcast never t
 CHARGER_REFRESH_S = 60.0  # re-send unchanged charger settings: a rebooted board forgets them
 METER_INTERVAL_S = 10.0
 #: A poll cycle never starts sooner than this after the previous one started. A healthy
-#: cycle takes longer anyway (12 bays + cabinet board: ~0.1 s of wire at 115200 baud,
-#: ~0.9 s at 9600); this only bites when every call fails at once (adapter gone, every
-#: unit isolated), where it caps the poller at 4 cycles a second instead of a busy loop.
-MIN_POLL_CYCLE_S = 0.25
+#: cycle takes longer anyway (12 bays + cabinet board + heartbeat: ~0.12 s of wire at
+#: 115200 baud, ~0.97 s at 9600); this only bites when every call fails at once (adapter
+#: gone, every unit isolated), where it caps the poller at 10 cycles a second instead of a
+#: busy loop. (It was 0.25 s, which set the cycle itself at 115200: 2.29 x the wire minimum,
+#: bench/daemon_cycle.py.)
+MIN_POLL_CYCLE_S = 0.1
+#: While a firmware transfer waits (``Priority.BULK``), a cycle starts every this often
+#: and the transfer has the wire in between. A bay's read may wait for one chunk already
+#: on the wire (0.16 s at 19200 baud): 0.75 s keeps every bay read within a second.
+BULK_POLL_CYCLE_S = 0.75
 #: Pauses between attempts to reopen a lost adapter or gateway.
 BUS_REOPEN_S = (0.5, 1.0, 2.0, 5.0, 10.0)
 
@@ -181,14 +187,16 @@ class BayPoller:
             await self.read_cabinet()
             await self.apply_charging()
             await self._read_meter_if_due()
-            c.presence_alarms_due()
+            c.bus_truth.alarms_due()
             c.last_cycle_at = self.clock.monotonic()
             c.poll_cycles += 1
             await self._pace(started)
 
     async def _pace(self, started: float) -> None:
         """Wait out the rest of the minimum cycle, keeping the session's bays fresh."""
-        while (left := started + MIN_POLL_CYCLE_S - self.clock.monotonic()) > 0:
+        bulk = self.scheduler.waiting(Priority.BULK)
+        period = BULK_POLL_CYCLE_S if bulk else MIN_POLL_CYCLE_S
+        while (left := started + period - self.clock.monotonic()) > 0:
             await asyncio.sleep(min(left, HOT_BAY_INTERVAL_S))
             await self._read_hot_bays()
 
@@ -225,22 +233,22 @@ class BayPoller:
                 priority, lambda bus: BayBoard(bus, bay).read_status()
             )
         except BusUnavailableError as exc:
-            c.bus_unavailable(exc)
+            c.bus_truth.bus_unavailable(exc)
             return  # nobody was asked: the bay's picture is stale, not news
         except UnitIsolatedError:
-            c.unit_silent(bay)
+            c.bus_truth.unit_silent(bay)
             c.observe_bay(bay, OFFLINE)
             return
         except UnknownMapVersionError as exc:
-            c.unit_answered(bay)
+            c.bus_truth.unit_answered(bay)
             c.board_unreadable(bay, str(exc))
             return
         except (BusError, ProtocolError):
             if self.scheduler.bus.is_isolated(bay):
-                c.unit_silent(bay)
+                c.bus_truth.unit_silent(bay)
                 c.observe_bay(bay, OFFLINE)
             return  # stale: the last snapshot stands until the unit is isolated
-        c.unit_answered(bay)
+        c.bus_truth.unit_answered(bay)
         try:
             c.observe_bay(bay, snapshot_from_status(status))
         except JournalError:
@@ -254,13 +262,13 @@ class BayPoller:
                 Priority.ROUTINE, lambda bus: CabinetBoard(bus).read_status()
             )
         except BusUnavailableError as exc:
-            c.bus_unavailable(exc)
+            c.bus_truth.bus_unavailable(exc)
             return
         except (BusError, ProtocolError):
             if self.scheduler.bus.is_isolated(CABINET_BOARD_UNIT):
-                c.unit_silent(CABINET_BOARD_UNIT)
+                c.bus_truth.unit_silent(CABINET_BOARD_UNIT)
             return
-        c.unit_answered(CABINET_BOARD_UNIT)
+        c.bus_truth.unit_answered(CABINET_BOARD_UNIT)
         if c.observe_cabinet(status):
             await self._close_contactor()
 
@@ -289,13 +297,13 @@ class BayPoller:
                 Priority.ROUTINE, lambda bus: EnergyMeter(bus).read()
             )
         except BusUnavailableError as exc:
-            c.bus_unavailable(exc)
+            c.bus_truth.bus_unavailable(exc)
             return
         except (BusError, ProtocolError):
             if self.scheduler.bus.is_isolated(ENERGY_METER_UNIT):
-                c.unit_silent(ENERGY_METER_UNIT)
+                c.bus_truth.unit_silent(ENERGY_METER_UNIT)
             return
-        c.unit_answered(ENERGY_METER_UNIT)
+        c.bus_truth.unit_answered(ENERGY_METER_UNIT)
 
     # -- charging and heartbeat --------------------------------------------------------------
 
@@ -372,7 +380,7 @@ class BayPoller:
                     log.warning("bus_reopen_failing", error=str(exc))
                 continue
             break
-        self.controller.bus_restored(tries)
+        self.controller.bus_truth.bus_restored(tries)
 
 
 async def _reopen(bus: ModbusBus) -> None:

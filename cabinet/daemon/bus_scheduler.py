@@ -27,6 +27,7 @@ class Priority(enum.IntEnum):
     UNLOCK = 1  # a rider is waiting for a door
     ACTIVE = 2  # the bays of the running session, and the heartbeat
     ROUTINE = 3  # the poll cycle, charger settings, the meter
+    BULK = 4  # firmware chunks: only the wire time polling leaves (docs/firmware.md)
 
 
 Job = Callable[[ModbusBus], Awaitable[Any]]
@@ -58,12 +59,18 @@ class BusScheduler:
             wakeup.set_result(None)
         return await future
 
+    def waiting(self, priority: Priority) -> bool:
+        """Whether a job of ``priority`` is queued: the poller stretches its pacing for bulk."""
+        return any(queued[0] == priority and not queued[3].done() for queued in self._queue)
+
     async def run(self) -> None:
         """Drain the queue forever (the supervised bus-master task)."""
         loop = asyncio.get_running_loop()
         while True:
-            if not self._queue:
-                await asyncio.sleep(0)  # let the caller just answered submit its next job
+            if not self._queue or self._queue[0][0] == Priority.BULK:
+                # let the caller just answered submit its next job: the poller's next read
+                # must not lose the race to a firmware chunk that was already waiting
+                await asyncio.sleep(0)
             while not self._queue:
                 self._wakeup = loop.create_future()
                 await self._wakeup

@@ -94,6 +94,10 @@ class FirmwareService:
     async def _submit(self, job: Callable[[ModbusBus], Awaitable[Any]]) -> Any:
         return await self.controller.scheduler.submit(Priority.ROUTINE, job)
 
+    async def _submit_chunk(self, job: Callable[[ModbusBus], Awaitable[Any]]) -> Any:
+        """Image chunks go below polling: every bay stays read once a second."""
+        return await self.controller.scheduler.submit(Priority.BULK, job)
+
     async def _board(self, bay: int) -> bay_map.BayStatus:
         status: bay_map.BayStatus = await self._submit(lambda bus: BayBoard(bus, bay).read_status())
         return status
@@ -239,9 +243,9 @@ class FirmwareService:
 
         started = time.monotonic()
         try:
-            outcome = await BayUpdater(self._submit, bay, image, on_progress=progress).run(
-                board.firmware_version
-            )
+            outcome = await BayUpdater(
+                self._submit, bay, image, on_progress=progress, submit_chunk=self._submit_chunk
+            ).run(board.firmware_version)
         except UpdateFailedError as exc:
             self.event("firmware.failed", {"bay": bay, "reason": exc.reason, "detail": str(exc)})
             if was_in_service and exc.reason != "board_lost":

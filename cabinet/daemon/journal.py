@@ -569,13 +569,7 @@ class Journal:
     # -- runtime settings ----------------------------------------------------------------------
 
     def setting(self, key: str) -> Any:
-        """A runtime setting changed by the backend, or None.
-
-        ``pending_pickups`` is runtime state, not a setting: it is read from its own
-        table (the controller still asks for it by this key).
-        """
-        if key == PENDING_PICKUPS_KEY:
-            return self.pending_pickups() or None
+        """A runtime setting changed by the backend, or None."""
         row = self._db.execute(
             "SELECT value FROM meta WHERE key = ?", (f"setting.{key}",)
         ).fetchone()
@@ -583,10 +577,7 @@ class Journal:
 
     @staticmethod
     def put_setting(db: sqlite3.Connection, key: str, value: Any) -> None:
-        """Persist a runtime setting (``pending_pickups`` goes to its own table)."""
-        if key == PENDING_PICKUPS_KEY:
-            Journal.put_pending_pickups(db, {int(bay): v for bay, v in value.items()})
-            return
+        """Persist a runtime setting."""
         db.execute(
             "INSERT OR REPLACE INTO meta VALUES (?, ?)", (f"setting.{key}", json.dumps(value))
         )

@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from pydantic import ValidationError
 
@@ -48,8 +47,27 @@ class KeyPair:
     public: Path
 
 
+def _load_pem_public_key(data: bytes) -> object:
+    """``serialization.load_pem_public_key``, without importing ``serialization``.
+
+    The daemon reads public keys only. ``cryptography.hazmat.primitives.serialization``
+    imports every other algorithm (RSA, DSA, EC, DH, SSH keys, ciphers; ~1.2 MB resident)
+    for functions that are this one Rust function re-exported; the daemon calls it
+    directly and keeps the rest out (DESIGN.md §6, tests/test_daemon_footprint.py).
+    """
+    try:
+        from cryptography.hazmat.bindings._rust import openssl  # noqa: PLC0415
+    except ImportError:  # a cryptography that moved it: the public name, at its cost
+        from cryptography.hazmat.primitives import serialization  # noqa: PLC0415
+
+        return serialization.load_pem_public_key(data)
+    return openssl.keys.load_pem_public_key(data)
+
+
 def generate_keys(prefix: str) -> KeyPair:
     """Write ``PREFIX.key`` (PKCS#8 PEM, mode 0600) and ``PREFIX.pub`` (SPKI PEM, 0640)."""
+    from cryptography.hazmat.primitives import serialization  # noqa: PLC0415 - not the daemon's
+
     key = Ed25519PrivateKey.generate()
     private, public = Path(f"{prefix}.key"), Path(f"{prefix}.pub")
     for path in (private, public):
@@ -72,7 +90,9 @@ def generate_keys(prefix: str) -> KeyPair:
 
 
 def load_private_key(path: Path) -> Ed25519PrivateKey:
-    """Read an Ed25519 private key."""
+    """Read an Ed25519 private key (technicians and firmware signing; never the daemon)."""
+    from cryptography.hazmat.primitives import serialization  # noqa: PLC0415 - not the daemon's
+
     try:
         key = serialization.load_pem_private_key(path.read_bytes(), password=None)
     except (OSError, ValueError, TypeError) as exc:
@@ -85,7 +105,7 @@ def load_private_key(path: Path) -> Ed25519PrivateKey:
 def load_public_key(path: Path) -> Ed25519PublicKey:
     """Read an Ed25519 public key."""
     try:
-        key = serialization.load_pem_public_key(path.read_bytes())
+        key = _load_pem_public_key(path.read_bytes())
     except (OSError, ValueError, TypeError) as exc:
         raise KeyFileError(f"cannot read public key {path}: {exc}") from exc
     if not isinstance(key, Ed25519PublicKey):

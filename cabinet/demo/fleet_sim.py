@@ -1,25 +1,34 @@
 """``cabinet sim fleet``: N simulated cabinets, each with its daemon logic, against one broker.
 
-One process, one event loop: every cabinet is a real ``CabinetController`` (poller,
-heartbeat, timers, journal) with a real ``FleetLink`` and its own MQTT connection,
-driving its own simulated cabinet through ``sim.direct_bus.DirectClient`` (each bus
-transaction costs the modelled wire time of a 23-register read at 19200 baud, so
-the pollers run at a real cabinet's pace without sockets to a simulator). A rider
-per cabinet swaps every few seconds. A backend stand-in subscribed to the whole
-fleet counts what arrives; the report compares it with every cabinet's journal:
-events journaled vs received, gaps and duplicates per cabinet, message rates, and
-this process's CPU time, which is what limits N.
+The N cabinets are split over P worker processes (``multiprocessing`` with spawn; one
+event loop each, so the fleet uses every core; at most ``CABINETS_PER_PROCESS`` each,
+since paho's select() only takes fds below 1024). Every cabinet is a real
+``CabinetController`` (poller, heartbeat, timers, journal) with a real ``FleetLink`` and
+its own MQTT connection, driving its own simulated cabinet through
+``sim.direct_bus.DirectClient`` (each bus transaction costs the modelled wire time of a
+23-register read at 19200 baud, times ``pace``, so the pollers run at a real cabinet's
+pace without sockets to a simulator). A rider per cabinet swaps every few seconds
+(times ``pace``). One backend stand-in in the parent, subscribed to the whole fleet,
+counts what arrives; each worker reports its cabinets' journals (last seq, outbox), and
+the parent compares: events journaled vs received, gaps and duplicates per cabinet,
+message rates, and the CPU time of the workers and of itself, which is what limits N.
+
+``pace`` > 1 makes each cabinet cheaper (a slower bus, fewer riders, rarer telemetry)
+so that a large N fits on a small machine; the delivery check is the same.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import multiprocessing
+import os
 import random
 import resource
 import tempfile
 import time
 from dataclasses import dataclass
+from multiprocessing.connection import Connection
 from pathlib import Path
 
 import structlog
@@ -40,7 +49,35 @@ from sim.faults import SimCommandError
 
 WIRE_S = rtu_timing.read_transaction_time(bay_map.STATUS_COUNT, 19200, 0.002)
 RIDER_EVERY_S = (4.0, 12.0)
+TELEMETRY_EVERY_S = 10.0
 DRAIN_S = 15.0
+#: paho's network thread waits in select(), which takes only fds below 1024
+#: (FD_SETSIZE), and a cabinet holds 6 (its socket, paho's wake-up pair, the journal's
+#: db/wal/shm): a worker with more cabinets than this sees its connections fail
+CABINETS_PER_PROCESS = 150
+#: a worker builds and connects its cabinets, runs, drains: beyond this it is stuck
+WORKER_SLACK_S = 120.0
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerPlan:
+    """What one worker process runs (sent to it at spawn)."""
+
+    indices: list[int]  # its cabinets' numbers
+    broker_url: str
+    duration_s: float
+    seed: int
+    pace: float
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerReport:
+    """What one worker process knows of its cabinets (sent to the parent)."""
+
+    last_seqs: dict[str, int]  # cabinet id -> seq of its last journaled event
+    outbox: int  # events journaled but not yet acknowledged by the broker
+    cpu_s: float
+    max_rss_mb: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,31 +92,40 @@ class FleetReport:
     received: int
     gaps: int
     duplicates: int
-    cpu_percent: float
+    cpu_percent: float  # of one core, all workers together
+    processes: int = 1
+    backend_cpu_percent: float = 0.0
+    worker_rss_mb: float = 0.0  # the largest worker's peak resident memory
 
     def lines(self) -> list[str]:
         """The report, for people."""
         return [
-            f"fleet of {self.cabinets} cabinets for {self.seconds:.0f} s: "
+            f"fleet of {self.cabinets} cabinets in {self.processes} processes "
+            f"for {self.seconds:.0f} s: "
             f"{self.online} online at the broker, {self.swaps_completed} swaps completed",
             f"events: {self.journaled} journaled, {self.received} received by the backend "
             f"({self.received / self.seconds:.1f}/s), "
             f"not delivered {self.journaled - self.received}, "
             f"gaps {self.gaps}, duplicates {self.duplicates}",
-            f"CPU: {self.cpu_percent:.0f} % of one core for the whole fleet process",
+            f"CPU: {self.cpu_percent:.0f} % of one core for the {self.processes} fleet "
+            f"processes, {self.backend_cpu_percent:.0f} % for the backend; "
+            f"largest worker {self.worker_rss_mb:.0f} MB resident",
         ]
 
 
 class SimCabinet:
     """One cabinet: world, controller, fleet link, rider."""
 
-    def __init__(self, index: int, tmp: Path, broker_url: str, seed: int) -> None:
+    def __init__(
+        self, index: int, tmp: Path, broker_url: str, seed: int, pace: float = 1.0
+    ) -> None:
         self.cabinet_id = f"fleet-{index:03d}"
         self.rng = random.Random(seed + index)
+        self.pace = pace
         self.world = SimulatedCabinet(clock=time.monotonic, seed=seed + index, charge_speedup=120)
         bus = ModbusBus(  # never opened: the simulated world answers through DirectClient
             parse_endpoint("tcp://127.0.0.1:9"),
-            client=DirectClient(self.world, self.rng, wire_delay_s=WIRE_S),
+            client=DirectClient(self.world, self.rng, wire_delay_s=WIRE_S * pace),
         )
         self.controller = CabinetController(
             cabinet_id=self.cabinet_id,
@@ -89,7 +135,7 @@ class SimCabinet:
         self.fleet = FleetLink(
             self.controller,
             lambda **kw: MqttLink(broker_url, client_id=f"cabinet-{self.cabinet_id}", **kw),
-            telemetry_interval_s=10.0,
+            telemetry_interval_s=TELEMETRY_EVERY_S * pace,
         )
         self.riders = 0
         self.stopped = False
@@ -109,8 +155,9 @@ class SimCabinet:
 
     async def _rider(self) -> None:
         c = self.controller
+        low, high = RIDER_EVERY_S
         while not self.stopped:
-            await asyncio.sleep(self.rng.uniform(*RIDER_EVERY_S))
+            await asyncio.sleep(self.rng.uniform(low * self.pace, high * self.pace))
             if self.stopped or c.refusal() is not None:
                 continue
             self.riders += 1
@@ -136,46 +183,64 @@ class SimCabinet:
             await asyncio.sleep(0.1)
 
 
-async def run_fleet(n: int, broker_url: str, duration_s: float, seed: int = 1) -> FleetReport:
-    """Run ``n`` cabinets for ``duration_s`` seconds and compare journals with the backend."""
+# -- a worker process: its share of the cabinets ----------------------------------------------
+
+
+def _worker(conn: Connection, plan: WorkerPlan) -> None:
+    """A spawned process: run the plan's cabinets, report their journals, stop when told."""
+    _raise_fd_limit()
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(40))  # errors only
-    address = parse_broker_url(broker_url)
-    backend = await asyncio.to_thread(Backend, address.host, address.port, mqtt5=False)
-    cpu0 = _cpu_s()
-    started = time.monotonic()
+    asyncio.run(_worker_fleet(conn, plan))
+
+
+def _raise_fd_limit() -> None:
+    """Each cabinet holds a socket, paho's wake-up pair and its journal's files."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+async def _worker_fleet(conn: Connection, plan: WorkerPlan) -> None:
     with tempfile.TemporaryDirectory(prefix="cabinet-fleet-") as tmp:
-        cabinets = [SimCabinet(i, Path(tmp), broker_url, seed) for i in range(n)]
+        cabinets = [
+            SimCabinet(i, Path(tmp), plan.broker_url, plan.seed, plan.pace) for i in plan.indices
+        ]
         tasks = [asyncio.create_task(cab.run()) for cab in cabinets]
         try:
-            await asyncio.sleep(duration_s)
+            await asyncio.sleep(plan.duration_s)
             for cab in cabinets:  # riders stop; what is journaled is drained to the broker
                 cab.stopped = True
             deadline = time.monotonic() + DRAIN_S
-            # the backend counts in paho's thread: polling it is the only way to watch it
-            while time.monotonic() < deadline and not _drained(cabinets, backend):  # noqa: ASYNC110
+            # sessions under way finish, the outbox (a sqlite table) empties: polled
+            while time.monotonic() < deadline and not _settled(cabinets):  # noqa: ASYNC110
                 await asyncio.sleep(0.2)
-            report = _report(cabinets, backend, time.monotonic() - started, cpu0)
+            usage = resource.getrusage(resource.RUSAGE_SELF)
+            conn.send(
+                WorkerReport(
+                    last_seqs={cab.cabinet_id: _last_seq(cab) for cab in cabinets},
+                    outbox=_outbox(cabinets),
+                    cpu_s=usage.ru_utime + usage.ru_stime,
+                    max_rss_mb=usage.ru_maxrss / 1024,
+                )
+            )
+            # connected (online) until the parent has counted what arrived
+            await asyncio.to_thread(conn.poll, DRAIN_S + WORKER_SLACK_S)
         finally:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
             for cab in cabinets:
                 cab.controller.journal.close()
-            backend.close()
-    return report
 
 
-def _cpu_s() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
-
-
-def _drained(cabinets: list[SimCabinet], backend: Backend) -> bool:
-    return all(
-        cab.controller.journal.outbox_depth() == 0
-        and len(backend.event_list(cab.cabinet_id)) >= _last_seq(cab)
-        for cab in cabinets
+def _settled(cabinets: list[SimCabinet]) -> bool:
+    return _outbox(cabinets) == 0 and all(
+        cab.controller.state.phase is Phase.IDLE for cab in cabinets
     )
+
+
+def _outbox(cabinets: list[SimCabinet]) -> int:
+    return sum(cab.controller.journal.outbox_depth() for cab in cabinets)
 
 
 def _last_seq(cab: SimCabinet) -> int:
@@ -183,36 +248,170 @@ def _last_seq(cab: SimCabinet) -> int:
     return int(last["seq"]) if last else 0
 
 
-def _report(
-    cabinets: list[SimCabinet], backend: Backend, seconds: float, cpu0: float
+# -- the parent: the backend and the verdict --------------------------------------------------
+
+
+def split(n: int, processes: int) -> list[list[int]]:
+    """Cabinet indices 0..n-1 dealt round-robin over ``processes`` workers.
+
+    Or more workers, where one would hold more than ``CABINETS_PER_PROCESS``; never more
+    workers than cabinets.
+    """
+    p = max(1, min(max(processes, -(-n // CABINETS_PER_PROCESS)), n))
+    return [list(range(k, n, p)) for k in range(p)]
+
+
+async def run_fleet(
+    n: int,
+    broker_url: str,
+    duration_s: float,
+    seed: int = 1,
+    *,
+    processes: int = 1,
+    pace: float = 1.0,
 ) -> FleetReport:
-    journaled = sum(_last_seq(cab) for cab in cabinets)
-    received = sum(len(backend.event_list(cab.cabinet_id)) for cab in cabinets)
-    completed = sum(
-        sum(e["type"] == "swap.completed" for e in backend.event_list(cab.cabinet_id))
-        for cab in cabinets
+    """Run ``n`` cabinets in worker processes and compare their journals with the backend.
+
+    A coroutine (``bench/broker_cost.py`` awaits it next to its own observer); the parent's
+    waiting is blocking, so it runs in a thread.
+    """
+    return await asyncio.to_thread(
+        _run_fleet, n, broker_url, duration_s, seed, processes=processes, pace=pace
     )
-    online = sum(bool((backend.status.get(cab.cabinet_id) or {}).get("online")) for cab in cabinets)
+
+
+def _run_fleet(
+    n: int,
+    broker_url: str,
+    duration_s: float,
+    seed: int = 1,
+    *,
+    processes: int = 1,
+    pace: float = 1.0,
+) -> FleetReport:
+    address = parse_broker_url(broker_url)
+    backend = Backend(address.host, address.port, mqtt5=False)
+    cpu0 = _cpu_s()
+    started = time.monotonic()
+    ctx = multiprocessing.get_context("spawn")
+    workers: list[tuple[multiprocessing.process.BaseProcess, Connection]] = []
+    try:
+        for indices in split(n, processes):
+            mine, theirs = ctx.Pipe()
+            proc = ctx.Process(
+                target=_worker,
+                args=(theirs, WorkerPlan(indices, broker_url, duration_s, seed, pace)),
+                daemon=True,
+            )
+            proc.start()
+            theirs.close()
+            workers.append((proc, mine))
+        reports = _collect(workers, time.monotonic() + duration_s + DRAIN_S + WORKER_SLACK_S)
+        last_seqs = {cab: seq for r in reports for cab, seq in r.last_seqs.items()}
+        deadline = time.monotonic() + DRAIN_S
+        # the backend counts in paho's thread: polling it is the only way to watch it
+        while time.monotonic() < deadline and not _arrived(last_seqs, backend):
+            time.sleep(0.2)
+        seconds = time.monotonic() - started
+        return _report(last_seqs, reports, backend, seconds=seconds, cpu0=cpu0)
+    finally:
+        for _, conn in workers:
+            with contextlib.suppress(OSError):
+                conn.send("stop")
+        for worker, _ in workers:
+            worker.join(timeout=30)
+            if worker.is_alive():
+                worker.kill()
+        backend.close()
+
+
+def _collect(
+    workers: list[tuple[multiprocessing.process.BaseProcess, Connection]], deadline: float
+) -> list[WorkerReport]:
+    reports = []
+    for proc, conn in workers:
+        if not conn.poll(max(0.0, deadline - time.monotonic())):
+            raise RuntimeError(f"fleet worker {proc.pid} sent no report")
+        try:
+            report = conn.recv()
+        except EOFError as exc:
+            raise RuntimeError(f"fleet worker {proc.pid} died (exit {proc.exitcode})") from exc
+        reports.append(report)
+    return reports
+
+
+def _cpu_s() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _arrived(last_seqs: dict[str, int], backend: Backend) -> bool:
+    return all(
+        sum(int(e["seq"]) <= last for e in backend.event_list(cab)) >= last
+        for cab, last in last_seqs.items()
+    )
+
+
+def _report(
+    last_seqs: dict[str, int],
+    reports: list[WorkerReport],
+    backend: Backend,
+    *,
+    seconds: float,
+    cpu0: float,
+) -> FleetReport:
+    # the snapshot is each cabinet's journal when its worker reported: what a cabinet
+    # journals afterwards (a timer firing) is outside the comparison
+    events = {
+        cab: [e for e in backend.event_list(cab) if int(e["seq"]) <= last]
+        for cab, last in last_seqs.items()
+    }
     return FleetReport(
-        cabinets=len(cabinets),
+        cabinets=len(last_seqs),
         seconds=seconds,
-        online=online,
-        swaps_completed=completed,
-        journaled=journaled,
-        received=received,
-        gaps=sum(len(backend.gaps(cab.cabinet_id)) for cab in cabinets),
-        duplicates=sum(backend.duplicates[cab.cabinet_id] for cab in cabinets),
-        cpu_percent=100 * (_cpu_s() - cpu0) / seconds,
+        online=sum(bool((backend.status.get(cab) or {}).get("online")) for cab in last_seqs),
+        swaps_completed=sum(
+            sum(e["type"] == "swap.completed" for e in got) for got in events.values()
+        ),
+        journaled=sum(last_seqs.values()),
+        received=sum(len(got) for got in events.values()),
+        gaps=sum(len(_gaps(got, last_seqs[cab])) for cab, got in events.items()),
+        duplicates=sum(backend.duplicates[cab] for cab in last_seqs),
+        cpu_percent=100 * sum(r.cpu_s for r in reports) / seconds,
+        processes=len(reports),
+        backend_cpu_percent=100 * (_cpu_s() - cpu0) / seconds,
+        worker_rss_mb=max(r.max_rss_mb for r in reports),
     )
 
 
-def main(n: int, broker_url: str, duration_s: float, seed: int) -> int:
+def _gaps(events: list[dict[str, object]], last_seq: int) -> list[int]:
+    """Seqs 1..last journaled that never arrived (not only holes between those that did)."""
+    seen = {int(str(e["seq"])) for e in events}
+    return [seq for seq in range(1, last_seq + 1) if seq not in seen]
+
+
+def main(
+    n: int,
+    broker_url: str,
+    duration_s: float,
+    seed: int,
+    *,
+    processes: int | None = None,
+    pace: float = 1.0,
+) -> int:
     """Entry point of ``cabinet sim fleet``."""
-    report = asyncio.run(run_fleet(n, broker_url, duration_s, seed))
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(40))  # errors only
+    report = asyncio.run(
+        run_fleet(
+            n, broker_url, duration_s, seed, processes=processes or os.cpu_count() or 1, pace=pace
+        )
+    )
     for line in report.lines():
         print(line)
     lost = report.journaled - report.received
-    return 0 if lost == 0 and report.gaps == 0 and report.online == n else 3
+    return (
+        0 if lost == 0 and report.gaps == 0 and report.duplicates == 0 and report.online == n else 3
+    )
 
 
-__all__ = ["FleetReport", "main", "run_fleet"]
+__all__ = ["CABINETS_PER_PROCESS", "FleetReport", "WorkerReport", "main", "run_fleet", "split"]

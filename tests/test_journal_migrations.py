@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import threading
 from pathlib import Path
 
 import pytest
@@ -185,3 +186,27 @@ def test_the_daemon_refuses_to_start_on_a_newer_journal(tmp_path: Path) -> None:
     assert "schema version 99, newer than this cabinet software" in result.stderr
     assert "Traceback" not in result.stderr
     assert stored_version(state / "journal.db") == 99
+
+
+def test_an_opener_waits_for_another_process_holding_a_new_journal(tmp_path: Path) -> None:
+    """`cabinet events` at the instant the daemon starts must not make the start fail.
+
+    Seen once in CI: a daemon starting while the test harness opened its brand-new journal
+    died with "database is locked". Two openers switching a new file into WAL mode at once
+    can get that without SQLite's busy handler; this test holds the file the simpler way
+    (an exclusive transaction), so it checks the waiting, not that exact interleaving.
+    """
+    path = tmp_path / "journal.db"
+    holder = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    holder.execute("BEGIN EXCLUSIVE")  # the other process, mid-way through setting it up
+    release = threading.Timer(0.5, holder.execute, ("COMMIT",))
+    release.start()
+    try:
+        journal = Journal(path)  # waits for the holder instead of failing
+    finally:
+        release.join()
+        holder.close()
+    try:
+        assert journal.events(limit=10) == []
+    finally:
+        journal.close()

@@ -25,6 +25,7 @@ import contextlib
 import json
 import os
 import sqlite3
+import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -76,6 +77,39 @@ CREATE TABLE IF NOT EXISTS commands (
 );
 CREATE INDEX IF NOT EXISTS commands_at ON commands (at);
 """
+
+
+#: How long an opener waits for another process that holds a new journal (setting WAL mode
+#: or migrating it): a technician's `cabinet events` at the moment the daemon starts must
+#: not make the start fail, nor the daemon make the technician's command fail.
+OPEN_WAIT_S = 10.0
+
+
+def _connect(path: Path, max_bytes: int | None) -> tuple[sqlite3.Connection, int]:
+    """Open ``path`` in WAL mode and read its schema version, waiting out a busy file.
+
+    SQLite's busy handler does not cover switching a new file into WAL mode, so a second
+    opener at that instant gets "database is locked" at once: retried here until
+    ``OPEN_WAIT_S``.
+    """
+    deadline = time.monotonic() + OPEN_WAIT_S
+    while True:
+        db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=5.0)
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=FULL")  # a confirmed deposit survives power loss
+            if max_bytes is not None:  # ``cabinet.journal_max_mb``: full before the disk is
+                (page,) = db.execute("PRAGMA page_size").fetchone()
+                db.execute(f"PRAGMA max_page_count = {max(1, max_bytes // int(page))}")
+            return db, _stored_version(db)
+        except sqlite3.OperationalError as exc:
+            db.close()
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+        except BaseException:
+            db.close()
+            raise
 
 
 class JournalError(Exception):
@@ -240,13 +274,7 @@ class Journal:
                 fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
                 os.fchmod(fd, 0o600)
                 os.close(fd)
-            self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=FULL")  # a confirmed deposit survives power loss
-            if max_bytes is not None:  # ``cabinet.journal_max_mb``: full before the disk is
-                (page,) = self._db.execute("PRAGMA page_size").fetchone()
-                self._db.execute(f"PRAGMA max_page_count = {max(1, max_bytes // int(page))}")
-            version = _stored_version(self._db)
+            self._db, version = _connect(path, max_bytes)
         except (sqlite3.Error, OSError, JournalError) as exc:
             raise JournalError(f"cannot open the journal at {path}: {exc}") from exc
         self.path = path

@@ -49,6 +49,9 @@ CREATE INDEX IF NOT EXISTS commands_at ON commands (at);
 
 #: What the controller of that release stored: bay -> [battery, rider, session]
 PICKUPS = {"4": ["BAT-P4", "R-7", "sess-7"], "11": ["BAT-P11", "R-8", "sess-8"]}
+#: ... and, also among the settings then, which units were silent and the screen's challenges
+OFFLINE = {"5": {"since_wall": 1700000000.0, "alarmed": True}}
+SHOWN = {"issued": {"n-1": 1700000000}, "used": {}}
 
 
 def v1_journal(path: Path, *, ddl: str = V1_DDL, version: str = "1") -> None:
@@ -67,6 +70,8 @@ def v1_journal(path: Path, *, ddl: str = V1_DDL, version: str = "1") -> None:
     db.execute("INSERT INTO custody VALUES ('BAT-P4', 'bay', 4, NULL, NULL, 1.0)")
     db.execute("INSERT INTO meta VALUES ('setting.pending_pickups', ?)", (json.dumps(PICKUPS),))
     db.execute("INSERT INTO meta VALUES ('setting.dispense_min_soc_pct', '92.0')")
+    db.execute("INSERT INTO meta VALUES ('setting.units_offline', ?)", (json.dumps(OFFLINE),))
+    db.execute("INSERT INTO meta VALUES ('setting.display_challenges', ?)", (json.dumps(SHOWN),))
     db.close()
 
 
@@ -96,6 +101,9 @@ def test_a_previous_release_journal_is_migrated_in_place_and_keeps_everything(
         assert raw == [("setting.dispense_min_soc_pct",)]
         assert journal.setting("dispense_min_soc_pct") == 92.0
         assert journal.setting("pending_pickups") is None  # no longer a setting
+        assert journal.runtime_state("units_offline") == OFFLINE
+        assert journal.runtime_state("display_challenges") == SHOWN
+        assert journal.setting("units_offline") is None
         with journal.transaction() as db:
             journal.put_pending_pickups(db, {4: ["BAT-P4", "R-7", "sess-7"]})
         assert journal.pending_pickups() == {4: ["BAT-P4", "R-7", "sess-7"]}

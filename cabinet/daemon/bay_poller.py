@@ -22,8 +22,8 @@ never make a busy loop.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Coroutine
-from typing import TYPE_CHECKING, Any
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import structlog
 
@@ -50,6 +50,7 @@ if TYPE_CHECKING:
     from cabinet.daemon.controller import CabinetController
 
 log = structlog.get_logger("controller")
+_T = TypeVar("_T")
 
 # A bay board in heartbeat fail-safe refuses an unlock with 0x06 (busy: retry after a
 # heartbeat); 0x04 (device failure) is a failing board. Rule in docs/hardware.md.
@@ -256,21 +257,30 @@ class BayPoller:
 
     async def read_cabinet(self) -> None:
         """Read the cabinet board; close the contactor if the controller wants it closed."""
+        status = await self._read_unit(
+            CABINET_BOARD_UNIT, lambda bus: CabinetBoard(bus).read_status()
+        )
+        if status is not None and self.controller.observe_cabinet(status):
+            await self._close_contactor()
+
+    async def _read_unit(self, unit: int, read: Callable[[ModbusBus], Awaitable[_T]]) -> _T | None:
+        """A routine read of a board that is not a bay: its answer, or None with the silence noted.
+
+        A failed read leaves the last picture standing until the bus isolates the unit
+        (then it is news: ``unit.offline``); a lost adapter is the bus's news, not the unit's.
+        """
         c = self.controller
         try:
-            status = await self.scheduler.submit(
-                Priority.ROUTINE, lambda bus: CabinetBoard(bus).read_status()
-            )
+            result = await self.scheduler.submit(Priority.ROUTINE, read)
         except BusUnavailableError as exc:
             c.bus_truth.bus_unavailable(exc)
-            return
+            return None
         except (BusError, ProtocolError):
-            if self.scheduler.bus.is_isolated(CABINET_BOARD_UNIT):
-                c.bus_truth.unit_silent(CABINET_BOARD_UNIT)
-            return
-        c.bus_truth.unit_answered(CABINET_BOARD_UNIT)
-        if c.observe_cabinet(status):
-            await self._close_contactor()
+            if self.scheduler.bus.is_isolated(unit):
+                c.bus_truth.unit_silent(unit)
+            return None
+        c.bus_truth.unit_answered(unit)
+        return result
 
     async def _close_contactor(self) -> None:
         """Close the contactor (routine: the next cabinet reading checks it)."""
@@ -291,19 +301,9 @@ class BayPoller:
         if now - self._last_meter < METER_INTERVAL_S:
             return
         self._last_meter = now
-        c = self.controller
-        try:
-            c.meter = await self.scheduler.submit(
-                Priority.ROUTINE, lambda bus: EnergyMeter(bus).read()
-            )
-        except BusUnavailableError as exc:
-            c.bus_truth.bus_unavailable(exc)
-            return
-        except (BusError, ProtocolError):
-            if self.scheduler.bus.is_isolated(ENERGY_METER_UNIT):
-                c.bus_truth.unit_silent(ENERGY_METER_UNIT)
-            return
-        c.bus_truth.unit_answered(ENERGY_METER_UNIT)
+        reading = await self._read_unit(ENERGY_METER_UNIT, lambda bus: EnergyMeter(bus).read())
+        if reading is not None:
+            self.controller.meter = reading
 
     # -- charging and heartbeat --------------------------------------------------------------
 

@@ -49,7 +49,7 @@ class BusTruth:
         self.clock = clock
         self._record = record
         self.presence = UnitPresence.from_json(
-            journal.setting(UNITS_OFFLINE),
+            journal.runtime_state(UNITS_OFFLINE),
             offline_alarm_s=offline_alarm_s,
             now=clock.monotonic(),
             wall=clock.wall(),
@@ -87,7 +87,9 @@ class BusTruth:
         try:
             self._record(
                 *((event.type, event.data) for event in events),
-                change=lambda db: self.journal.put_setting(db, UNITS_OFFLINE, presence.as_json()),
+                change=lambda db: self.journal.put_runtime_state(
+                    db, UNITS_OFFLINE, presence.as_json()
+                ),
             )
         except JournalError:
             return  # journal_unwritable is its own alarm; the log has the event lines

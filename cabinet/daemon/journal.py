@@ -172,6 +172,20 @@ def _v3_telemetry_backlog_table(db: sqlite3.Connection) -> None:
     )
 
 
+#: Runtime state the daemon keeps for itself (not settings a backend or operator chose):
+#: which units are silent since when, the rider screen's issued QR challenges.
+RUNTIME_STATE_KEYS = ("units_offline", "display_challenges")
+
+
+def _v4_runtime_state_table(db: sqlite3.Connection) -> None:
+    db.execute("CREATE TABLE runtime_state (name TEXT PRIMARY KEY, value TEXT NOT NULL)")
+    for name in RUNTIME_STATE_KEYS:
+        row = db.execute("SELECT value FROM meta WHERE key = ?", (f"setting.{name}",)).fetchone()
+        if row is not None:
+            db.execute("INSERT INTO runtime_state VALUES (?, ?)", (name, row[0]))
+            db.execute("DELETE FROM meta WHERE key = ?", (f"setting.{name}",))
+
+
 @dataclass(frozen=True, slots=True)
 class Migration:
     """One numbered step of the schema: ``apply`` brings version - 1 to ``version``."""
@@ -186,6 +200,7 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "the first journal: sessions, custody, outbox, tokens", _v1_first_journal),
     Migration(2, "pending pickups in their own table, not in settings", _v2_pending_pickups_table),
     Migration(3, "telemetry held through a broker outage", _v3_telemetry_backlog_table),
+    Migration(4, "runtime state in its own table, not in settings", _v4_runtime_state_table),
 )
 SCHEMA_VERSION = MIGRATIONS[-1].version
 
@@ -609,6 +624,18 @@ class Journal:
         db.execute(
             "INSERT OR REPLACE INTO meta VALUES (?, ?)", (f"setting.{key}", json.dumps(value))
         )
+
+    # -- runtime state ---------------------------------------------------------------------------
+
+    def runtime_state(self, name: str) -> Any:
+        """What the daemon kept for itself under ``name`` (RUNTIME_STATE_KEYS), or None."""
+        row = self._db.execute("SELECT value FROM runtime_state WHERE name = ?", (name,)).fetchone()
+        return json.loads(row[0]) if row else None
+
+    @staticmethod
+    def put_runtime_state(db: sqlite3.Connection, name: str, value: Any) -> None:
+        """Keep ``value`` under ``name``, in the caller's transaction."""
+        db.execute("INSERT OR REPLACE INTO runtime_state VALUES (?, ?)", (name, json.dumps(value)))
 
     # -- runtime state: pickups in doubt ---------------------------------------------------------
 

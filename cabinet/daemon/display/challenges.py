@@ -95,7 +95,7 @@ class ChallengeBook:
         self.required = required
         self._draw = draw
         self.boot_wall = clock.wall()
-        stored: Any = journal.setting(JOURNAL_KEY) or {}
+        stored: Any = journal.runtime_state(JOURNAL_KEY) or {}
         self.issued: dict[str, float] = {
             str(k): float(v) for k, v in stored.get("issued", {}).items()
         }
@@ -113,7 +113,9 @@ class ChallengeBook:
         self.used = {k: v for k, v in self.used.items() if k in self.issued}
         try:
             with self.journal.transaction() as db:
-                Journal.put_setting(db, JOURNAL_KEY, {"issued": self.issued, "used": self.used})
+                Journal.put_runtime_state(
+                    db, JOURNAL_KEY, {"issued": self.issued, "used": self.used}
+                )
         except JournalError:
             return False
         return True

@@ -142,6 +142,7 @@ class MosquittoBroker(FleetBroker):
 
     def start(self) -> None:
         self._broker.start()
+        self.port = self._broker.port  # a first start re-picks the port if it was taken
         deadline = time.monotonic() + START_TIMEOUT_S
         while not mqtt_ready(self.port):
             if time.monotonic() > deadline:

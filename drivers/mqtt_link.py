@@ -22,7 +22,7 @@ import contextlib
 import socket
 import ssl
 import threading
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -63,6 +63,27 @@ class PublishRefusedError(Exception):
         self.topic = topic
         self.code = code
         self.name = name
+
+
+async def confirmed_prefix(
+    publishes: Sequence[Awaitable[object]],
+) -> tuple[int, PublishRefusedError | None]:
+    """How many of ``publishes`` (sent in order) the broker confirmed, from the first on.
+
+    The count stops at the first that is not confirmed: a lost connection (what follows
+    is resent in order) or a refusal, which is returned because it is not a delivery and
+    the caller backs off. Only a confirmed prefix may be forgotten by the sender.
+    """
+    confirmed = 0
+    for publish in publishes:
+        try:
+            await publish
+        except ConnectionError:
+            break
+        except PublishRefusedError as exc:
+            return confirmed, exc
+        confirmed += 1
+    return confirmed, None
 
 
 @dataclass(frozen=True, slots=True)

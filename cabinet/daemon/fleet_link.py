@@ -38,7 +38,7 @@ from cabinet.daemon.controller import CabinetController
 from cabinet.daemon.firmware_service import FirmwareFetcher, FirmwareRefusedError
 from cabinet.daemon.journal import JournalError
 from cabinet.daemon.telemetry_backlog import TelemetryBacklog
-from drivers.mqtt_link import Message, MqttLink, PublishRefusedError
+from drivers.mqtt_link import Message, MqttLink, PublishRefusedError, confirmed_prefix
 from protocol import messages, topics
 from protocol.units import BAY_UNITS
 
@@ -211,17 +211,9 @@ class FleetLink:
             futures = [
                 self.link.publish(topics.events(self.cabinet_id), self._event(e)) for e in batch
             ]
-            acked_upto = 0
-            refused: PublishRefusedError | None = None
-            for event, future in zip(batch, futures, strict=True):
-                try:
-                    await future
-                except ConnectionError:
-                    break  # stay in order: resend from the first unacknowledged one
-                except PublishRefusedError as exc:
-                    refused = exc  # not a delivery: it stays in the outbox, in order
-                    break
-                acked_upto = int(event["seq"])
+            # a refused or unconfirmed event stays in the outbox, resent in order
+            confirmed, refused = await confirmed_prefix(futures)
+            acked_upto = int(batch[confirmed - 1]["seq"]) if confirmed else 0
             if acked_upto:
                 await self._mark_published(acked_upto)
             # no forced state here: events alone are not a state change, and the

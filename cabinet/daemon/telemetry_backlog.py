@@ -19,7 +19,7 @@ import asyncio
 import structlog
 
 from cabinet.daemon.journal import HeldSample, Journal, JournalError
-from drivers.mqtt_link import MqttLink, PublishRefusedError
+from drivers.mqtt_link import MqttLink, confirmed_prefix
 
 log = structlog.get_logger("fleet")
 
@@ -76,17 +76,8 @@ class TelemetryBacklog:
 
     async def _send(self, window: list[HeldSample]) -> None:
         futures = [self._link.publish(self._topic, sample.payload, qos=1) for sample in window]
-        acked_upto = 0
-        refused: PublishRefusedError | None = None
-        for sample, future in zip(window, futures, strict=True):
-            try:
-                await future
-            except ConnectionError:
-                break  # stay in order: resend from the first unacknowledged one
-            except PublishRefusedError as exc:
-                refused = exc
-                break
-            acked_upto = sample.id
+        confirmed, refused = await confirmed_prefix(futures)
+        acked_upto = window[confirmed - 1].id if confirmed else 0
         if acked_upto:
             await self._release(acked_upto)
         if refused is not None:

@@ -98,6 +98,9 @@ class BayPoller:
         )
         self.on_unlock_sent: Callable[[int], None] | None = None  # for latency measurement
         self._last_read: dict[int, float] = {}
+        #: the last status block each bay returned and its snapshot: the board driver hands
+        #: back the same (frozen) object for an unchanged block, so it is reduced only once
+        self._reduced: dict[int, tuple[bay_map.BayStatus, BaySnapshot]] = {}
         self._commanded: dict[int, tuple[bool, float, float]] = {}
         self._heartbeat_counter = 0
         self._heartbeat_failing = False
@@ -250,8 +253,14 @@ class BayPoller:
                 c.observe_bay(bay, OFFLINE)
             return  # stale: the last snapshot stands until the unit is isolated
         c.bus_truth.unit_answered(bay)
+        last = self._reduced.get(bay)
+        if last is not None and last[0] is status:
+            snapshot = last[1]
+        else:
+            snapshot = snapshot_from_status(status)
+            self._reduced[bay] = (status, snapshot)
         try:
-            c.observe_bay(bay, snapshot_from_status(status))
+            c.observe_bay(bay, snapshot)
         except JournalError:
             return  # not recorded, so not acted on: the next reading retries (journal.py logs it)
 

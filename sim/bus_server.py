@@ -123,6 +123,7 @@ class SimulatedBus:
         self._last_rx = 0.0  # when the latest request bytes reached the simulator
         self._broadcast = False  # the latest request was addressed to unit 0 (everyone)
         self._gateway_rx: float | None = None  # a request's first byte at the pty gateway
+        self._answering: int | None = None  # the unit whose reply pymodbus is about to send
         self._line_free_at = 0.0  # when the previous transaction left the wire
         # The last write request heard per unit: its normal reply is an echo (see _echo).
         self._write_requests: dict[int, bytes] = {}
@@ -237,6 +238,10 @@ class SimulatedBus:
             # _line_free_at above, as the gateway of an RTU-over-TCP line would).
             trailing_gap = 0.0 if silent else rtu_timing.inter_frame_gap(self.baud)
             await precise_sleep_until(self._line_free_at - trailing_gap)
+        # pymodbus labels a reply with the unit id of the request that arrived *last*: a
+        # request for the next unit that came in while this one was held would get this
+        # unit's registers under its own address. _trace_packet puts the real one back.
+        self._answering = unit
         return result
 
     def _serve(
@@ -289,6 +294,7 @@ class SimulatedBus:
             return data
         if not data:
             return data
+        data = self._own_address(data)
         unit = data[0]
         data = self._echo(data)
         if unit not in self.counters or self.world.unit_silent(unit):
@@ -300,6 +306,19 @@ class SimulatedBus:
             self.counters[unit].corrupted += 1
             return data[:-1] + bytes([data[-1] ^ 0xFF])
         return data
+
+    def _own_address(self, reply: bytes) -> bytes:
+        """The reply under the address of the board that answered, as on a real line.
+
+        A late reply then reaches a master that has moved on to the next unit with the
+        late unit's address, and the master drops it, instead of taking one bay's
+        registers for its neighbour's (tests/test_sim_late_reply.py).
+        """
+        answering, self._answering = self._answering, None
+        if answering is None or reply[0] == answering or len(reply) < 4:
+            return reply
+        body = bytes([answering]) + reply[1:-2]
+        return body + FramerRTU.compute_CRC(body).to_bytes(2, "big")
 
     def _echo(self, reply: bytes) -> bytes:
         """A write's normal reply as the Modbus spec words it, whatever the register holds now.

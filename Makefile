@@ -28,7 +28,7 @@ typecheck: $(STAMP)
 
 # Tests mostly wait on real processes (daemon, simulator, broker), so more workers than cores
 # pays; TEST_WORKERS=0 runs them in one process (a debugger, a traceback without interleaving).
-TEST_WORKERS ?= 6
+TEST_WORKERS ?= 4
 unit: $(STAMP)
 	$(BIN)/pytest -q -n $(TEST_WORKERS) --dist worksteal
 

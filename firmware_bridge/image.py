@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from protocol.errors import CodedError
 from protocol.firmware_map import BOARD_TYPES, MAX_IMAGE_BYTES
 
 MAGIC = b"CFW1"
@@ -39,12 +40,8 @@ _FIELDS = struct.Struct(">4sHHHHI32s")  # the signed part: 48 bytes
 SIGNATURE_BYTES = 64
 
 
-class ImageRejectedError(Exception):
+class ImageRejectedError(CodedError):
     """The image must not be flashed; ``reason`` is stable for programs."""
-
-    def __init__(self, reason: str, message: str) -> None:
-        super().__init__(message)
-        self.reason = reason
 
 
 @dataclass(frozen=True, slots=True)

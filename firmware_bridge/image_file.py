@@ -17,15 +17,13 @@ import os
 import stat
 from pathlib import Path
 
+from protocol.errors import CodedError
+
 _OPEN_FLAGS = os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
 
 
-class ImageSourceError(Exception):
+class ImageSourceError(CodedError):
     """The image cannot be taken from this path; ``reason`` is a stable code."""
-
-    def __init__(self, reason: str, message: str) -> None:
-        super().__init__(message)
-        self.reason = reason
 
 
 def _kind(mode: int) -> str:

@@ -25,7 +25,7 @@ from drivers.modbus_bus import BusError, ExceptionReplyError, ModbusBus
 from firmware_bridge.image import FirmwareImage
 from protocol import firmware_map as fw
 from protocol.bay_map import BayStatus
-from protocol.errors import ProtocolError, UnknownMapVersionError
+from protocol.errors import CodedError, ProtocolError, UnknownMapVersionError
 
 T = TypeVar("T")
 Submit = Callable[[Callable[[ModbusBus], Awaitable[Any]]], Awaitable[Any]]
@@ -35,12 +35,8 @@ POLL_S = 0.5
 MAX_RESUMES = 20  # a line so bad that the transfer resumes this often is not worth fighting
 
 
-class UpdateFailedError(Exception):
+class UpdateFailedError(CodedError):
     """The update did not complete; ``reason`` is stable for programs."""
-
-    def __init__(self, reason: str, message: str) -> None:
-        super().__init__(message)
-        self.reason = reason
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,6 +1,18 @@
 """The catalogue of protocol-level errors a technician may see."""
 
 
+class CodedError(Exception):
+    """A refusal or failure with a stable code (``reason``) for programs beside its message.
+
+    The code is what events and MQTT replies carry (protocol/catalogue.py); the message
+    is for people and logs.
+    """
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
 class ProtocolError(Exception):
     """Base for every error raised while interpreting data from the field bus."""
 

@@ -34,6 +34,8 @@ import urllib.parse
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from protocol.errors import CodedError
+
 HOST_NOT_ALLOWED = "host_not_allowed"
 INVALID_SOURCE = "invalid_source"
 TOO_LARGE = "too_large"
@@ -47,12 +49,8 @@ _REDIRECTS = frozenset({301, 302, 303, 307, 308})
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 
 
-class DownloadRefusedError(Exception):
+class DownloadRefusedError(CodedError):
     """The URL (or a redirect) is not one the cabinet may fetch; ``reason`` is for programs."""
-
-    def __init__(self, reason: str, message: str) -> None:
-        super().__init__(message)
-        self.reason = reason
 
 
 class DownloadFailedError(Exception):

@@ -50,7 +50,7 @@ from firmware_bridge.image_file import ImageSourceError, inside, open_image, rea
 from firmware_bridge.updater import BayUpdater, Progress, UpdateFailedError, read_status
 from protocol import bay_map
 from protocol import firmware_map as fw
-from protocol.errors import ProtocolError
+from protocol.errors import CodedError, ProtocolError
 from protocol.units import BAY_UNITS
 
 log = structlog.get_logger("firmware")
@@ -60,12 +60,8 @@ EVENT_STEPS = 4  # firmware.progress at 25 %, 50 %, 75 %
 Report = Callable[[dict[str, Any]], Awaitable[None]]
 
 
-class FirmwareRefusedError(Exception):
+class FirmwareRefusedError(CodedError):
     """The whole update is refused (no keys, a bad image, another update running)."""
-
-    def __init__(self, reason: str, message: str) -> None:
-        super().__init__(message)
-        self.reason = reason
 
 
 @dataclass(frozen=True, slots=True)

@@ -21,18 +21,15 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from pydantic import ValidationError
 
 from cabinet.daemon.clock import clock_is_set, unset_clock_detail
+from protocol.errors import CodedError
 from protocol.rider_token import TokenClaims, TokenFormatError, assemble, signing_input, split
 
 CLOCK_SKEW_S = 300  # a cabinet's clock may drift between NTP syncs; tokens live minutes
 DEFAULT_TTL_S = 300
 
 
-class TokenRefusedError(Exception):
+class TokenRefusedError(CodedError):
     """A token the cabinet will not honour; ``reason`` is the code in events and replies."""
-
-    def __init__(self, reason: str, message: str) -> None:
-        super().__init__(message)
-        self.reason = reason
 
 
 class KeyFileError(Exception):

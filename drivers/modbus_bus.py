@@ -1,16 +1,16 @@
 """The Modbus RTU bus master: one connection, short timeouts, per-unit health and isolation.
 
 Theory of operation: every transaction goes through ``ModbusBus`` (one lock, so
-one frame on the line at a time) on top of pymodbus' async client, configured so
-that silence is cheap. pymodbus' defaults (3 s x 3 retries, and closing the
-connection after a few silent requests) would stall a 12-bay line for seconds
-per dead board and cut off the eleven healthy ones; here a request gets one
+one frame on the line at a time) on top of ``drivers.modbus_master``, which only
+frames, sends and matches replies, so that silence is cheap: a request gets one
 short timeout, a retry only when the caller asks for it, and the connection is
-never dropped for silence. A unit that fails ``isolate_after`` times in a row is
-isolated: requests to it fail at once without touching the wire, except one
-re-probe every ``reprobe_interval_s``, so a dead bay costs at most one timeout
-per poll cycle and then almost nothing. Going bad and recovering are each
-logged once.
+never dropped for silence (a generic client's defaults - seconds of timeout,
+several retries, hanging up after a few silences - would stall a 12-bay line for
+seconds per dead board and cut off the eleven healthy ones). A unit that fails
+``isolate_after`` times in a row is isolated: requests to it fail at once without
+touching the wire, except one re-probe every ``reprobe_interval_s``, so a dead bay
+costs at most one timeout per poll cycle and then almost nothing. Going bad and
+recovering are each logged once.
 """
 
 from __future__ import annotations
@@ -18,29 +18,23 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
-import logging
 import os
 import termios
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import serial
 import serial.rs485
 import structlog
-from pymodbus.client import AsyncModbusSerialClient, AsyncModbusTcpClient
 from pymodbus.exceptions import ConnectionException, ModbusException
-from pymodbus.framer import FramerRTU, FramerType
 
-from drivers.bus_client import BusClient
+from drivers.bus_client import BusClient, BusReply
 from drivers.bus_url import Endpoint, Rs485Settings, SerialEndpoint, TcpEndpoint
+from drivers.modbus_master import ModbusMaster
 from protocol import rtu_timing
 from protocol.units import BAY_UNITS, unit_name
-
-# pymodbus logs each timeout with a frame dump; per-unit health below logs a unit going
-# bad once and recovering once, which is what a technician can act on.
-logging.getLogger("pymodbus").setLevel(logging.CRITICAL)
 
 log = structlog.get_logger("bus")
 
@@ -53,7 +47,7 @@ DEFAULT_REPROBE_INTERVAL_S = 5.0  # a few poll cycles: recovery noticed fast, si
 #: 19200 baud and above (1.75-2 ms) is thus slept exactly, in one piece.
 PRECISE_TAIL_S = 0.002
 BROADCAST_TURNAROUND_S = 0.01  # boards act on a broadcast within 10 ms (our firmware's spec)
-CONNECT_ATTEMPTS = 3
+CONNECT_ATTEMPTS = 3  # connect tries (each the reply timeout) before a gateway is called down
 FC_READ_HOLDING = 3
 FC_READ_INPUT = 4
 FC_WRITE_SINGLE = 6
@@ -62,7 +56,6 @@ FC_WRITE_MULTIPLE = 16
 # again later": after a heartbeat it accepts); 0x04 SLAVE DEVICE FAILURE is a failing board.
 HEARTBEAT_FAILSAFE_EXCEPTION = 0x06
 EXCEPTION_BIT = 0x80  # an exception reply carries the request's function code with bit 7 set
-NEVER_DISCONNECT = 2**31  # pymodbus closes a connection after this many silent requests
 
 
 class BusError(Exception):
@@ -172,34 +165,6 @@ class UnitStats:
         }
 
 
-@dataclass(slots=True)
-class _Exchange:
-    """The reply the master is waiting for, so a garbled one can be told from silence.
-
-    What arrived is only kept: its CRC is checked when the request failed, not on every
-    good reply (pymodbus' framer has checked that one already).
-    """
-
-    expected_bytes: int = 0
-    received: list[bytes] = field(default_factory=list)
-
-    @property
-    def garbled(self) -> bool:
-        """Whether a reply arrived whose CRC is wrong (so the failure was not silence)."""
-        return any(_reply_is_garbled(data, self.expected_bytes) for data in self.received)
-
-
-def _reply_is_garbled(data: bytes, expected_bytes: int) -> bool:
-    """Whether enough of a reply has arrived to know its CRC is wrong."""
-    if len(data) >= 5 and data[1] & 0x80:
-        expected_bytes = 5  # exception reply
-    if expected_bytes < 4 or len(data) < expected_bytes:
-        return False
-    frame = data[:expected_bytes]
-    crc = int.from_bytes(frame[-2:], "big")
-    return not FramerRTU.check_CRC(frame[:-2], crc)
-
-
 @dataclass
 class ModbusBus:
     """The one owner of the RS-485 line (or RTU-over-TCP gateway)."""
@@ -215,7 +180,6 @@ class ModbusBus:
     client: BusClient | None = None
     _client: BusClient | None = None
     _lock: asyncio.Lock = field(default_factory=asyncio.Lock)
-    _exchange: _Exchange = field(default_factory=_Exchange)
     _quiet_until: float = 0.0  # perf_counter time before which the line must stay silent
 
     # -- connection ---------------------------------------------------------------------
@@ -226,7 +190,7 @@ class ModbusBus:
 
         An RTU receiver finds the end of a frame by 3.5 characters of silence (1.75 ms
         above 19200 baud); a request sent sooner after the previous reply runs into it and
-        both are lost. pymodbus' async serial client does not wait, so the master does.
+        both are lost. The bus keeps it here, before each request it sends.
         A gateway frames the TCP side itself and keeps the gap on its own line.
         """
         if isinstance(self.endpoint, SerialEndpoint):
@@ -249,35 +213,10 @@ class ModbusBus:
     def _line_went_quiet(self) -> None:
         self._quiet_until = time.perf_counter() + self.inter_frame_gap_s
 
-    def _make_client(self) -> AsyncModbusTcpClient | AsyncModbusSerialClient:
+    def _make_master(self) -> ModbusMaster:
         mbap = isinstance(self.endpoint, TcpEndpoint) and self.endpoint.framing == "mbap"
-        common: dict[str, Any] = {
-            # Modbus/TCP: the MBAP header replaces the CRC; the gateway checks the line's CRC
-            "framer": FramerType.SOCKET if mbap else FramerType.RTU,
-            "timeout": self.timeout_s,
-            "retries": 0,  # retries are ours, per call: see module docstring
-            # no CRC on the TCP side of a Modbus/TCP gateway: nothing to find garbled
-            "trace_packet": None if mbap else self._trace_packet,
-            "reconnect_delay": 0.1,
-            "reconnect_delay_max": 2.0,
-        }
-        if isinstance(self.endpoint, TcpEndpoint):
-            client: AsyncModbusTcpClient | AsyncModbusSerialClient = AsyncModbusTcpClient(
-                self.endpoint.host, port=self.endpoint.port, **common
-            )
-        else:
-            if self.endpoint.rs485 is not None:
-                _set_rs485_mode(self.endpoint.path, self.endpoint.rs485)
-            client = AsyncModbusSerialClient(
-                self.endpoint.path,
-                baudrate=self.endpoint.baud,
-                bytesize=8,
-                parity=self.endpoint.parity,
-                stopbits=self.endpoint.stopbits,
-                **common,
-            )
-        client.set_max_no_responses(NEVER_DISCONNECT)
-        return client
+        # Modbus/TCP: the MBAP header replaces the CRC; the gateway checks the line's CRC
+        return ModbusMaster(timeout_s=self.timeout_s, mbap=mbap)
 
     def __post_init__(self) -> None:
         if self.client is not None:
@@ -288,31 +227,42 @@ class ModbusBus:
         if self.client is not None:  # supplied by the caller: nothing to open
             self._client = self.client
             return
-        if isinstance(self.endpoint, SerialEndpoint):
-            _check_serial_port(self.endpoint)
-        client = self._make_client()
-        self._client = client
-        # pymodbus uses the (short) reply timeout for the TCP connect as well: give a
-        # gateway a few tries before calling it unreachable.
-        for _ in range(CONNECT_ATTEMPTS):
+        endpoint = self.endpoint
+        master = self._make_master()
+        if isinstance(endpoint, SerialEndpoint):
+            _check_serial_port(endpoint)
+            if endpoint.rs485 is not None:
+                _set_rs485_mode(endpoint.path, endpoint.rs485)
             try:
-                connected = await client.connect()
+                master.open_serial(
+                    endpoint.path,
+                    baud=endpoint.baud,
+                    parity=endpoint.parity,
+                    stopbits=endpoint.stopbits,
+                )
             except (serial.SerialException, termios.error, OSError, ValueError) as exc:
                 # a pty takes a setting once and refuses it on the next open: the probe
                 # above can pass and the real open still fail
-                self._client = None
-                if isinstance(self.endpoint, SerialEndpoint):
-                    raise _port_problem(self.endpoint, exc) from exc
-                raise BusUnavailableError(f"cannot connect to the bus at {self.endpoint}") from exc
-            if connected:
-                return
-        client.close()
-        self._client = None
-        raise BusUnavailableError(f"cannot connect to the bus at {self.endpoint}")
+                raise _port_problem(endpoint, exc) from exc
+            self._client = master
+            return
+        # a gateway gets a few tries (each the reply timeout) before it is called down
+        problem: BaseException | None = None
+        for _ in range(CONNECT_ATTEMPTS):
+            try:
+                await master.connect_tcp(endpoint.host, endpoint.port)
+            except (OSError, TimeoutError) as exc:
+                problem = exc
+                continue
+            self._client = master
+            return
+        raise BusUnavailableError(
+            f"cannot connect to the bus at {endpoint}: {problem}"
+        ) from problem
 
     def close(self) -> None:
         """Release the port (a supplied client is the caller's: only let go of it)."""
-        if isinstance(self._client, AsyncModbusTcpClient | AsyncModbusSerialClient):
+        if isinstance(self._client, ModbusMaster):
             self._client.close()
         self._client = None
 
@@ -331,7 +281,7 @@ class ModbusBus:
         """Read input registers (FC04) from ``unit``."""
         return await self._transact(
             unit,
-            rtu_timing.read_reply_bytes(count),
+            count,
             retries,
             lambda c: c.read_input_registers(address, count=count, device_id=unit),
             function_code=FC_READ_INPUT,
@@ -343,7 +293,7 @@ class ModbusBus:
         """Read holding registers (FC03) from ``unit``."""
         return await self._transact(
             unit,
-            rtu_timing.read_reply_bytes(count),
+            count,
             retries,
             lambda c: c.read_holding_registers(address, count=count, device_id=unit),
             function_code=FC_READ_HOLDING,
@@ -355,7 +305,7 @@ class ModbusBus:
         """Write one holding register (FC06); the reply must echo ``address`` and ``value``."""
         await self._transact(
             unit,
-            rtu_timing.WRITE_SINGLE_BYTES,
+            None,
             retries,
             lambda c: c.write_register(address, value, device_id=unit),
             function_code=FC_WRITE_SINGLE,
@@ -368,7 +318,7 @@ class ModbusBus:
         """Write consecutive holding registers (FC16); the reply must echo address and count."""
         await self._transact(
             unit,
-            rtu_timing.WRITE_SINGLE_BYTES,
+            None,
             retries,
             lambda c: c.write_registers(address, values, device_id=unit),
             function_code=FC_WRITE_MULTIPLE,
@@ -391,6 +341,7 @@ class ModbusBus:
             try:
                 await client.write_register(address, value, device_id=0, no_response_expected=True)
             except ConnectionException as exc:
+                self._client = None
                 raise BusUnavailableError(f"lost the bus at {self.endpoint}: {exc}") from exc
             frame_s = 0.0
             if isinstance(self.endpoint, SerialEndpoint):
@@ -409,14 +360,18 @@ class ModbusBus:
     async def _transact(
         self,
         unit: int,
-        expected_bytes: int,
+        expected_registers: int | None,
         retries: int,
-        call: Callable[[Any], Any],
+        call: Callable[[BusClient], Awaitable[BusReply | None]],
         *,
         function_code: int,
         echo: tuple[int, int] | None = None,
     ) -> list[int]:
-        """One request/reply; ``echo`` is the (address, value-or-count) a write's reply repeats."""
+        """One request/reply, checked as the spec prescribes.
+
+        A read's reply must carry ``expected_registers`` registers; a write's must repeat
+        ``echo``, its (address, value-or-count).
+        """
         stats = self.unit_stats(unit)
         now = self.clock()
         if (
@@ -434,37 +389,34 @@ class ModbusBus:
             for _ in range(attempts):
                 stats.requests += 1
                 stats.last_attempt = self.clock()
-                self._exchange = _Exchange(expected_bytes)
                 await self._keep_inter_frame_gap()
                 started = time.perf_counter()
                 try:
                     response = await call(client)
                 except ConnectionException as exc:
+                    self._client = None  # gone: the next call says so without a wire attempt
                     raise BusUnavailableError(f"lost the bus at {self.endpoint}: {exc}") from exc
-                except ModbusException:
-                    failure = self._no_answer(unit, stats)
+                except ModbusException as exc:
+                    # the master says whether a reply came with a bad CRC; a simulator's
+                    # client (sim.direct_bus) raises pymodbus' own: silence
+                    failure = self._no_answer(unit, stats, garbled=getattr(exc, "garbled", False))
                     continue
                 finally:
                     self._line_went_quiet()
-                problem = _reply_problem(response, function_code, echo)
+                problem = _reply_problem(response, function_code, expected_registers, echo)
                 if problem is not None:
                     failure = self._bad_reply(unit, stats, problem, echo is not None)
                     continue
+                assert response is not None  # _reply_problem names a missing reply
                 self._answered(unit, stats, time.perf_counter() - started)
-                if response.isError():
+                if response.function_code & EXCEPTION_BIT:
                     stats.exception_replies += 1
-                    raise ExceptionReplyError(unit, int(getattr(response, "exception_code", 0)))
-                return list(getattr(response, "registers", []))
+                    raise ExceptionReplyError(unit, response.exception_code)
+                return list(response.registers)
         assert failure is not None
         raise failure
 
-    def _trace_packet(self, sending: bool, data: bytes) -> bytes:
-        if not sending:
-            self._exchange.received.append(data)
-        return data
-
-    def _no_answer(self, unit: int, stats: UnitStats) -> UnitNoAnswerError:
-        garbled = self._exchange.garbled
+    def _no_answer(self, unit: int, stats: UnitStats, *, garbled: bool) -> UnitNoAnswerError:
         if garbled:
             stats.crc_errors += 1
         else:
@@ -510,18 +462,29 @@ class ModbusBus:
         stats.latency_max_s = max(stats.latency_max_s, latency)
 
 
-def _reply_problem(response: Any, function_code: int, echo: tuple[int, int] | None) -> str | None:
+def _reply_problem(
+    response: BusReply | None,
+    function_code: int,
+    expected_registers: int | None,
+    echo: tuple[int, int] | None,
+) -> str | None:
     """What makes ``response`` not the spec's reply to the request, or None if it is."""
-    answered = int(getattr(response, "function_code", 0)) & ~EXCEPTION_BIT
+    if response is None:
+        return f"no reply object for a function {function_code} request"
+    answered = response.function_code & ~EXCEPTION_BIT
     if answered != function_code:
         return f"replied with function {answered} to a function {function_code} request"
-    if response.isError() or echo is None:
+    if response.function_code & EXCEPTION_BIT:
         return None
-    address = int(getattr(response, "address", -1))
+    if expected_registers is not None:
+        if len(response.registers) == expected_registers:
+            return None
+        return f"replied with {len(response.registers)} registers to a read of {expected_registers}"
+    assert echo is not None
     if function_code == FC_WRITE_MULTIPLE:
-        heard = (address, int(getattr(response, "count", -1)))
+        heard = (response.address, response.count)
     else:
-        heard = (address, int((list(getattr(response, "registers", [])) or [-1])[0]))
+        heard = (response.address, (list(response.registers) or [-1])[0])
     if heard == echo:
         return None
     return (
@@ -533,7 +496,7 @@ def _set_rs485_mode(path: str, settings: Rs485Settings) -> None:
     """Switch the UART into the kernel's RS-485 mode (TIOCSRS485) before the master opens it.
 
     The mode is a property of the port in the kernel and stays set after this handle is
-    closed, so pymodbus' own open finds it. A driver without RS-485 support (USB adapters,
+    closed, so the master's own open finds it. A driver without RS-485 support (USB adapters,
     which switch direction in hardware, and pseudo-terminals) refuses it: that is named.
     """
     port = _open_port(path)
@@ -556,8 +519,8 @@ def _set_rs485_mode(path: str, settings: Rs485Settings) -> None:
 def _check_serial_port(endpoint: SerialEndpoint) -> None:
     """Open the port as the master will, and turn every way that fails into one actionable line.
 
-    The probe uses pyserial with ``exclusive=True`` (a ``flock``), as pymodbus' serial
-    transport does, so a port already held by another master (the daemon) is refused: two
+    The probe uses pyserial with ``exclusive=True`` (a ``flock``), as the master's own
+    open does, so a port already held by another master (the daemon) is refused: two
     masters on one RS-485 line corrupt each other's frames. Then each setting is applied
     and read back, because a port may refuse one either loudly (EINVAL) or silently (a
     pseudo-terminal drops parity and would then talk 8N1 while we believe 8E1).

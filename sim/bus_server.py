@@ -9,14 +9,23 @@ time. A single lock makes the line half-duplex across all TCP connections, as a
 real bus is. ``trace_packet`` on the way out silences units (a dead board, or a
 unit id nobody answers to) and corrupts CRCs, which is where those faults live on
 a real line too.
+
+Behind a pty (``cabinet sim --bus pty:///...``) the replies do not travel back over
+TCP: the gateway takes each one from ``trace_packet`` with the instant the model says
+its last byte arrives (``deliver_replies_to``) and writes it to the pty then, so the
+server's and the relay's own latency are not added to the wire time a master sees.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import ctypes
 import functools
 import logging
+import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,9 +50,16 @@ WRITE_MULTIPLE = 16
 # asyncio's timers wake up to ~1 ms late; the last stretch of a modelled delay is slept
 # with a blocking sleep so that 115200-baud transactions (~9 ms) keep their shape.
 PRECISE_TAIL_S = 0.002
+#: ... and its last 100 us are spun (see precise_sleep_until).
+SPIN_S = 0.0001
+PR_SET_TIMERSLACK = 29  # prctl(2)
 #: A master keeps the line quiet this long after a broadcast so every board has acted
 #: (docs/hardware.md); the counters book it as line time, not as the master's idling.
 BROADCAST_QUIET_S = 0.01
+
+#: Where a serial gateway takes the replies: the bytes as they go onto the line, and the
+#: perf_counter instant their last byte leaves it by the wire-time model.
+ReplySink = Callable[[bytes, float], None]
 
 
 @dataclass(slots=True)
@@ -93,13 +109,31 @@ def _frame_bytes(function_code: int, count: int) -> tuple[int, int]:
 
 
 async def precise_sleep_until(deadline: float) -> None:
-    """Sleep until ``time.perf_counter() >= deadline`` with sub-millisecond accuracy."""
+    """Sleep until ``time.perf_counter() >= deadline`` with sub-millisecond accuracy.
+
+    Never returns early (a reply before its modelled time would flatter the master); the
+    last ``SPIN_S`` are spun because a sleeping thread wakes tens of microseconds late.
+    """
     remaining = deadline - time.perf_counter()
     if remaining > PRECISE_TAIL_S:
         await asyncio.sleep(remaining - PRECISE_TAIL_S)
     remaining = deadline - time.perf_counter()
-    if remaining > 0:
-        time.sleep(remaining)  # noqa: ASYNC251 - deliberate: the tail must not be late
+    if remaining > SPIN_S:
+        time.sleep(remaining - SPIN_S)  # noqa: ASYNC251 - deliberate: the tail must not be late
+    while time.perf_counter() < deadline:
+        pass
+
+
+def tighten_timer_slack() -> None:
+    """Ask Linux to wake this thread's sleeps on time (1 ns slack instead of 50 us).
+
+    The simulator's sleeps stand for wire time; the default slack alone would make every
+    reply ~50-80 us late. Elsewhere (or if refused) the spin in precise_sleep_until covers it.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_TIMERSLACK, 1, 0, 0, 0)
 
 
 class SimulatedBus:
@@ -125,6 +159,11 @@ class SimulatedBus:
         self._gateway_rx: float | None = None  # a request's first byte at the pty gateway
         self._answering: int | None = None  # the unit whose reply pymodbus is about to send
         self._line_free_at = 0.0  # when the previous transaction left the wire
+        self._request_bytes = 0  # size of the latest request frame, for replies _action skips
+        # When the reply being sent is due (its last byte on the line), set by _action.
+        self._reply_due: float | None = None
+        # A serial gateway that delivers replies itself at their due time (deliver_replies_to).
+        self._reply_sink: ReplySink | None = None
         # The last write request heard per unit: its normal reply is an echo (see _echo).
         self._write_requests: dict[int, bytes] = {}
 
@@ -237,7 +276,12 @@ class SimulatedBus:
             # after it is the master's to keep (a request arriving sooner waits for
             # _line_free_at above, as the gateway of an RTU-over-TCP line would).
             trailing_gap = 0.0 if silent else rtu_timing.inter_frame_gap(self.baud)
-            await precise_sleep_until(self._line_free_at - trailing_gap)
+            due = self._line_free_at - trailing_gap
+            if self._reply_sink is None:
+                await precise_sleep_until(due)
+            # else the gateway holds the reply until ``due`` itself: releasing it now
+            # keeps the server's and the relay's own latency out of the wire time
+            self._reply_due = None if silent else due
         # pymodbus labels a reply with the unit id of the request that arrived *last*: a
         # request for the next unit that came in while this one was held would get this
         # unit's registers under its own address. _trace_packet puts the real one back.
@@ -273,25 +317,57 @@ class SimulatedBus:
     # -- the wire on the way out -----------------------------------------------------------
 
     def _trace_packet(self, sending: bool, data: bytes) -> bytes:
-        """Drop replies of silent or unknown units; corrupt replies of units with CRC faults."""
+        """Note requests; pass replies through the line's faults (and to a serial gateway)."""
         if not sending:
-            # a request relayed by the pty gateway reached the line when the gateway saw it
-            self._last_rx = self._gateway_rx or time.perf_counter()
-            self._gateway_rx = None
-            self._broadcast = bool(data) and data[0] == 0
-            if self._broadcast:
-                # counters only: the frame's time on the wire and the quiet the master owes
-                # the boards; the timing model itself does not hold the next request back
-                self.broadcasts += 1
-                busy = rtu_timing.frame_time(len(data), self.baud) + BROADCAST_QUIET_S
-                self.broadcast_s += busy
-                self._broadcast_quiet_until = max(self._last_rx, self._line_free_at) + busy
-            if len(data) >= rtu_timing.WRITE_SINGLE_BYTES and data[1] in (
-                WRITE_SINGLE,
-                WRITE_MULTIPLE,
-            ):
-                self._write_requests[data[0]] = bytes(data)
-            return data
+            return self._request_heard(data)
+        reply = self._on_the_line(data)
+        if self._reply_sink is None or not reply:
+            return reply
+        due, self._reply_due = self._reply_due, None
+        if due is None:
+            due = self._unmodelled_reply_due(len(reply))
+        self._reply_sink(reply, due)
+        return b""  # the gateway has it: nothing goes back over the internal TCP hop
+
+    def _unmodelled_reply_due(self, reply_bytes: int) -> float:
+        """When a reply pymodbus made without asking the board (an illegal address) is due.
+
+        A real board takes its turnaround for those too; the line stays busy as long.
+        """
+        began = max(self._last_rx, self._line_free_at)
+        due = (
+            began
+            + rtu_timing.frame_time(self._request_bytes, self.baud)
+            + self.reply_delay_s
+            + reply_bytes * rtu_timing.char_time(self.baud)
+        )
+        self._line_free_at = max(self._line_free_at, due + rtu_timing.inter_frame_gap(self.baud))
+        return due
+
+    def _request_heard(self, data: bytes) -> bytes:
+        """A request reached the line: note when, and what it was."""
+        # a request relayed by the pty gateway reached the line when the gateway saw it
+        self._last_rx = self._gateway_rx or time.perf_counter()
+        self._gateway_rx = None
+        self._request_bytes = len(data)
+        self._reply_due = None  # whatever was due belonged to an earlier request
+        self._broadcast = bool(data) and data[0] == 0
+        if self._broadcast:
+            # counters only: the frame's time on the wire and the quiet the master owes
+            # the boards; the timing model itself does not hold the next request back
+            self.broadcasts += 1
+            busy = rtu_timing.frame_time(len(data), self.baud) + BROADCAST_QUIET_S
+            self.broadcast_s += busy
+            self._broadcast_quiet_until = max(self._last_rx, self._line_free_at) + busy
+        if len(data) >= rtu_timing.WRITE_SINGLE_BYTES and data[1] in (
+            WRITE_SINGLE,
+            WRITE_MULTIPLE,
+        ):
+            self._write_requests[data[0]] = bytes(data)
+        return data
+
+    def _on_the_line(self, data: bytes) -> bytes:
+        """Drop replies of silent or unknown units; corrupt replies of units with CRC faults."""
         if not data:
             return data
         data = self._own_address(data)
@@ -335,6 +411,14 @@ class SimulatedBus:
             return request[: rtu_timing.WRITE_SINGLE_BYTES]
         head = request[:6]
         return head + FramerRTU.compute_CRC(head).to_bytes(2, "big")
+
+    def deliver_replies_to(self, sink: ReplySink | None) -> None:
+        """Hand every reply to ``sink`` with its due time instead of sending it back.
+
+        The pty gateway uses this: it writes each reply to the serial port at the instant
+        the model says its last byte arrives, so no relay hop is added to the wire time.
+        """
+        self._reply_sink = sink
 
     def request_arriving(self) -> None:
         """The pty gateway saw request bytes: the line time starts now, not after the relay."""

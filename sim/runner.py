@@ -13,10 +13,9 @@ import json
 import signal
 import sys
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 
-from sim.bus_server import SimulatedBus
+from sim.bus_server import SimulatedBus, precise_sleep_until, tighten_timer_slack
 from sim.cabinet_model import SimulatedCabinet
 from sim.control import ControlServer
 from sim.endpoints import parse_listen
@@ -44,32 +43,56 @@ class SimOptions:
 
 
 class _PtyGateway:
-    """Bridges a pseudo-terminal to the RTU-over-TCP server, as an RS-485 gateway would."""
+    """Bridges a pseudo-terminal to the RTU-over-TCP server, as an RS-485 gateway would.
+
+    Requests go to the server over TCP, but replies come straight from the line
+    (``SimulatedBus.deliver_replies_to``) with the instant the wire-time model says
+    their last byte arrives, and are written to the pty then: neither the server's nor
+    the relay's latency is added to what a master measures, and nothing comes early.
+    """
 
     def __init__(self) -> None:
         self._pty: PtyLink | None = None
         self._writer: asyncio.StreamWriter | None = None
-        self._pump: asyncio.Task[None] | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._outbox: asyncio.Queue[tuple[bytes, float]] = asyncio.Queue()
 
-    async def start(self, path: str, port: int, on_request: Callable[[], None]) -> None:
+    async def start(self, path: str, port: int, bus: SimulatedBus) -> None:
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         self._writer = writer
 
         def relay(data: bytes) -> None:
-            on_request()
+            bus.request_arriving()
             writer.write(data)
 
         self._pty = PtyLink(path, on_data=relay)
-        self._pump = asyncio.create_task(self._replies(reader))
+        bus.deliver_replies_to(self.deliver)
+        self._tasks = [
+            asyncio.create_task(self._replies(reader)),
+            asyncio.create_task(self._deliver_when_due()),
+        ]
+
+    def deliver(self, reply: bytes, due: float) -> None:
+        """Queue ``reply`` for the pty; its last byte is due at ``due`` (perf_counter)."""
+        self._outbox.put_nowait((reply, due))
+
+    async def _deliver_when_due(self) -> None:
+        # The line is half-duplex, so replies fall due in the order they were made.
+        while True:
+            reply, due = await self._outbox.get()
+            await precise_sleep_until(due)
+            if self._pty is not None:
+                self._pty.write(reply)
 
     async def _replies(self, reader: asyncio.StreamReader) -> None:
+        # anything the server still sends itself (none while the bus delivers to us)
         while data := await reader.read(4096):
             if self._pty is not None:
                 self._pty.write(data)
 
     async def stop(self) -> None:
-        if self._pump is not None:
-            self._pump.cancel()
+        for task in self._tasks:
+            task.cancel()
         if self._pty is not None:
             self._pty.close()
         if self._writer is not None:
@@ -79,6 +102,7 @@ class _PtyGateway:
 async def serve(options: SimOptions, *, ready: asyncio.Event | None = None) -> None:
     """Run the simulator until SIGINT/SIGTERM (or until cancelled)."""
     bus_spec = parse_listen(options.bus, allow_mbap=True)
+    tighten_timer_slack()
     scanner_spec = parse_listen(options.scanner)
     control_spec = parse_listen(options.control, allow_pty=False)
     world = SimulatedCabinet(
@@ -99,7 +123,7 @@ async def serve(options: SimOptions, *, ready: asyncio.Event | None = None) -> N
     try:
         if bus_spec.kind == "pty":
             internal_port = await bus.start("127.0.0.1", 0)
-            await gateway.start(bus_spec.path, internal_port, bus.request_arriving)
+            await gateway.start(bus_spec.path, internal_port, bus)
             # 8N1 on the pty: Linux ptys refuse (EINVAL) a second tcsetattr with parity set,
             # which pyserial issues when pymodbus adjusts the timeout. The wire-time model
             # still counts 11-bit characters, as on the real 8E1 line.

@@ -9,6 +9,11 @@ Goals (DESIGN.md §6, issue 14): resident memory at most 40 MB, idle CPU near ze
 fleet link runs (status, state, events, telemetry). The daemon also takes any other
 ``CABINET_<SECTION>__<KEY>`` override from the environment.
 
+After the table, where the memory is at the end (``/proc/PID/smaps_rollup`` and
+``smaps``): anonymous (Python's objects: ``[anon]`` is mostly pymalloc's 1 MiB arenas,
+``[heap]`` glibc malloc's, where pydantic-core's validators and large objects live) versus
+file-backed (shared libraries' touched pages: libpython, pydantic-core, libcrypto, ...).
+
     .venv/bin/python bench/daemon_resources.py [--minutes N] [--display] [--fleet]
 """
 
@@ -38,6 +43,32 @@ def rss_mb(pid: int) -> float:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
     raise RuntimeError("no VmRSS")
+
+
+def smaps_kb(pid: int) -> dict[str, int]:
+    """``/proc/PID/smaps_rollup``: where the resident memory is (kB per field)."""
+    fields: dict[str, int] = {}
+    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines()[1:]:
+        name, value = line.split(":", 1)
+        fields[name] = int(value.split()[0])
+    return fields
+
+
+def resident_by_mapping(pid: int, top: int = 12) -> list[tuple[str, int]]:
+    """The largest resident mappings (kB), summed per file (``[anon]``: unnamed).
+
+    What to cut depends on which it is: an import that maps a library shows up here by
+    name, Python objects show up as ``[anon]`` (pymalloc arenas) and ``[heap]`` (malloc).
+    """
+    per: dict[str, int] = {}
+    name = "[anon]"
+    for line in Path(f"/proc/{pid}/smaps").read_text().splitlines():
+        head = line.split(maxsplit=5)
+        if head and "-" in head[0] and ":" not in head[0]:  # a mapping's first line
+            name = head[5] if len(head) > 5 else "[anon]"
+        elif line.startswith("Rss:"):
+            per[name] = per.get(name, 0) + int(line.split()[1])
+    return sorted(per.items(), key=lambda item: -item[1])[:top]
 
 
 def cpu_s(pid: int) -> float:
@@ -102,6 +133,7 @@ def main() -> None:
             rss.append(rss_mb(pid))
             time.sleep(1.0)
         wall, cpu = time.monotonic() - started, cpu_s(pid) - cpu0
+        rollup, mappings = smaps_kb(pid), resident_by_mapping(pid)
     peak_rss, final_rss = max(rss), rss[-1]
     print(
         f"daemon at steady state, 12 bays at {BAUD} baud, {swaps} swaps in {wall:.0f} s, "
@@ -113,6 +145,17 @@ def main() -> None:
     print(f"| resident memory, peak | {peak_rss:.1f} MB | <= 40 MB |")
     print(f"| resident memory, at the end | {final_rss:.1f} MB | |")
     print(f"| CPU, mean over the run | {100 * cpu / wall:.1f} % of one core | near zero |")
+    anon, rss_kb = rollup["Anonymous"], rollup["Rss"]
+    file_mb, dirty_mb = (rss_kb - anon) / 1024, rollup["Private_Dirty"] / 1024
+    print(
+        f"\nat the end (smaps_rollup): anonymous {anon / 1024:.1f} MB (Python's objects: "
+        f"pymalloc arenas and malloc's heap), file-backed {file_mb:.1f} MB (code, shared "
+        f"libraries), private dirty {dirty_mb:.1f} MB"
+    )
+    print(
+        "largest resident mappings: "
+        + ", ".join(f"{Path(n).name} {kb / 1024:.1f}" for n, kb in mappings)
+    )
 
 
 if __name__ == "__main__":

@@ -18,6 +18,10 @@ can be changed without the vendor's key; an all-zero signature is an unsigned
 (development) image and is refused like a wrong one. A cabinet also refuses an
 image for another board type and, unless forced, one that is not newer than what
 the board runs.
+
+Signing and checking use PyNaCl (libsodium), the cabinet's one Ed25519 library; the
+signature is deterministic, so an image signed before the move from ``cryptography``
+is byte for byte the one signed after (tests/test_ed25519_formats.py).
 """
 
 from __future__ import annotations
@@ -26,8 +30,8 @@ import hashlib
 import struct
 from dataclasses import dataclass
 
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from nacl.exceptions import BadSignatureError
+from nacl.signing import SigningKey, VerifyKey
 
 from protocol.errors import CodedError
 from protocol.firmware_map import BOARD_TYPES, MAX_IMAGE_BYTES
@@ -78,9 +82,7 @@ def parse_version(text: str) -> int:
     return major << 8 | minor
 
 
-def build_image(
-    payload: bytes, *, version: int, board_type: int, key: Ed25519PrivateKey | None
-) -> bytes:
+def build_image(payload: bytes, *, version: int, board_type: int, key: SigningKey | None) -> bytes:
     """A complete image; ``key=None`` leaves it unsigned (cabinets will refuse it)."""
     if not 0 < len(payload) <= MAX_IMAGE_BYTES:
         raise ValueError(f"payload must be 1-{MAX_IMAGE_BYTES} bytes")
@@ -93,7 +95,7 @@ def build_image(
         len(payload),
         hashlib.sha256(payload).digest(),
     )
-    signature = key.sign(signed) if key is not None else bytes(SIGNATURE_BYTES)
+    signature = key.sign(signed).signature if key is not None else bytes(SIGNATURE_BYTES)
     header = signed + signature + bytes(HEADER_BYTES - SIGNED_BYTES - SIGNATURE_BYTES)
     return header + payload
 
@@ -117,7 +119,7 @@ def parse_image(data: bytes) -> FirmwareImage:
     return FirmwareImage(version, board_type, payload, sha, signed, signature)
 
 
-def check_signature(image: FirmwareImage, keys: list[Ed25519PublicKey]) -> None:
+def check_signature(image: FirmwareImage, keys: list[VerifyKey]) -> None:
     """Refuse an unsigned image or one no trusted key signed."""
     if not keys:
         raise ImageRejectedError(
@@ -127,8 +129,8 @@ def check_signature(image: FirmwareImage, keys: list[Ed25519PublicKey]) -> None:
         raise ImageRejectedError("unsigned", "image is unsigned: only signed firmware is flashed")
     for key in keys:
         try:
-            key.verify(image.signature, image.signed_part)
-        except InvalidSignature:
+            key.verify(image.signed_part, image.signature)  # always 64 bytes: sliced
+        except BadSignatureError:
             continue
         return
     raise ImageRejectedError("bad_signature", "image is not signed by a trusted firmware key")

@@ -8,7 +8,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from nacl.signing import SigningKey
 
 from drivers.modbus_bus import ModbusBus
 from firmware_bridge.image import (
@@ -24,7 +24,7 @@ from protocol import firmware_map as fw
 from sim.faults import FaultKind
 from tests.conftest import master, running_sim
 
-VENDOR = Ed25519PrivateKey.generate()
+VENDOR = SigningKey.generate()
 PAYLOAD = os.urandom(8 * 1024 + 17)  # an odd size: the last chunk is short and odd
 V14 = parse_version("1.4")
 
@@ -39,7 +39,7 @@ def image(**overrides: Any) -> bytes:
 
 def test_a_signed_image_round_trips() -> None:
     parsed = parse_image(image())
-    check_signature(parsed, [VENDOR.public_key()])
+    check_signature(parsed, [VENDOR.verify_key])
     check_fit(parsed, board_type=fw.BAY_BOARD_TYPE, running=0x0103, force=False)
     assert parsed.payload == PAYLOAD and parsed.version_str == "1.4"
     assert parsed.target == "bay-board"
@@ -60,11 +60,11 @@ def test_broken_images_are_refused(data: bytes, reason: str) -> None:
 
 
 def test_unsigned_and_mis_signed_images_are_refused() -> None:
-    trusted = [VENDOR.public_key()]
+    trusted = [VENDOR.verify_key]
     with pytest.raises(ImageRejectedError, match="unsigned") as refused:
         check_signature(parse_image(image(key=None)), trusted)
     assert refused.value.reason == "unsigned"
-    forged = parse_image(image(key=Ed25519PrivateKey.generate()))
+    forged = parse_image(image(key=SigningKey.generate()))
     with pytest.raises(ImageRejectedError) as refused:
         check_signature(forged, trusted)
     assert refused.value.reason == "bad_signature"

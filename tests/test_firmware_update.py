@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from nacl.signing import SigningKey
 
 from cabinet.daemon.tokens import load_private_key
 from cabinet.demo.backend import Backend
@@ -125,7 +125,7 @@ def test_bad_images_are_refused_before_touching_a_board(
     cases = {
         "unsigned": build_image(payload, version=0x0109, board_type=fw.BAY_BOARD_TYPE, key=None),
         "bad_signature": build_image(
-            payload, version=0x0109, board_type=fw.BAY_BOARD_TYPE, key=Ed25519PrivateKey.generate()
+            payload, version=0x0109, board_type=fw.BAY_BOARD_TYPE, key=SigningKey.generate()
         ),
         "malformed": b"CFW1" + os.urandom(500),
     }

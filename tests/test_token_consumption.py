@@ -10,7 +10,7 @@ import tomllib
 from pathlib import Path
 
 import pytest
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from nacl.signing import SigningKey
 
 from cabinet.daemon.config import AuthSection
 from cabinet.daemon.journal import Journal
@@ -79,14 +79,14 @@ def test_the_cabinet_claim_is_required_unless_configured_off() -> None:
     example = tomllib.loads((REPO / "docs" / "cabinet.example.toml").read_text())
     assert example["auth"]["require_cabinet_claim"] is True
     assert AuthSection().require_cabinet_claim is True
-    key = Ed25519PrivateKey.generate()
+    key = SigningKey.generate()
     now = int(time.time())
     fleet_wide = issue(key, "R-1", now=now)
     with pytest.raises(TokenRefusedError) as refused:
-        verify(fleet_wide, [key.public_key()], now=now, cabinet_id="cab-1")
+        verify(fleet_wide, [key.verify_key], now=now, cabinet_id="cab-1")
     assert refused.value.reason == "no_cabinet_claim"
     kept = verify(
-        fleet_wide, [key.public_key()], now=now, cabinet_id="cab-1", require_cabinet_claim=False
+        fleet_wide, [key.verify_key], now=now, cabinet_id="cab-1", require_cabinet_claim=False
     )
     assert kept.cab is None
 
@@ -107,11 +107,11 @@ class SteppedClock:
 def test_spent_nonces_outlive_clock_steps_forward_and_back(tmp_path: Path) -> None:
     """Issue 15, item 11: kept until expiry plus the allowed skew, whatever the clock does."""
     journal = Journal(tmp_path / "journal.db")
-    key = Ed25519PrivateKey.generate()
+    key = SigningKey.generate()
     clock = SteppedClock(1_800_000_000)
     start = int(clock.wall())
     token = issue(key, "R-1", now=start, ttl_s=300, cabinet="cab-1")
-    claims = verify(token, [key.public_key()], now=start, cabinet_id="cab-1")
+    claims = verify(token, [key.verify_key], now=start, cabinet_id="cab-1")
 
     def spend(nonce: str, expires: int) -> None:
         with journal.transaction() as db:
@@ -122,7 +122,7 @@ def test_spent_nonces_outlive_clock_steps_forward_and_back(tmp_path: Path) -> No
         clock.now = claims.exp + CLOCK_SKEW_S - 1  # a step forward, within the skew
         spend("a" * 32, int(clock.wall()) + 300)  # another rider's swap prunes
         clock.now = start + 10  # ... and back: the token is valid again by this clock
-        assert verify(token, [key.public_key()], now=int(clock.wall()), cabinet_id="cab-1")
+        assert verify(token, [key.verify_key], now=int(clock.wall()), cabinet_id="cab-1")
         assert journal.token_spent(claims.nonce)  # still a replay
         clock.now = start - 3600  # far back: nothing pruned on a clock that went backwards
         spend("b" * 32, int(clock.wall()) + 300)

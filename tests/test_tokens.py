@@ -8,9 +8,9 @@ import time
 from pathlib import Path
 
 import pytest
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from nacl.signing import SigningKey
 
 from cabinet.daemon.clock import CLOCK_SET_AFTER
 from cabinet.daemon.tokens import (
@@ -93,7 +93,7 @@ def test_refusals_in_process(keys: Path) -> None:
     )
 )
 def test_any_scanned_text_is_a_clear_refusal_never_a_crash(text: str) -> None:
-    key = Ed25519PrivateKey.generate().public_key()
+    key = SigningKey.generate().verify_key
     with pytest.raises(TokenRefusedError) as err:
         verify(text, [key], now=int(time.time()))
     assert err.value.reason in {"malformed", "bad_signature"}
@@ -117,6 +117,6 @@ def test_a_cabinet_whose_clock_is_unset_refuses_offline_tokens_clearly(keys: Pat
         assert "app swaps still work" in str(err.value)
     assert verify(issue(key, "R-1", now=now), pub, now=now).rider == "R-1"  # a set clock is fine
     with pytest.raises(TokenRefusedError) as forged:  # a forgery is still called a forgery
-        other = Ed25519PrivateKey.generate()
+        other = SigningKey.generate()
         verify(issue(other, "R-1", now=now), pub, now=0)
     assert forged.value.reason == "bad_signature"

@@ -3,12 +3,14 @@
 An update touches only idle bays: a bay that holds the running session, has its door
 open or does not answer is skipped (and says why). Each bay to flash is taken out of
 service first — synchronously, after the idle check, so no session can pick it in
-between — flashed through the bus scheduler at routine priority (riders' unlocks
-and the session's reads go first, so the cabinet keeps swapping on the other bays),
-and put back once its new image is confirmed. One update runs at a time — from the
-command that asked for it, so reading or downloading its image counts. Every step
-is an event: ``firmware.rejected``, ``firmware.started``, ``firmware.progress`` (every
-quarter), ``firmware.updated``, ``firmware.failed``.
+between — flashed through the bus scheduler (its commands at routine priority, the
+image chunks at ``BULK``, in the line the poller lends between its cycles: riders'
+unlocks, the session's reads and every bay's once-a-second read go first, so the
+cabinet keeps swapping on the other bays), and put back once its new image is
+confirmed. One update runs at a time — from the command that asked for it, so
+reading or downloading its image counts. Every step is an event:
+``firmware.rejected``, ``firmware.started``, ``firmware.progress`` (every quarter),
+``firmware.updated``, ``firmware.failed``.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import structlog
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from nacl.signing import VerifyKey as Ed25519PublicKey  # the one Ed25519 library: PyNaCl
 
 from cabinet.core.swap_machine import Phase
 from cabinet.daemon.bus_scheduler import Priority
@@ -91,7 +93,7 @@ class FirmwareService:
         return await self.controller.scheduler.submit(Priority.ROUTINE, job)
 
     async def _submit_chunk(self, job: Callable[[ModbusBus], Awaitable[Any]]) -> Any:
-        """Image chunks go below polling: every bay stays read once a second."""
+        """Image chunks go below polling, in the line it lends: every bay read once a second."""
         return await self.controller.scheduler.submit(Priority.BULK, job)
 
     async def _board(self, bay: int) -> bay_map.BayStatus:

@@ -1,4 +1,4 @@
-"""Issuing and verifying rider QR tokens with Ed25519 (``cryptography``).
+"""Issuing and verifying rider QR tokens with Ed25519 (PyNaCl, i.e. libsodium).
 
 Verification needs no network: the cabinet holds the backend's public keys
 (``auth.public_keys``). A token is refused, with a reason code, if it is
@@ -7,6 +7,12 @@ another cabinet, or already used (the replay check is the journal's). With the
 cabinet's clock unset (cabinet/daemon/clock.py: before 2025-01-01) a correctly signed token
 is refused with ``clock_unset``: its expiry cannot be judged, so it is neither
 accepted nor refused by accident.
+
+Keys are PyNaCl's ``SigningKey`` / ``VerifyKey``, read from and written to the same PEM
+files as ever (PKCS#8 / SubjectPublicKeyInfo, protocol/ed25519_keys.py). PyNaCl, not
+``cryptography``: one small library for the one algorithm the cabinet uses costs the
+daemon ~2 MB resident instead of ~7 MB (issue 14); Ed25519 signatures are
+deterministic, so tokens and images are byte for byte what the old code made.
 """
 
 from __future__ import annotations
@@ -16,16 +22,18 @@ import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from nacl.exceptions import BadSignatureError
+from nacl.signing import SigningKey, VerifyKey
 from pydantic import ValidationError
 
 from cabinet.daemon.clock import clock_is_set, unset_clock_detail
+from protocol import ed25519_keys
 from protocol.errors import CodedError
 from protocol.rider_token import TokenClaims, TokenFormatError, assemble, signing_input, split
 
 CLOCK_SKEW_S = 300  # a cabinet's clock may drift between NTP syncs; tokens live minutes
 DEFAULT_TTL_S = 300
+SIGNATURE_BYTES = 64
 
 
 class TokenRefusedError(CodedError):
@@ -44,40 +52,15 @@ class KeyPair:
     public: Path
 
 
-def _load_pem_public_key(data: bytes) -> object:
-    """``serialization.load_pem_public_key``, without importing ``serialization``.
-
-    The daemon reads public keys only. ``cryptography.hazmat.primitives.serialization``
-    imports every other algorithm (RSA, DSA, EC, DH, SSH keys, ciphers; ~1.2 MB resident)
-    for functions that are this one Rust function re-exported; the daemon calls it
-    directly and keeps the rest out (DESIGN.md §6, tests/test_daemon_footprint.py).
-    """
-    try:
-        from cryptography.hazmat.bindings._rust import openssl  # noqa: PLC0415
-    except ImportError:  # a cryptography that moved it: the public name, at its cost
-        from cryptography.hazmat.primitives import serialization  # noqa: PLC0415
-
-        return serialization.load_pem_public_key(data)
-    return openssl.keys.load_pem_public_key(data)
-
-
 def generate_keys(prefix: str) -> KeyPair:
     """Write ``PREFIX.key`` (PKCS#8 PEM, mode 0600) and ``PREFIX.pub`` (SPKI PEM, 0640)."""
-    from cryptography.hazmat.primitives import serialization  # noqa: PLC0415 - not the daemon's
-
-    key = Ed25519PrivateKey.generate()
+    key = SigningKey.generate()
     private, public = Path(f"{prefix}.key"), Path(f"{prefix}.pub")
     for path in (private, public):
         if path.exists():
             raise KeyFileError(f"{path} already exists: refusing to overwrite a key")
-    pem = key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
-    )
-    spki = key.public_key().public_bytes(
-        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
+    pem = ed25519_keys.encode_private(bytes(key))
+    spki = ed25519_keys.encode_public(bytes(key.verify_key))
     for path, data, mode in ((private, pem, 0o600), (public, spki, 0o640)):
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
         os.fchmod(fd, mode)  # the mode asked for, whatever the umask
@@ -86,32 +69,35 @@ def generate_keys(prefix: str) -> KeyPair:
     return KeyPair(private, public)
 
 
-def load_private_key(path: Path) -> Ed25519PrivateKey:
+def load_private_key(path: Path) -> SigningKey:
     """Read an Ed25519 private key (technicians and firmware signing; never the daemon)."""
-    from cryptography.hazmat.primitives import serialization  # noqa: PLC0415 - not the daemon's
-
     try:
-        key = serialization.load_pem_private_key(path.read_bytes(), password=None)
-    except (OSError, ValueError, TypeError) as exc:
+        return SigningKey(ed25519_keys.decode_private(path.read_bytes()))
+    except (OSError, ed25519_keys.KeyFormatError) as exc:
         raise KeyFileError(f"cannot read private key {path}: {exc}") from exc
-    if not isinstance(key, Ed25519PrivateKey):
-        raise KeyFileError(f"{path} is not an Ed25519 private key")
-    return key
 
 
-def load_public_key(path: Path) -> Ed25519PublicKey:
+def load_public_key(path: Path) -> VerifyKey:
     """Read an Ed25519 public key."""
     try:
-        key = _load_pem_public_key(path.read_bytes())
-    except (OSError, ValueError, TypeError) as exc:
+        return VerifyKey(ed25519_keys.decode_public(path.read_bytes()))
+    except (OSError, ed25519_keys.KeyFormatError) as exc:
         raise KeyFileError(f"cannot read public key {path}: {exc}") from exc
-    if not isinstance(key, Ed25519PublicKey):
-        raise KeyFileError(f"{path} is not an Ed25519 public key")
-    return key
+
+
+def _signature_is_valid(key: VerifyKey, signature: bytes, message: bytes) -> bool:
+    """Whether ``key`` made ``signature`` over ``message`` (any wrong length: no)."""
+    if len(signature) != SIGNATURE_BYTES:
+        return False  # PyNaCl raises ValueError for it; a wrong length is just a bad signature
+    try:
+        key.verify(message, signature)
+    except BadSignatureError:
+        return False
+    return True
 
 
 def issue(
-    key: Ed25519PrivateKey,
+    key: SigningKey,
     rider: str,
     *,
     now: int,
@@ -123,12 +109,12 @@ def issue(
     claims = TokenClaims(
         rider=rider, mode=mode, iat=now, exp=now + ttl_s, nonce=secrets.token_hex(16), cab=cabinet
     )
-    return assemble(claims, key.sign(signing_input(claims)))
+    return assemble(claims, key.sign(signing_input(claims)).signature)
 
 
 def verify(
     token: str,
-    keys: list[Ed25519PublicKey],
+    keys: list[VerifyKey],
     *,
     now: int,
     cabinet_id: str | None = None,
@@ -146,13 +132,7 @@ def verify(
     except (TokenFormatError, ValidationError, ValueError) as exc:
         first_line = str(exc).splitlines()[0]
         raise TokenRefusedError("malformed", f"malformed token: {first_line}") from exc
-    for key in keys:
-        try:
-            key.verify(signature, signed)
-            break
-        except InvalidSignature:
-            continue
-    else:
+    if not any(_signature_is_valid(key, signature, signed) for key in keys):
         raise TokenRefusedError("bad_signature", "token is not signed by a trusted key")
     if not clock_is_set(now):
         raise TokenRefusedError("clock_unset", unset_clock_detail(now))

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from nacl.signing import SigningKey
 
 from cabinet.daemon.control_client import request
 from cabinet.daemon.tokens import issue
@@ -96,8 +96,8 @@ class Surroundings:
     sim_control: tuple[str, int]
     control_socket: Path
     cabinet_id: str
-    backend_key: Ed25519PrivateKey
-    forger_key: Ed25519PrivateKey
+    backend_key: SigningKey
+    forger_key: SigningKey
     app_swap: Callable[[str], dict[str, Any]]  # blocking: the backend's swap.start
     rng: random.Random
     say: Callable[[str], None]
@@ -150,7 +150,7 @@ async def _wait_for_turn(world: Surroundings) -> int:
     raise RiderGaveUpError("the cabinet stayed busy")
 
 
-def _token(world: Surroundings, rider: Rider, key: Ed25519PrivateKey) -> str:
+def _token(world: Surroundings, rider: Rider, key: SigningKey) -> str:
     return issue(key, rider.rider_id, now=int(time.time()), ttl_s=120, cabinet=world.cabinet_id)
 
 

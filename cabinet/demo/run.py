@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from nacl.signing import SigningKey
 
 from cabinet.daemon.control_client import ControlProtocolError, DaemonNotRunningError, request
 from cabinet.daemon.tokens import generate_keys, load_private_key
@@ -180,7 +180,7 @@ class Demo:
                 control_socket=self.socket,
                 cabinet_id=CABINET_ID,
                 backend_key=load_private_key(pair.private),
-                forger_key=Ed25519PrivateKey.generate(),
+                forger_key=SigningKey.generate(),
                 app_swap=lambda rider: backend.app_swap(screen_url, rider),
                 rng=random.Random(self.seed),
                 say=(lambda _line: None) if live else self.say,

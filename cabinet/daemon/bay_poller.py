@@ -4,7 +4,10 @@ Theory of operation: the controller decides and never touches the bus; this is
 its hands and eyes. The poll cycle reads one bay at a time through the bus
 scheduler and hands each reading to ``CabinetController.observe_bay`` (the
 cabinet board's to ``observe_cabinet``, who answers to ``bus_truth``);
-the session's bays are re-read every ``HOT_BAY_INTERVAL_S``; the charging plan
+the session's bays are re-read every ``HOT_BAY_INTERVAL_S`` and the cabinet board
+every ``cabinet_board_interval_s`` (both checked between bay reads, so neither waits
+for the end of a long 9600-baud cycle, and a fast line does not spend a read on the
+cabinet board every cycle); the charging plan
 the controller draws is written to the boards (re-sent when a board may have
 forgotten it); the heartbeat broadcast keeps the boards out of fail-safe.
 Bus commands the controller journaled (``bus_commands``) are carried out here:
@@ -60,16 +63,21 @@ HEARTBEAT_INTERVAL_S = 1.0  # five per board timeout: one lost broadcast never t
 CHARGER_REFRESH_S = 60.0  # re-send unchanged charger settings: a rebooted board forgets them
 METER_INTERVAL_S = 10.0
 #: A poll cycle never starts sooner than this after the previous one started. A healthy
-#: cycle takes longer anyway (12 bays + cabinet board + heartbeat: ~0.12 s of wire at
+#: cycle takes longer anyway (12 bays + heartbeat: ~0.11 s of wire at
 #: 115200 baud, ~0.97 s at 9600); this only bites when every call fails at once (adapter
 #: gone, every unit isolated), where it caps the poller at 10 cycles a second instead of a
 #: busy loop. (It was 0.25 s, which set the cycle itself at 115200: 2.29 x the wire minimum,
 #: bench/daemon_cycle.py.)
 MIN_POLL_CYCLE_S = 0.1
-#: While a firmware transfer waits (``Priority.BULK``), a cycle starts every this often
-#: and the transfer has the wire in between. A bay's read may wait for one chunk already
-#: on the wire (0.16 s at 19200 baud): 0.75 s keeps every bay read within a second.
-BULK_POLL_CYCLE_S = 0.75
+#: While a firmware transfer waits (``Priority.BULK``), a cycle starts about this often
+#: (every bay read once a second, DESIGN.md) and the line is lent to the transfer until
+#: the next cycle is due, so no chunk is on the wire when it starts. A bay's read still
+#: moves within its cycle by a few reads (the cabinet board, the heartbeat, a session's
+#: bays), so the cycle is shortened by that slack: this share of the cycle's own length
+#: (0.1 s at 19200 baud), at least ``BULK_SLACK_MIN_S`` (docs/firmware.md).
+BULK_POLL_CYCLE_S = 1.0
+BULK_SLACK_SHARE = 0.2
+BULK_SLACK_MIN_S = 0.05
 #: Pauses between attempts to reopen a lost adapter or gateway.
 BUS_REOPEN_S = (0.5, 1.0, 2.0, 5.0, 10.0)
 
@@ -98,6 +106,7 @@ class BayPoller:
         )
         self.on_unlock_sent: Callable[[int], None] | None = None  # for latency measurement
         self._last_read: dict[int, float] = {}
+        self._cabinet_read_at = float("-inf")  # when the cabinet board was last asked
         #: the last status block each bay returned and its snapshot: the board driver hands
         #: back the same (frozen) object for an unchanged block, so it is reduced only once
         self._reduced: dict[int, tuple[bay_map.BayStatus, BaySnapshot]] = {}
@@ -173,7 +182,7 @@ class BayPoller:
     # -- the forever-loops -------------------------------------------------------------------
 
     async def poll_forever(self) -> None:
-        """The poll cycle: every bay once, the session's bays often, charging, the meter.
+        """The poll cycle: every bay once, the session's bays and the cabinet board when due.
 
         Paced: a cycle starts at most every ``MIN_POLL_CYCLE_S`` (the session's bays are
         still read every ``HOT_BAY_INTERVAL_S`` meanwhile), and a lost adapter is reopened
@@ -188,7 +197,7 @@ class BayPoller:
             for bay in BAY_UNITS:
                 await self.read_bay(bay, Priority.ROUTINE)
                 await self._read_hot_bays()
-            await self.read_cabinet()
+                await self._read_cabinet_if_due()
             await self.apply_charging()
             await self._read_meter_if_due()
             c.bus_truth.alarms_due()
@@ -197,11 +206,25 @@ class BayPoller:
             await self._pace(started)
 
     async def _pace(self, started: float) -> None:
-        """Wait out the rest of the minimum cycle, keeping the session's bays fresh."""
-        bulk = self.scheduler.waiting(Priority.BULK)
-        period = BULK_POLL_CYCLE_S if bulk else MIN_POLL_CYCLE_S
+        """Wait out the rest of the cycle, keeping the session's bays fresh; lend the rest.
+
+        Without bulk work a cycle follows the last one after ``MIN_POLL_CYCLE_S``. With a
+        firmware transfer waiting, the cycle is stretched to once a second less its slack,
+        the cabinet board is read once in it, and the line is lent to the transfer until
+        the next cycle is due (``BusScheduler.lend_to_bulk``), or until its next chunk
+        would not fit before then: then the next cycle starts at once.
+        """
+        if self.scheduler.waiting(Priority.BULK):
+            if self._cabinet_read_at < started:  # its 1 s interval would let it slip a cycle
+                await self.read_cabinet()
+            spent = self.clock.monotonic() - started
+            period = BULK_POLL_CYCLE_S - max(BULK_SLACK_MIN_S, BULK_SLACK_SHARE * spent)
+        else:
+            period = MIN_POLL_CYCLE_S
+        self.scheduler.lend_to_bulk(started + period - self.clock.monotonic())
         while (left := started + period - self.clock.monotonic()) > 0:
-            await asyncio.sleep(min(left, HOT_BAY_INTERVAL_S))
+            if await self.scheduler.lend_given_back(min(left, HOT_BAY_INTERVAL_S)):
+                break  # the transfer cannot use the rest: no idle line, the next cycle now
             await self._read_hot_bays()
 
     async def heartbeat_forever(self) -> None:
@@ -264,8 +287,15 @@ class BayPoller:
         except JournalError:
             return  # not recorded, so not acted on: the next reading retries (journal.py logs it)
 
+    async def _read_cabinet_if_due(self) -> None:
+        """Read the cabinet board if ``cabinet_board_interval_s`` has passed since the last ask."""
+        due = self._cabinet_read_at + self.controller.settings.cabinet_board_interval_s
+        if self.clock.monotonic() >= due:
+            await self.read_cabinet()
+
     async def read_cabinet(self) -> None:
         """Read the cabinet board; close the contactor if the controller wants it closed."""
+        self._cabinet_read_at = self.clock.monotonic()
         status = await self._read_unit(
             CABINET_BOARD_UNIT, lambda bus: CabinetBoard(bus).read_status()
         )
@@ -292,13 +322,20 @@ class BayPoller:
         return result
 
     async def _close_contactor(self) -> None:
-        """Close the contactor (routine: the next cabinet reading checks it)."""
+        """Close the contactor; the cabinet board is read back at the next bay boundary.
+
+        Routine, not a safety write: a close that did not land is seen by that read-back
+        and written again. A failed write waits for the next due reading (a dead board is
+        not asked twice per bay).
+        """
         try:
             await self.scheduler.submit(
                 Priority.ROUTINE, lambda bus: CabinetBoard(bus).set_contactor(closed=True)
             )
         except BusError as exc:
             log.info("contactor_write_failed", closed=True, error=str(exc))
+            return
+        self._cabinet_read_at = float("-inf")  # read back now, not an interval from now
 
     async def _read_hot_bays(self) -> None:
         for bay in self.controller.hot_bays():

@@ -107,12 +107,15 @@ class BoardObservations(JournalFirst):
     def observe_bay(self, bay: int, snapshot: BaySnapshot) -> None:
         """Take a fresh reading of ``bay`` through tracker, machine, ledger and interlocks."""
         prev = self.baseline.get(bay)
-        events: list[Event] = diff(bay, prev, snapshot)
-        io: list[Command] = []
         safety: list[SafetyAction] = []
-        if snapshot.online:
+        if snapshot.online:  # the interlocks see every reading, the unchanged ones too
             cell = snapshot.battery.cell_temp_c if snapshot.battery else None
             safety = self.safety.observe_bay(bay, self.clock.monotonic(), cell, snapshot.bay_temp_c)
+        if not safety and (prev is snapshot or prev == snapshot) and self._nothing_to_judge(bay):
+            self.baseline[bay] = self.snapshots[bay] = snapshot  # the same object next time
+            return
+        events: list[Event] = diff(bay, prev, snapshot)
+        io: list[Command] = []
         material = prev is None or _material(prev) != _material(snapshot)
         if self.ready and self.state.phase in RESERVATION_PHASES:
             # the reserved battery is re-judged on every reading until its door opens
@@ -134,6 +137,19 @@ class BoardObservations(JournalFirst):
         self.snapshots[bay] = snapshot
         self._carry_out(io)
         self._safety_io(safety)
+
+    def _nothing_to_judge(self, bay: int) -> bool:
+        """Whether a reading equal to the baseline may skip the tracker and the dry run.
+
+        Most readings of a 12-bay cabinet equal the last (a full pack resting): ``diff`` of
+        equal snapshots is empty and nothing material changed, so there is nothing to
+        journal and nothing for the machine -- unless the session's reserved battery is
+        being re-judged (every reading counts then) or a board marked silent answers again
+        (its baseline may predate the outage). The interlocks have already seen the reading.
+        """
+        if self.ready and self.state.phase in RESERVATION_PHASES:
+            return False
+        return self.out_of_service.get(bay) != BOARD_SILENT
 
     def _commit_reading(
         self,

@@ -70,6 +70,8 @@ class BusTruth:
 
     def alarms_due(self) -> None:
         """Raise the alarms of units silent for ``offline_alarm_s`` (once a poll cycle)."""
+        if not self.presence.outages:
+            return  # the common case, every cycle: no copy of the presence record
         now = self.clock.monotonic()
         self._journal_presence(lambda p: p.due(now))
 

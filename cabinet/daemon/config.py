@@ -83,6 +83,10 @@ class BusSection(_Section):
     #: no unit answering for this long makes the daemon unhealthy: the systemd watchdog
     #: goes hungry and ``cabinet doctor`` fails, so a cabinet talking to nobody is restarted
     silence_unhealthy_s: float = Field(default=30.0, ge=1, le=3600)
+    #: the cabinet board (smoke, mains, contactor read-back) is read this often, checked
+    #: between bay reads: smoke is seen within this + one transaction at any baud, and a
+    #: fast line does not spend a read on it every 12-bay cycle (docs/hardware.md)
+    cabinet_board_interval_s: float = Field(default=1.0, ge=0.1, le=10)
 
     _check_url = field_validator("url")(_endpoint_url)
 
@@ -120,6 +124,11 @@ class MqttSection(_Section):
     #: telemetry held while the broker is away, as time at ``telemetry_interval_s`` (an
     #: hour: 60 samples at 60 s, ~70 KB); the oldest go first. A day is the most kept.
     telemetry_backlog_s: float = Field(default=3600.0, ge=0.0, le=86400.0)
+    #: retained ``state`` and ``status`` sent again after this long without a change, for
+    #: brokers that replay retained messages to exact-topic subscriptions only (RabbitMQ):
+    #: a ``cabinets/+/state`` subscriber then sees a quiet cabinet within this period. An
+    #: idle cabinet pays ~3.5 KB per period (13.8 KB/h at 900 s); 0 = off (docs/mqtt.md)
+    state_republish_s: float = Field(default=900.0, ge=0.0, le=86400.0)
 
 
 class AuthSection(_Section):

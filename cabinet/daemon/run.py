@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import structlog
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from nacl.signing import VerifyKey
 
 from cabinet.core.battery_rules import DepositRules, DispenseRules
 from cabinet.core.charging_policy import ChargingRules
@@ -73,6 +73,7 @@ def settings_from(config: CabinetConfig) -> ControllerSettings:
         ),
         offline_alarm_s=config.bus.offline_alarm_s,
         silence_unhealthy_s=config.bus.silence_unhealthy_s,
+        cabinet_board_interval_s=config.bus.cabinet_board_interval_s,
     )
 
 
@@ -209,7 +210,7 @@ async def scanner_loop(config: CabinetConfig, controller: CabinetController) -> 
 
 def handle_scan(
     scan: Scan,
-    keys: list[Ed25519PublicKey],
+    keys: list[VerifyKey],
     cabinet_id: str,
     controller: CabinetController,
     refusals: ScanRefusals | None = None,
@@ -297,7 +298,7 @@ def mqtt_link_for(config: CabinetConfig, **callbacks: Any) -> MqttLink:
     )
 
 
-def _firmware_keys(config: CabinetConfig) -> list[Ed25519PublicKey] | None:
+def _firmware_keys(config: CabinetConfig) -> list[VerifyKey] | None:
     """Check every configured key file up front; the firmware keys, or None if one is bad."""
     try:
         for path in config.auth.public_keys:
@@ -448,6 +449,7 @@ async def run_daemon(config: CabinetConfig, config_path: Path | None = None) -> 
                 lambda **kw: mqtt_link_for(config, **kw),
                 telemetry_interval_s=config.mqtt.telemetry_interval_s,
                 telemetry_backlog_s=config.mqtt.telemetry_backlog_s,
+                state_republish_s=config.mqtt.state_republish_s,
                 firmware=FirmwareFetcher(
                     firmware,
                     config.firmware.max_download_bytes,

@@ -14,6 +14,7 @@ also reverts an unconfirmed image by itself).
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import time
 from collections.abc import Awaitable, Callable
@@ -33,10 +34,23 @@ Submit = Callable[[Callable[[ModbusBus], Awaitable[Any]]], Awaitable[Any]]
 BOARD_WAIT_S = 60.0  # how long a board may stay silent (power cut, reboot) before we give up
 POLL_S = 0.5
 MAX_RESUMES = 20  # a line so bad that the transfer resumes this often is not worth fighting
+#: Chunks queued at once: one on the wire, the next ones ready behind it, so the bus
+#: master never waits for this task between two chunks (docs/firmware.md, "Sharing the line")
+WRITE_WINDOW = 3
 
 
 class UpdateFailedError(CodedError):
     """The update did not complete; ``reason`` is stable for programs."""
+
+
+class ChunkWithdrawnError(Exception):
+    """A chunk queued behind one that failed: taken back, not sent (the transfer resumes)."""
+
+
+def _forget(task: asyncio.Task[None]) -> None:
+    """Retrieve a withdrawn chunk's outcome, so asyncio does not log it as never retrieved."""
+    if not task.cancelled():
+        task.exception()
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,6 +100,8 @@ class BayUpdater:
         self._on_progress = on_progress
         self._board_wait_s = board_wait_s
         self.resumes = 0
+        self._chunk_failed = False  # a chunk of the current window failed: withdraw the rest
+        self._chunk_order = asyncio.Lock()
 
     async def run(self, running_version: int) -> Outcome:
         """Transfer, verify, activate, confirm; raise UpdateFailedError on the way."""
@@ -113,17 +129,44 @@ class BayUpdater:
     # -- the transfer ----------------------------------------------------------------------
 
     async def _transfer(self) -> None:
-        payload, total = self.image.payload, len(self.image.payload)
+        total = len(self.image.payload)
         offset = await self._begin()
+        # the board accepted BEGIN: say where sending starts (0, or a resume's offset)
+        await self._progress(Progress("sending", offset, total))
         while offset < total:
-            chunk = payload[offset : offset + fw.CHUNK_BYTES]
             try:
-                await self._write_chunk(fw.encode_chunk(offset, chunk))
-            except BusError:
+                offset = await self._send_from(offset)
+            except (BusError, ChunkWithdrawnError):
                 offset = await self._resume()
-                continue
-            offset += len(chunk)
-            await self._progress(Progress("sending", offset, total))
+
+    async def _send_from(self, offset: int) -> int:
+        """Send the chunks from ``offset`` to the end, ``WRITE_WINDOW`` of them queued at once.
+
+        The next chunk is queued while the current one is on the wire, so the bus master
+        goes from one to the next without waiting for this task to run; each is still a
+        job of its own, so polling and a rider's unlock go first between any two. A chunk
+        queued behind one that failed is withdrawn when its turn comes, never sent (it
+        would be refused: its offset is no longer the board's).
+        """
+        payload, total = self.image.payload, len(self.image.payload)
+        self._chunk_failed = False
+        window: collections.deque[tuple[int, asyncio.Task[None]]] = collections.deque()
+        queued = offset
+        try:
+            while offset < total:
+                while queued < total and len(window) < WRITE_WINDOW:
+                    chunk = payload[queued : queued + fw.CHUNK_BYTES]
+                    write = self._write_chunk(fw.encode_chunk(queued, chunk))
+                    queued += len(chunk)
+                    window.append((queued, asyncio.ensure_future(write)))
+                offset, sending = window.popleft()
+                await sending
+                await self._progress(Progress("sending", offset, total))
+        finally:
+            for _end, task in window:
+                task.cancel()
+                task.add_done_callback(_forget)
+        return offset
 
     async def _begin(self) -> int:
         header = fw.Header(
@@ -218,7 +261,19 @@ class BayUpdater:
         await self._submit(lambda bus: bus.write_registers(self.unit, address, regs))
 
     async def _write_chunk(self, regs: list[int]) -> None:
-        await self._submit_chunk(lambda bus: bus.write_registers(self.unit, fw.CHUNK_START, regs))
+        async def write(bus: ModbusBus) -> None:
+            # the lock is free under the daemon's bus master, which runs jobs one after the
+            # other; a caller that runs jobs as they come gets the same order through it
+            async with self._chunk_order:
+                if self._chunk_failed:  # the chunk before this one failed
+                    raise ChunkWithdrawnError("an earlier chunk of this window failed")
+                try:
+                    await bus.write_registers(self.unit, fw.CHUNK_START, regs)
+                except BaseException:
+                    self._chunk_failed = True
+                    raise
+
+        await self._submit_chunk(write)
 
     async def _command(self, command: fw.Command) -> None:
         try:

@@ -2,9 +2,11 @@
 
 At 19200 baud an image chunk occupies the line for 0.16 s and a poll cycle of the
 12 bays and the cabinet board for about 0.5 s: a transfer that takes turns with
-polling one-for-one left each bay unread for 4-5 s. Measured on the simulator's own
-per-unit counters over real RTU framing (``tests/read_gap_watch.py``), so the
-daemon's view of itself is not what is checked.
+polling one-for-one left each bay unread for 4-5 s. Now the poller lends the line to
+the transfer between its cycles, and only until the next cycle is due (so about once
+a second less a slack, docs/firmware.md "Sharing the line"). Measured on the
+simulator's own per-unit counters over real RTU framing (``tests/read_gap_watch.py``),
+so the daemon's view of itself is not what is checked.
 """
 
 from __future__ import annotations
@@ -22,6 +24,11 @@ from tests.daemon_harness import Cabinet, write_config
 from tests.read_gap_watch import ReadGapWatch
 
 READ_EVERY_S = 1.0  # DESIGN.md: every bay polled at least once a second
+#: The cabinet board has its own period (``bus.cabinet_board_interval_s``, 1 s) counted
+#: from its last read and checked between transactions, so docs/hardware.md promises it
+#: within the interval plus a transaction or so (40 ms each at 19200); the watch's wire
+#: figure may also be one 50 ms sample over.
+CABINET_BOARD_EVERY_S = 1.0 + 0.15
 FLASHED = 1
 
 
@@ -71,6 +78,6 @@ def test_every_bay_is_read_once_a_second_while_a_bay_is_flashed(
     late = {
         unit: f"{wire:.2f} s of wire (wall clock {watch.longest_s[unit]:.2f} s)"
         for unit, wire in watch.longest_wire_s.items()
-        if wire > READ_EVERY_S
+        if wire > (CABINET_BOARD_EVERY_S if unit == CABINET_BOARD_UNIT else READ_EVERY_S)
     }
     assert not late, f"boards unread for more than {READ_EVERY_S} s during the update: {late}"

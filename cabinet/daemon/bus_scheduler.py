@@ -4,20 +4,33 @@ DESIGN.md §3.3: safety actions and door unlocks first, the bay in an active swa
 next, routine polling last. Callers submit one transaction at a time (the poller
 never queues a whole cycle), so an unlock waits at most for the transaction
 already on the wire — never for a poll cycle.
+
+Bulk work (firmware chunks, ``Priority.BULK``) goes last, and only while the poller
+lends it the line (``lend_to_bulk``): between two poll cycles, up to the moment the
+next cycle is due. A bulk job starts only if it is expected to end by then, so the
+next cycle's first read never waits for a chunk on the wire, and every bay keeps its
+once-a-second read however long the transfer is (docs/firmware.md, "Sharing the line").
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
+import contextlib
 import enum
 import heapq
 import itertools
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 from drivers.modbus_bus import ModbusBus
 
 T = TypeVar("T")
+
+#: Bulk jobs whose length predicts the next one's: a chunk is as long as the last few
+#: (the same frame size), and one slow job (a CPU wait) is forgotten after this many.
+BULK_JOBS_REMEMBERED = 8
 
 
 class Priority(enum.IntEnum):
@@ -27,7 +40,7 @@ class Priority(enum.IntEnum):
     UNLOCK = 1  # a rider is waiting for a door
     ACTIVE = 2  # the bays of the running session, and the heartbeat
     ROUTINE = 3  # the poll cycle, charger settings, the meter
-    BULK = 4  # firmware chunks: only the wire time polling leaves (docs/firmware.md)
+    BULK = 4  # firmware chunks: only the wire time polling lends (docs/firmware.md)
 
 
 Job = Callable[[ModbusBus], Awaitable[Any]]
@@ -44,24 +57,82 @@ class BusScheduler:
     sleep and being woken one event-loop iteration later.
     """
 
-    def __init__(self, bus: ModbusBus) -> None:
+    def __init__(self, bus: ModbusBus, *, clock: Callable[[], float] = time.monotonic) -> None:
         self.bus = bus
+        self._clock = clock
         self._queue: list[tuple[int, int, Job, asyncio.Future[Any]]] = []
         self._order = itertools.count()
         self._wakeup: asyncio.Future[None] | None = None
+        #: until when bulk jobs may start; None until a poller first paces them (a
+        #: scheduler with no poller, as in a bench or a test, runs bulk whenever it is free)
+        self._bulk_until: float | None = None
+        #: the first bulk job after a lend always runs: a transfer moves on every cycle
+        #: even on a line so slow that the cycle leaves no room (9600 baud)
+        self._bulk_started_since_lend = False
+        self._bulk_lengths: collections.deque[float] = collections.deque(
+            maxlen=BULK_JOBS_REMEMBERED
+        )
+        self._lend_given_back = asyncio.Event()
 
     async def submit(self, priority: Priority, job: Callable[[ModbusBus], Awaitable[T]]) -> T:
         """Run ``job`` on the bus when its turn comes; return its result or raise its error."""
         future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
         heapq.heappush(self._queue, (int(priority), next(self._order), job, future))
-        wakeup = self._wakeup
-        if wakeup is not None and not wakeup.done():
-            wakeup.set_result(None)
+        self._wake()
         return await future
 
     def waiting(self, priority: Priority) -> bool:
         """Whether a job of ``priority`` is queued: the poller stretches its pacing for bulk."""
         return any(queued[0] == priority and not queued[3].done() for queued in self._queue)
+
+    def lend_to_bulk(self, for_s: float) -> None:
+        """Let bulk jobs use the line for the next ``for_s`` seconds, then hold them.
+
+        The poller calls this after each cycle with the time until its next one. Bulk
+        jobs start while one more is expected to end within the lend (the longest of
+        the last few bulk jobs), then wait for the next lend; anything of higher
+        priority still goes first, between any two of them.
+        """
+        self._bulk_until = self._clock() + for_s
+        self._bulk_started_since_lend = False
+        self._lend_given_back.clear()
+        self._wake()
+
+    async def lend_given_back(self, timeout_s: float) -> bool:
+        """Wait up to ``timeout_s`` for bulk work to give the lent line back; whether it has.
+
+        It does when its next job would not end within the lend, or when it has no next
+        job (the transfer's last chunk is out): the poller then starts its next cycle at
+        once rather than leave the rest of the lend idle (at 19200 baud that rest is up to
+        a chunk, 0.16 s a cycle). A lend no bulk job used is never given back, so a poller
+        whose every call fails at once still waits out its minimum cycle.
+        """
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._lend_given_back.wait(), timeout_s)
+        return self._lend_given_back.is_set()
+
+    def _wake(self) -> None:
+        wakeup = self._wakeup
+        if wakeup is not None and not wakeup.done():
+            wakeup.set_result(None)
+
+    def _ready(self) -> bool:
+        """Whether the head of the queue may go on the wire now (cancelled jobs dropped)."""
+        while self._queue and self._queue[0][3].done():  # the caller gave up while queued
+            heapq.heappop(self._queue)
+        if not self._queue:
+            if self._bulk_started_since_lend:  # bulk work used the lend and has no more now
+                self._lend_given_back.set()
+            return False
+        if self._queue[0][0] != Priority.BULK or self._bulk_until is None:
+            return True
+        if not self._bulk_started_since_lend:
+            return True
+        expected = max(self._bulk_lengths, default=0.0)
+        if self._clock() + expected <= self._bulk_until:
+            return True
+        self._lend_given_back.set()
+        return False
 
     async def run(self) -> None:
         """Drain the queue forever (the supervised bus-master task)."""
@@ -71,17 +142,21 @@ class BusScheduler:
                 # let the caller just answered submit its next job: the poller's next read
                 # must not lose the race to a firmware chunk that was already waiting
                 await asyncio.sleep(0)
-            while not self._queue:
+            while not self._ready():
                 self._wakeup = loop.create_future()
                 await self._wakeup
-            _priority, _order, job, future = heapq.heappop(self._queue)
-            if future.done():  # the caller gave up (cancelled) while queued
-                continue
+            priority, _order, job, future = heapq.heappop(self._queue)
+            bulk = priority == Priority.BULK
+            if bulk:
+                self._bulk_started_since_lend = True
+            started = self._clock()
             try:
                 result = await job(self.bus)
             except Exception as exc:  # noqa: BLE001 - delivered to the caller, who knows the unit
                 if not future.done():
                     future.set_exception(exc)
             else:
+                if bulk:  # only jobs that went through: a timed-out one says nothing of the next
+                    self._bulk_lengths.append(self._clock() - started)
                 if not future.done():
                     future.set_result(result)

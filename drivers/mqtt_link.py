@@ -10,6 +10,13 @@ connection before any CONNACK twice in a row (RabbitMQ 3.10 does that to an MQTT
 CONNECT; docs/mqtt.md "Brokers"); last will ``status`` offline (retained); reconnect with
 jittered backoff is paho's own (``reconnect_delay_set``), TCP_NODELAY on the socket.
 
+Closes before CONNACK at start-up (no session yet on this link) are the broker's answer
+to a protocol version, not a failure: the link tries again at once, and switches at
+once, so a cabinet or ``cabinet watch`` on RabbitMQ has its first session in
+milliseconds instead of after paho's reconnect wait of 1-3 s. Every later close waits
+out the back-off as any lost connection does, and a broker that closes both versions
+(flapping between them) gets a wait that doubles per switch, so it is never hammered.
+
 The same link serves ``cabinet watch`` and the backend stand-in (no will, a session kept
 across reconnects, ``open`` to hear at once why a first connection fails, a shared
 subscription): one TLS set-up (``tls_context``) and one back-off (``drivers.backoff``).
@@ -19,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import socket
 import ssl
 import threading
@@ -212,7 +220,10 @@ class MqttLink:
         self.connected = asyncio.Event()
         self.protocol = paho.MQTTv5 if mqtt5 else paho.MQTTv311
         self._connack_seen = False  # on the current connection attempt (paho's thread)
-        self._closed_before_connack = 0  # consecutive attempts (our loop)
+        self._closed_before_connack = 0  # consecutive attempts, across switches (our loop)
+        self._switches = 0  # protocol switches since the last CONNACK (our loop)
+        self._had_session = False  # a CONNACK "accepted" ever: start-up is over
+        self._restart_timer: asyncio.TimerHandle | None = None
         self._client = self._make_client()
 
     def _make_client(self) -> paho.Client:
@@ -323,6 +334,9 @@ class MqttLink:
 
         ``forget_session``: end a kept session too (MQTT 5), leaving nothing on the broker.
         """
+        if self._restart_timer is not None:
+            self._restart_timer.cancel()
+            self._restart_timer = None
         props = None
         if forget_session and self.protocol == paho.MQTTv5:
             props = Properties(PacketTypes.DISCONNECT)  # type: ignore[no-untyped-call]
@@ -415,6 +429,7 @@ class MqttLink:
 
     def _connected(self, code: int, text: str, session_present: bool = False) -> None:
         self._closed_before_connack = 0
+        self._switches = 0
         self.session_present = session_present
         for waiter in self._connack_waiters:  # open() waits for an answer
             if not waiter.done():
@@ -423,10 +438,11 @@ class MqttLink:
         if code != 0:
             if code == UNSUPPORTED_PROTOCOL_VERSION and self.protocol == paho.MQTTv5:
                 log.warning("mqtt5_refused_falling_back_to_311")
-                self._switch_protocol(paho.MQTTv311)
+                self._restart(paho.MQTTv311)
                 return
             log.warning("mqtt_connect_refused", reason=text)
             return
+        self._had_session = True
         log.info(
             "mqtt_connected",
             broker=f"{self.address.host}:{self.address.port}",
@@ -438,8 +454,12 @@ class MqttLink:
         if self._on_connected is not None:
             self._on_connected()
 
-    def _switch_protocol(self, protocol: MQTTProtocolVersion) -> None:
-        """Start over with a new paho client speaking ``protocol`` (paho cannot change)."""
+    def _restart(self, protocol: MQTTProtocolVersion, delay_s: float = 0.0) -> None:
+        """Start over with a new paho client speaking ``protocol`` (paho cannot change).
+
+        Also the way to reconnect without paho's reconnect wait: its thread sleeps that
+        wait out before it looks at anything, so it is retired rather than woken.
+        """
         # the old client's thread may sit in its 1 s select or its reconnect wait: it is
         # told to disconnect and retired off this loop, which the field bus shares
         old = self._client
@@ -447,24 +467,51 @@ class MqttLink:
             old.disconnect()
         threading.Thread(target=old.loop_stop, name="mqtt-retired", daemon=True).start()
         self.protocol = protocol
-        self._closed_before_connack = 0
         self._client = self._make_client()
+        if delay_s <= 0 or self._loop is None:
+            self._connect()
+        else:
+            self._restart_timer = self._loop.call_later(delay_s, self._connect_later)
+
+    def _connect_later(self) -> None:
+        self._restart_timer = None
         self._connect()
+
+    def _closed_without_connack(self) -> None:
+        """After a close before CONNACK: the same version again or the other, now or later.
+
+        Every ``CLOSES_BEFORE_CONNACK_TO_SWITCH``-th close in a row switches: a
+        3.1.1-only broker that closes on MQTT 5 (RabbitMQ 3.10), or back to 5 if 3.1.1
+        fares no better (the cause was elsewhere). Before the first session up to the
+        first switch this happens at once; otherwise the close that does not switch
+        waits out paho's back-off, and every switch after the first one waits a back-off
+        that doubles, so a broker closing every CONNECT sees a few a minute at most.
+        """
+        closes = self._closed_before_connack
+        switch = closes % CLOSES_BEFORE_CONNACK_TO_SWITCH == 0
+        at_once = not self._had_session and closes <= CLOSES_BEFORE_CONNACK_TO_SWITCH
+        if not (switch or at_once):
+            return  # paho reconnects after its back-off, with the same version
+        protocol = self.protocol
+        if switch:
+            protocol = paho.MQTTv311 if self.protocol == paho.MQTTv5 else paho.MQTTv5
+            self._switches += 1
+            log.warning(
+                "mqtt_closed_before_connack_switching_protocol",
+                to="3.1.1" if protocol == paho.MQTTv311 else "5",
+            )
+        delay_s = 0
+        if not at_once and self._switches > 1:
+            waits = self._backoff.delays(self._backoff.first_wait())
+            delay_s = next(itertools.islice(waits, self._switches - 2, None))
+        self._restart(protocol, delay_s)
 
     def _disconnected(self, reason: str, before_connack: bool, client: Any = None) -> None:
         if client is not None and client is not self._client:
-            return  # a client retired by a protocol switch: its news is not the link's
+            return  # a client retired by a restart: its news is not the link's
         if before_connack:
             self._closed_before_connack += 1
-            if self._closed_before_connack >= CLOSES_BEFORE_CONNACK_TO_SWITCH:
-                # the other version: a 3.1.1-only broker that closes on MQTT 5 (RabbitMQ
-                # 3.10), or back to 5 if 3.1.1 fares no better (the cause was elsewhere)
-                other = paho.MQTTv311 if self.protocol == paho.MQTTv5 else paho.MQTTv5
-                log.warning(
-                    "mqtt_closed_before_connack_switching_protocol",
-                    to="3.1.1" if other == paho.MQTTv311 else "5",
-                )
-                self._switch_protocol(other)
+            self._closed_without_connack()
         if self.connected.is_set():
             log.warning("mqtt_disconnected", reason=reason)
         self.connected.clear()

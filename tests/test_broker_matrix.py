@@ -183,7 +183,7 @@ def _keep_first(got: dict[str, paho.MQTTMessage], msg: paho.MQTTMessage) -> None
     got.setdefault(msg.topic, msg)
 
 
-def mqtt(broker: FleetBroker, cabinet: str) -> dict[str, dict[str, str]]:
+def mqtt(broker: FleetBroker, cabinet: str) -> dict[str, dict[str, Any]]:
     return {"mqtt": {"url": broker.url}, "cabinet": {"id": cabinet}}
 
 
@@ -238,6 +238,49 @@ def test_status_online_retained_state_and_the_last_will(
             assert will.retain and json.loads(will.payload)["online"] is False
     finally:
         backend.close()
+
+
+def wildcard_subscriber(broker: FleetBroker, *filters: str) -> tuple[paho.Client, dict[str, Any]]:
+    """A dashboard arriving now with wildcard filters: the last payload seen per topic."""
+    seen: dict[str, Any] = {}
+    client = paho.Client(
+        CallbackAPIVersion.VERSION2,
+        client_id=f"dashboard-{uuid.uuid4().hex[:8]}",
+        protocol=paho.MQTTv311,
+    )
+    client.on_connect = lambda c, _u, _f, _r, _p: c.subscribe([(f, 1) for f in filters])
+    client.on_message = lambda _c, _u, msg: seen.__setitem__(msg.topic, json.loads(msg.payload))
+    client.connect("127.0.0.1", broker.port, 30)
+    client.loop_start()
+    return client, seen
+
+
+def test_a_late_wildcard_subscriber_gets_status_and_state_within_the_republish_period(
+    tmp_path: Path, fleet_broker: FleetBroker
+) -> None:
+    """``mqtt.state_republish_s``: RabbitMQ replays retained messages to exact topics only.
+
+    A dashboard subscribing ``cabinets/+/state`` after the cabinet published its state
+    would otherwise see nothing until the next change; with the republish it sees
+    ``status`` and ``state`` within the period, on every broker (docs/mqtt.md "Brokers").
+    """
+    cid = cabinet_id(fleet_broker)
+    extra = mqtt(fleet_broker, cid)
+    extra["mqtt"]["state_republish_s"] = 2  # a short period: the test waits for it
+    with running_cabinet(tmp_path, extra=extra):
+        status, state = f"cabinets/{cid}/status", f"cabinets/{cid}/state"
+        before = retained(fleet_broker, status, state)  # published before the dashboard came
+        client, seen = wildcard_subscriber(fleet_broker, "cabinets/+/state", "cabinets/+/status")
+        try:
+            wait_until("the state on cabinets/+/state", lambda: state in seen, 15)
+            wait_until("the status on cabinets/+/status", lambda: status in seen, 15)
+            assert len(seen[state]["bays"]) == 12
+            # the very ``online`` of this connection, ts and all: its last will still
+            # orders after it for a backend that keeps the latest status by ts (§6)
+            assert seen[status] == json.loads(before[status].payload)
+        finally:
+            client.disconnect()
+            client.loop_stop()
 
 
 # -- events across a broker restart and an outage ---------------------------------------
@@ -636,3 +679,74 @@ def test_one_close_before_connack_is_not_taken_for_an_answer() -> None:
     protocol, levels = asyncio.run(scenario())
     assert protocol == paho.MQTTv5
     assert levels == [5, 5]
+
+
+async def _first_session_protocol(broker: ClosingBroker, backoff: Backoff) -> int:
+    link = MqttLink(
+        f"mqtt://127.0.0.1:{broker.port}",
+        client_id="fallback-test",
+        will_topic="cabinets/x/status",
+        will_payload=b"{}",
+        backoff=backoff,
+    )
+    link.start()
+    try:
+        # well under the back-off: a link that waited it out even once would not make it
+        async with asyncio.timeout(10):
+            await link.connected.wait()
+        return int(link.protocol)
+    finally:
+        link.stop()
+
+
+def test_the_fallback_at_start_up_does_not_wait_out_the_back_off() -> None:
+    """A broker that closes MQTT 5 (RabbitMQ 3.10) gives a first session at once, on 3.1.1."""
+
+    async def scenario() -> tuple[int, list[int]]:
+        async with ClosingBroker(closes_mqtt5=True) as broker:
+            slow = Backoff(first_s=30, max_s=30, jitter_s=0)
+            return await _first_session_protocol(broker, slow), broker.levels
+
+    protocol, levels = asyncio.run(scenario())
+    assert protocol == paho.MQTTv311
+    assert levels == [5, 5, 4]
+
+
+def test_one_close_at_start_up_is_retried_at_once_on_mqtt5() -> None:
+    async def scenario() -> tuple[int, list[int]]:
+        async with ClosingBroker([True]) as broker:  # e.g. a broker on its way down
+            slow = Backoff(first_s=30, max_s=30, jitter_s=0)
+            return await _first_session_protocol(broker, slow), broker.levels
+
+    protocol, levels = asyncio.run(scenario())
+    assert protocol == paho.MQTTv5
+    assert levels == [5, 5]
+
+
+def test_a_broker_that_closes_every_connect_is_not_hammered() -> None:
+    """Past the start-up's quick fall-back, a close waits out the back-off again."""
+
+    async def scenario() -> list[int]:
+        async with ClosingBroker([True] * 100) as broker:
+            link = MqttLink(
+                f"mqtt://127.0.0.1:{broker.port}",
+                client_id="flapping-test",
+                backoff=Backoff(first_s=1, max_s=4, jitter_s=0),
+            )
+            link.start()
+            try:
+                # the two quick attempts, then 3.1.1 after no wait; the fourth attempt is
+                # due only after the back-off (1 s): in 0.8 s there must be no more
+                async with asyncio.timeout(10):
+                    while len(broker.levels) < 3:
+                        await asyncio.sleep(0.01)
+                await asyncio.sleep(0.8)  # absence of attempts: nothing to wait for instead
+                quick = list(broker.levels)
+                async with asyncio.timeout(20):
+                    while len(broker.levels) < 6:
+                        await asyncio.sleep(0.05)
+                return quick
+            finally:
+                link.stop()
+
+    assert asyncio.run(scenario()) == [5, 5, 4]

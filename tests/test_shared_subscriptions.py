@@ -25,11 +25,20 @@ from tests.mqtt_broker import Mosquitto
 GROUP = "ops"
 CABINET_IDS = ("cab-a", "cab-b")
 ROUNDS = 6  # commands per cabinet per phase; each one journals a command.handled event
+#: The group's de-duplication window (the store forgets older ids): ten minutes, far longer
+#: than a test, so a consumer's restart falls within it (tests/test_seen_events_window.py
+#: moves the clock past it)
+WINDOW_S = 600.0
 
 
 def consumer(broker: Mosquitto, state_dir: Path, n: int) -> Backend:
     return Backend(
-        "127.0.0.1", broker.port, client_id=f"consumer-{n}", group=GROUP, state_dir=state_dir
+        "127.0.0.1",
+        broker.port,
+        client_id=f"consumer-{n}",
+        group=GROUP,
+        state_dir=state_dir,
+        seen_window_s=WINDOW_S,
     )
 
 
@@ -113,7 +122,12 @@ def test_a_consumer_restarted_mid_stream_loses_nothing_and_processes_nothing_twi
     state_dir = tmp_path / "backend"
     steady = [consumer(broker, state_dir, n) for n in (0, 1)]
     first_run = CrashesBeforeAcking(
-        "127.0.0.1", broker.port, client_id="consumer-2", group=GROUP, state_dir=state_dir
+        "127.0.0.1",
+        broker.port,
+        client_id="consumer-2",
+        group=GROUP,
+        state_dir=state_dir,
+        seen_window_s=WINDOW_S,
     )
     second_run: Backend | None = None
     commander = Backend("127.0.0.1", broker.port, client_id="commander")

@@ -300,6 +300,7 @@ def _sim(args: argparse.Namespace) -> int:
 
 
 MAX_FLEET = 5000  # cabinets in one `sim fleet` run
+MAX_BACKEND_CONSUMERS = 64  # `sim backend` consumers: each is a connection and two threads
 
 
 def _sim_fleet(args: argparse.Namespace) -> int:
@@ -319,6 +320,34 @@ def _sim_fleet(args: argparse.Namespace) -> int:
         processes=args.processes,
         pace=args.pace,
     )
+
+
+def _sim_backend(args: argparse.Namespace) -> int:
+    """The backend stand-in: N consumers of one shared-subscription group, events printed."""
+    from cabinet.demo.backend import run_consumers  # noqa: PLC0415 - the demo's backend
+    from drivers.mqtt_link import parse_broker_url  # noqa: PLC0415
+
+    address = parse_broker_url(args.broker)
+    if address.tls:
+        raise CliError("cabinet sim backend speaks mqtt:// only (a stand-in, not a backend)")
+    if not 1 <= args.consumers <= MAX_BACKEND_CONSUMERS:
+        raise CliError(f"--consumers is 1-{MAX_BACKEND_CONSUMERS}")
+    if args.consumers > 1 and args.group is None:
+        raise CliError("--consumers N needs --group NAME: without a group each gets every event")
+    if args.dedup_window_s <= 0:
+        raise CliError("--dedup-window-s must be positive")
+    run_consumers(
+        address.host,
+        address.port,
+        group=args.group,
+        consumers=args.consumers,
+        client_id=args.client_id or (f"backend-{args.group}" if args.group else "backend"),
+        state_dir=Path(args.state_dir),
+        seen_window_s=args.dedup_window_s,
+        duration_s=args.duration,
+        as_json=args.json,
+    )
+    return EXIT_OK
 
 
 def _sim_ctl(args: argparse.Namespace) -> int:
@@ -385,7 +414,7 @@ def _add_sim_parser(commands: Any) -> None:
         "--charge-speedup", type=float, help="batteries fill N times faster (demos; default 1)"
     )
     sim.set_defaults(handler=_sim)
-    sim_commands = sim.add_subparsers(dest="sim_command", metavar="ctl | fleet")
+    sim_commands = sim.add_subparsers(dest="sim_command", metavar="ctl | fleet | backend")
     ctl = sim_commands.add_parser("ctl", help="act on a running simulator")
     ctl.add_argument("--control", default=os.environ.get("CABINET_SIM_CONTROL"))
     ctl.add_argument("--json", action="store_true")
@@ -434,6 +463,46 @@ def _add_sim_parser(commands: Any) -> None:
         "riders and telemetry F x rarer (for a large N on a small machine)",
     )
     fleet.set_defaults(handler=_sim_fleet)
+    _add_sim_backend_parser(sim_commands)
+
+
+def _add_sim_backend_parser(sim_commands: Any) -> None:
+    backend = sim_commands.add_parser(
+        "backend",
+        help="the backend stand-in: N consumers of one MQTT 5 shared-subscription group, "
+        "each event printed once with the consumer that processed it",
+    )
+    backend.add_argument("--broker", required=True, help="mqtt://host:port")
+    backend.add_argument(
+        "--group",
+        metavar="NAME",
+        help="share cabinets/+/events as $share/NAME/...: each event to one consumer",
+    )
+    backend.add_argument(
+        "--consumers", type=int, default=1, metavar="N", help="consumers in the group (default 1)"
+    )
+    backend.add_argument(
+        "--client-id",
+        metavar="PREFIX",
+        help="consumer i is PREFIX-i, its broker session kept across restarts "
+        "(default backend-NAME)",
+    )
+    backend.add_argument(
+        "--state-dir",
+        default="backend-state",
+        metavar="DIR",
+        help="the group's seen-ids file (de-duplication across restarts; default ./backend-state)",
+    )
+    backend.add_argument(
+        "--dedup-window-s",
+        type=float,
+        default=7 * 24 * 3600.0,
+        metavar="S",
+        help="how long an event id is remembered (default a week)",
+    )
+    backend.add_argument("--duration", type=float, metavar="S", help="stop after S seconds")
+    backend.add_argument("--json", action="store_true", help="one JSON object per event")
+    backend.set_defaults(handler=_sim_backend)
 
 
 def _demo(args: argparse.Namespace) -> int:

@@ -7,9 +7,11 @@ PUBACK. A broker outage just leaves them in the outbox; after a reconnect — or
 daemon restart — the backlog drains in order at full speed. Delivery is therefore
 at-least-once: a duplicate carries the same ``id``, a gap in ``seq`` never happens.
 On every (re)connect the retained ``status`` (online) and ``state`` are published;
-the last will says offline. Commands on ``cmd/<name>`` are validated, answered on
-the MQTT 5 response topic (else ``reply``) and remembered by ``request_id``, so a
-retried command is never executed twice. The field bus never waits on any of this.
+the last will says offline. Both are sent again after ``state_republish_s`` without a
+change, for brokers that replay retained messages to exact-topic subscribers only.
+Commands on ``cmd/<name>`` are validated, answered on the MQTT 5 response topic (else
+``reply``) and remembered by ``request_id``, so a retried command is never executed twice.
+The field bus never waits on any of this.
 Telemetry is held in the journal too (``telemetry_backlog``, bounded) and published at
 QoS 1 once the event outbox has nothing to send, so a backlog of samples after an
 outage arrives in order with its original ``ts`` and never holds up an event.
@@ -65,6 +67,11 @@ REFUSED_RETRY_MAX_S = 60.0
 #: Telemetry held while the broker is away (``mqtt.telemetry_backlog_s``): this much time
 #: at the current interval, 60 samples at the default 60 s; the oldest are dropped first.
 TELEMETRY_BACKLOG_S = 3600.0
+#: Retained ``state``/``status`` sent again after this long unchanged (``mqtt.
+#: state_republish_s``): RabbitMQ replays retained messages only to exact-topic subscribers,
+#: so a ``cabinets/+/state`` dashboard learns of a quiet cabinet only this way. ~3.5 KB a
+#: time, 13.8 KB/h for an idle cabinet (a fifth of its telemetry); a busy one pays nothing.
+STATE_REPUBLISH_S = 900.0
 
 
 def _json(model: BaseModel) -> bytes:
@@ -90,6 +97,7 @@ class FleetLink:
         *,
         telemetry_interval_s: float = 60.0,
         telemetry_backlog_s: float = TELEMETRY_BACKLOG_S,
+        state_republish_s: float = STATE_REPUBLISH_S,
         firmware: FirmwareFetcher | None = None,
     ) -> None:
         self.controller = controller
@@ -116,6 +124,10 @@ class FleetLink:
         stored = controller.journal.setting("telemetry_interval_s")
         self.telemetry_interval_s = float(stored) if stored else telemetry_interval_s
         self._last_state: messages.State | None = None
+        self.state_republish_s = state_republish_s  # 0: only on connect and on change
+        self._state_sent_at = 0.0  # monotonic; the retained state's last publish
+        self._online: bytes | None = None  # this connection's ``online`` status, as sent
+        self._status_sent_at = 0.0  # monotonic; its last publish
         self.telemetry_backlog_s = telemetry_backlog_s
         self.telemetry_dropped = 0  # samples dropped: over the backlog cap, or journal full
         #: set while the event outbox has nothing to send (or is backing off a refusal):
@@ -183,7 +195,9 @@ class FleetLink:
         online = messages.Status(
             ts=self._connect_ms, online=True, version=__version__, boot_id=self.controller.boot_id
         )
-        self.link.publish(topics.status(self.cabinet_id), _json(online), retain=True)
+        self._online = _json(online)
+        self._status_sent_at = self.controller.clock.monotonic()
+        self.link.publish(topics.status(self.cabinet_id), self._online, retain=True)
         self._state_dirty.set()
         self.controller.changed.set()
 
@@ -304,12 +318,15 @@ class FleetLink:
     # -- retained state ----------------------------------------------------------------------
 
     async def _publish_state(self) -> None:
-        """Retained state on every (re)connect and on significant change, at most 1/s."""
+        """Retained state on every (re)connect and on significant change, at most 1/s.
+
+        And again, with ``status``, once unchanged for ``state_republish_s``.
+        """
         while True:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(STATE_MIN_INTERVAL_S):
                     await self._state_dirty.wait()
-            forced = self._state_dirty.is_set()
+            forced = self._state_dirty.is_set() or self._republish_due(self._state_sent_at)
             self._state_dirty.clear()
             state = self.state()
             if self.link.connected.is_set() and (
@@ -317,7 +334,30 @@ class FleetLink:
             ):
                 self.link.publish(topics.state(self.cabinet_id), _json(state), retain=True)
                 self._last_state = state
+                self._state_sent_at = self.controller.clock.monotonic()
+            self._republish_status()
             await asyncio.sleep(STATE_MIN_INTERVAL_S)
+
+    def _republish_due(self, sent_at: float) -> bool:
+        if self.state_republish_s <= 0:
+            return False
+        return self.controller.clock.monotonic() - sent_at >= self.state_republish_s
+
+    def _republish_status(self) -> None:
+        """This connection's ``online`` again, byte for byte, when it is due.
+
+        The same ``ts``, not a new one: the will that ends this connection carries its
+        start + 1 ms, and a backend keeping the latest ``status`` by ``ts`` must order that
+        will after every ``online`` of the connection (docs/mqtt.md §6).
+        """
+        if (
+            self._online is None
+            or not self.link.connected.is_set()
+            or not self._republish_due(self._status_sent_at)
+        ):
+            return
+        self.link.publish(topics.status(self.cabinet_id), self._online, retain=True)
+        self._status_sent_at = self.controller.clock.monotonic()
 
     async def _publish_telemetry(self) -> None:
         """A sample every interval, held in the journal until the broker acknowledges it."""

@@ -10,26 +10,31 @@ and reconnection back-off), on an asyncio loop in a thread of its own, so that t
 the demo can call it from plain code. With ``group`` it is one of N consumers of an MQTT 5
 shared subscription (``$share/<group>/cabinets/+/events``): the broker hands each event to
 one consumer of the group, and the group de-duplicates by id in a ``SeenEvents`` store
-that outlives a consumer's restart (docs/mqtt.md "Scaling out").
+that outlives a consumer's restart (docs/mqtt.md "Scaling out"). ``run_consumers`` is
+``cabinet sim backend``: N such consumers in one process, each event printed once.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import queue
+import sys
 import threading
 import time
 import urllib.request
 import uuid
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TextIO, TypeVar
 
+import paho.mqtt.client as paho
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from cabinet.demo.seen_events import SeenEvents, store_path
+from cabinet.demo.seen_events import DEFAULT_WINDOW_S, SeenEvents, store_path
 from drivers.mqtt_link import Message, MqttLink, TlsFiles
 from protocol import topics
 
@@ -68,8 +73,17 @@ class Backend:
         tls: tuple[str, str, str] | None = None,
         group: str | None = None,
         state_dir: Path | None = None,
+        seen_window_s: float = DEFAULT_WINDOW_S,
+        on_event: Callable[[str, dict[str, Any]], None] | None = None,
     ) -> None:
+        """``seen_window_s``: how long the ``state_dir`` store remembers an id.
+
+        ``on_event(cabinet_id, event)`` is called, on the backend's own thread, for each
+        event the first time it is processed (a duplicate is not): what a real backend
+        would act on.
+        """
         self._lock = threading.Lock()
+        self._on_event = on_event
         self._mqtt5 = mqtt5
         self.client_id = client_id
         self.events: dict[str, list[dict[str, Any]]] = defaultdict(list)  # in arrival order
@@ -78,7 +92,9 @@ class Backend:
         self.received_ids: list[str] = []  # every event delivery, duplicates included
         self._seen_ids: set[str] = set()
         self._seen = (
-            SeenEvents(store_path(state_dir, group or client_id)) if state_dir is not None else None
+            SeenEvents(store_path(state_dir, group or client_id), window_s=seen_window_s)
+            if state_dir is not None
+            else None
         )
         self.status: dict[str, dict[str, Any]] = {}
         self.state: dict[str, dict[str, Any]] = {}
@@ -133,6 +149,11 @@ class Backend:
             manual_ack=self._seen is not None,
         )
 
+    @property
+    def protocol(self) -> str:
+        """The MQTT version the broker took: "5", or "3.1.1" (no shared subscriptions)."""
+        return "5" if self._link.protocol == paho.MQTTv5 else "3.1.1"
+
     def _on_loop(self, fn: Callable[[], T]) -> T:
         """Run ``fn`` on the backend's loop (the link is not thread-safe) and return its value."""
 
@@ -183,6 +204,8 @@ class Backend:
                     self.duplicates[cabinet] += 1
                     return
                 self.events[cabinet].append(payload)
+                if self._on_event is not None:
+                    self._on_event(cabinet, payload)
             elif kind == "status":
                 self.status[cabinet] = payload
             elif kind == "state":
@@ -278,3 +301,126 @@ def scan_screen(screen_url: str, timeout_s: float = 5.0) -> tuple[str, str]:
     if (prefix, version) != ("swapcab", "1"):
         raise ValueError(f"not a cabinet QR code: {payload}")
     return cabinet_id, challenge
+
+
+# -- ``cabinet sim backend``: N consumers of one group, from the command line ----------------
+
+
+@dataclass
+class GroupReport:
+    """What the consumers of one run processed, for the closing line."""
+
+    group: str | None
+    processed: Counter[str] = field(default_factory=Counter)  # events per consumer
+    duplicates: int = 0  # deliveries dropped as already processed (by anyone in the group)
+
+    @property
+    def who(self) -> str:
+        """The group, or the lone consumer, as the notices name it."""
+        return f"group {self.group}" if self.group else "one consumer"
+
+    def summary(self) -> str:
+        """One line: events per consumer and duplicates dropped."""
+        shares = " + ".join(f"{n} {name}" for name, n in sorted(self.processed.items()))
+        total = sum(self.processed.values())
+        return (
+            f"{self.who}: {total} events processed ({shares or 'none'}), "
+            f"{self.duplicates} duplicates dropped"
+        )
+
+
+def run_consumers(
+    host: str,
+    port: int,
+    *,
+    group: str | None,
+    consumers: int,
+    client_id: str,
+    state_dir: Path,
+    seen_window_s: float,
+    duration_s: float | None,
+    as_json: bool,
+    out: TextIO = sys.stdout,
+    notices: TextIO = sys.stderr,
+) -> GroupReport:
+    """Run ``consumers`` backend consumers until ``duration_s`` (or Ctrl-C); one line per event.
+
+    Each first-time event is printed once, with the consumer that processed it: the
+    group's work, de-duplicated across its members and across restarts (same client ids,
+    same ``state_dir``: the broker resumes each member's session). Consumer ``i`` is
+    ``<client_id>-<i>``. A group needs MQTT 5 shared subscriptions: a broker that speaks
+    3.1.1 only (RabbitMQ 3.10, NATS 2.9) would silently deliver nothing, so it is refused.
+    """
+    if consumers < 1:
+        raise ValueError("--consumers must be at least 1")
+    if group is None and consumers > 1:
+        raise ValueError("more than one consumer needs --group: without it each gets every event")
+    report = GroupReport(group)
+    lines: queue.Queue[tuple[str, str, dict[str, Any]]] = queue.Queue()
+    members: list[Backend] = []
+    subscribed = False  # a refused start has nothing to sum up
+    try:
+        for n in range(1, consumers + 1):
+            name = f"{client_id}-{n}" if group is not None else client_id
+            members.append(
+                Backend(
+                    host,
+                    port,
+                    client_id=name,
+                    group=group,
+                    persistent=True,
+                    state_dir=state_dir,
+                    seen_window_s=seen_window_s,
+                    on_event=_forward_to(lines, name),
+                )
+            )
+        if group is not None and members[0].protocol != "5":
+            raise ValueError(
+                f"the broker at {host}:{port} speaks MQTT 3.1.1 only: it has no shared "
+                'subscriptions, and a group would receive nothing (docs/mqtt.md "Brokers")'
+            )
+        print(f"{report.who}: {consumers} consumer(s) subscribed", file=notices)
+        notices.flush()
+        subscribed = True
+        deadline = None if duration_s is None else time.monotonic() + duration_s
+        while deadline is None or time.monotonic() < deadline:
+            try:
+                name, cabinet, event = lines.get(timeout=0.2)
+            except queue.Empty:
+                continue
+            report.processed[name] += 1
+            _print_event(out, name, cabinet, event, as_json=as_json)
+    finally:
+        for member in members:
+            member.close()
+        while not lines.empty():  # handed over before the consumers stopped
+            name, cabinet, event = lines.get_nowait()
+            report.processed[name] += 1
+            _print_event(out, name, cabinet, event, as_json=as_json)
+        report.duplicates = sum(sum(m.duplicates.values()) for m in members)
+        if subscribed:
+            print(report.summary(), file=notices)
+    return report
+
+
+def _forward_to(
+    lines: queue.Queue[tuple[str, str, dict[str, Any]]], consumer: str
+) -> Callable[[str, dict[str, Any]], None]:
+    """A consumer's ``on_event``: hand the event to the printing thread, named."""
+
+    def forward(cabinet: str, event: dict[str, Any]) -> None:
+        lines.put((consumer, cabinet, event))
+
+    return forward
+
+
+def _print_event(
+    out: TextIO, consumer: str, cabinet: str, event: dict[str, Any], *, as_json: bool
+) -> None:
+    if as_json:
+        row: dict[str, Any] = {"consumer": consumer, "cabinet_id": cabinet}
+        row.update({k: event.get(k) for k in ("seq", "id", "type", "ts")})
+        out.write(json.dumps(row) + "\n")
+    else:
+        out.write(f"{consumer}  {cabinet}  #{event.get('seq')}  {event.get('type')}\n")
+    out.flush()

@@ -4,7 +4,8 @@ The cabinet board (smoke, mains, contactor read-back) used to be read once every
 cycle: at 115200 baud that is ~9 reads a second of a board whose news is needed within
 a second. Now it is read when its interval is due, checked between bay reads. What a
 user notices: the simulator's own counters show the board read about once per interval
-(not once per cycle), and smoke is still acted on with a long interval.
+(not once per cycle), and smoke is still acted on with a long interval
+(``tests/test_safety_end_to_end.py``, parametrized with a 2 s period).
 """
 
 from __future__ import annotations
@@ -20,10 +21,6 @@ from tests.conftest import cabinet_cmd
 from tests.daemon_harness import running_cabinet, wait_until
 
 WINDOW_S = 3.0  # on the simulator's clock: ~27 cycles at 115200 baud
-
-
-def charging_bays(state: dict[str, Any]) -> set[int]:
-    return {b["bay"] for b in state["bays"] if b["charger"]["on"]}
 
 
 def reads(state: dict[str, Any], unit: int) -> int:
@@ -53,23 +50,6 @@ def test_the_cabinet_board_is_read_once_per_interval_not_once_per_cycle(
     assert board <= elapsed / interval + 2, (board, elapsed, cycles)
     assert board >= elapsed / (1.5 * interval) - 1, (board, elapsed, cycles)
     assert board < cycles / 2, (board, elapsed, cycles)  # not once per 12-bay cycle
-
-
-def test_smoke_is_acted_on_with_a_long_cabinet_board_interval(tmp_path: Path) -> None:
-    with running_cabinet(tmp_path, extra={"bus": {"cabinet_board_interval_s": 2.0}}) as cab:
-        wait_until("chargers to run", lambda: charging_bays(cab.state()))
-        started = cab.swap_begins("R-1")
-        cab.ctl("fault", "smoke")
-        cab.wait_event("alarm.raised", kind="smoke")
-        failed = cab.wait_event("swap.failed", session_id=started["session_id"])
-        assert failed["reason"] == "smoke"
-        wait_until("the contactor to open", lambda: not cab.state()["cabinet"]["contactor_closed"])
-        wait_until("every charger off", lambda: not charging_bays(cab.state()))
-        cab.scan(cab.token("R-2"))
-        assert cab.wait_event("swap.refused", rider_id="R-2")["reason"] == "safety_lockout"
-        cab.ctl("heal", "smoke")
-        cab.wait_event("alarm.cleared", kind="smoke")
-        wait_until("the contactor to close", lambda: cab.state()["cabinet"]["contactor_closed"])
 
 
 @pytest.mark.parametrize("value", ["0", "11"])

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import threading
@@ -27,6 +26,7 @@ from cabinet.operator.fleet_view import (
 )
 from tests.conftest import REPO
 from tests.daemon_harness import wait_until
+from tests.json_lines_process import JsonLinesProcess
 from tests.mqtt_broker import Mosquitto, client_cert_broker, free_port
 from tests.tls_certs import Pki, make_pki
 
@@ -439,46 +439,23 @@ def run_watch(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[st
     )
 
 
-class WatchProcess:
+class WatchProcess(JsonLinesProcess):
     """`cabinet watch --json` running; its lines collected as they come."""
 
     def __init__(self, *args: str) -> None:
-        self.proc = subprocess.Popen(
-            watch_cmd("--json", *args),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            cwd=REPO,
+        super().__init__(
+            subprocess.Popen(
+                watch_cmd("--json", *args),
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+                cwd=REPO,
+            )
         )
-        self.rows: list[dict[str, Any]] = []
-        self.notices: list[str] = []
-        self._readers = [
-            threading.Thread(target=self._read_rows, daemon=True),
-            threading.Thread(target=self._read_notices, daemon=True),
-        ]
-        for reader in self._readers:
-            reader.start()
-
-    def _read_rows(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self.rows.append(json.loads(line))  # every line must be one JSON object
-
-    def _read_notices(self) -> None:
-        assert self.proc.stderr is not None
-        self.notices.extend(self.proc.stderr)
 
     def latest(self, cabinet: str) -> dict[str, Any]:
         mine = [row for row in list(self.rows) if row["cabinet"] == cabinet]
         return mine[-1] if mine else {}
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)  # Ctrl-C: how an operator ends a live view
-        code = self.proc.wait(timeout=10)
-        for reader in self._readers:
-            reader.join(timeout=10)
-        return code
 
 
 def test_watch_streams_rows_for_two_cabinets(broker: Mosquitto, publisher: Publisher) -> None:

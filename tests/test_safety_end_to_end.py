@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from tests.daemon_harness import running_cabinet, wait_until
 
 
@@ -35,8 +37,19 @@ def test_thermal_runaway_cuts_the_charger_isolates_the_bay_and_alarms(tmp_path: 
         assert bay not in (started["return_bay"], started["dispense_bay"])
 
 
-def test_smoke_stops_charging_aborts_the_session_and_refuses_swaps(tmp_path: Path) -> None:
-    with running_cabinet(tmp_path) as cab:
+@pytest.mark.parametrize(
+    "cabinet_board_interval_s", [None, 2.0], ids=["default_period", "cabinet_board_every_2s"]
+)
+def test_smoke_stops_charging_aborts_the_session_and_refuses_swaps(
+    tmp_path: Path, cabinet_board_interval_s: float | None
+) -> None:
+    """Also with the cabinet board read only every 2 s (``bus.cabinet_board_interval_s``)."""
+    extra = (
+        {"bus": {"cabinet_board_interval_s": cabinet_board_interval_s}}
+        if cabinet_board_interval_s
+        else None
+    )
+    with running_cabinet(tmp_path, extra=extra) as cab:
         started = cab.swap_begins("R-2")
         cab.ctl("fault", "smoke")
         cab.wait_event("alarm.raised", kind="smoke")

@@ -8,55 +8,26 @@ consumers get a share, and together they print every event exactly once.
 
 from __future__ import annotations
 
-import json
-import signal
-import subprocess
-import threading
 from collections import Counter
 from pathlib import Path
-from typing import Any
 
 from cabinet.demo.backend import Backend
 from tests.conftest import cabinet_popen, cabinet_process
 from tests.daemon_harness import wait_until
+from tests.json_lines_process import JsonLinesProcess
 from tests.mqtt_broker import Mosquitto
 from tests.test_fleet_watch import broker_311  # noqa: F401 - a fixture: an MQTT 3.1.1 broker
 from tests.test_shared_subscriptions import cabinets, journal_ids, make_events, wait_online
 
 
-class BackendProcess:
+class BackendProcess(JsonLinesProcess):
     """``cabinet sim backend ... --json`` running; its event lines and notices as they come."""
 
     def __init__(self, *args: str) -> None:
-        self.proc: subprocess.Popen[str] = cabinet_popen("sim", "backend", "--json", *args)
-        self.rows: list[dict[str, Any]] = []
-        self.notices: list[str] = []
-        self._readers = [
-            threading.Thread(target=self._read_rows, daemon=True),
-            threading.Thread(target=self._read_notices, daemon=True),
-        ]
-        for reader in self._readers:
-            reader.start()
-
-    def _read_rows(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self.rows.append(json.loads(line))  # every line must be one JSON object
-
-    def _read_notices(self) -> None:
-        assert self.proc.stderr is not None
-        self.notices.extend(self.proc.stderr)
+        super().__init__(cabinet_popen("sim", "backend", "--json", *args))
 
     def ids(self) -> set[str]:
         return {row["id"] for row in list(self.rows)}
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)  # Ctrl-C: how an operator ends it
-        code = self.proc.wait(timeout=20)
-        for reader in self._readers:
-            reader.join(timeout=10)
-        return code
 
 
 def test_two_consumers_in_one_group_share_every_event_exactly_once(

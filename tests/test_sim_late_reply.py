@@ -10,15 +10,16 @@ The mislabelling is the simulator's, not the wire's: pymodbus' server request ha
 (3.16) reads the request it answers (``last_pdu``) again *after* awaiting the device's
 action hook, and the simulator's hook holds every reply for its wire time, so a request
 arriving meanwhile lends the late reply its unit id. A real board's reply carries its own
-address, which pymodbus' client checks (a late one is skipped). Until ``sim/bus_server.py``
-answers each request with the unit it asked (capture the PDU in ``callback_data`` before
-anything is awaited), this test is an expected failure; it flips to an error once fixed.
+address, which our master checks (a late one is skipped). ``sim/bus_server.py`` now
+answers each request under the unit it asked; on a pty the simulator holds each reply
+until the wire model says it is due, so the same must hold there.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -30,9 +31,11 @@ REPLY_S = 0.3  # the boards answer this late (``--reply-ms``) ...
 TIMEOUT_S = 0.2  # ... the master gives up sooner, so the next request meets the late reply
 
 
-@pytest.fixture
-def slow_sim() -> Iterator[SimProcess]:
-    sim = start_sim_process("--baud", "115200", "--reply-ms", str(int(REPLY_S * 1000)))
+@pytest.fixture(params=["tcp", "pty"])
+def slow_sim(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[SimProcess]:
+    """Over RTU-over-TCP and over a pty (where the simulator holds replies until due)."""
+    bus = {"pty": {"bus": f"pty://{tmp_path}/bus"}, "tcp": {}}[request.param]
+    sim = start_sim_process("--baud", "115200", "--reply-ms", str(int(REPLY_S * 1000)), **bus)
     yield sim
     stop_sim_process(sim)
 

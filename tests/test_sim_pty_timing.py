@@ -12,7 +12,6 @@ against the model worked out from the frames' own bytes and the simulator's own
 
 from __future__ import annotations
 
-import asyncio
 import os
 import select
 import time
@@ -23,11 +22,8 @@ from pathlib import Path
 import pytest
 from pymodbus.framer import FramerRTU
 
-from drivers.boards import BayBoard
-from drivers.modbus_bus import BusError, UnitNoAnswerError
 from protocol import bay_map, rtu_timing
-from tests.conftest import SimProcess, master, start_sim_process, stop_sim_process
-from tests.test_sim_late_reply import REPLY_S, TIMEOUT_S, _full_and_empty
+from tests.conftest import SimProcess, start_sim_process, stop_sim_process
 
 BAUD = 115200
 REPLY_MS = 20  # a slow board: a reply that skipped it would be ~20 ms early, not a jitter
@@ -132,32 +128,3 @@ def test_an_exception_the_server_makes_itself_still_waits_for_the_board(
         master.close()
     assert reply[:3] == bytes([4, 0x84, 0x02])
     assert took >= _model(rtu_timing.READ_REQUEST_BYTES, rtu_timing.EXCEPTION_REPLY_BYTES)
-
-
-def test_a_reply_held_for_its_time_still_carries_its_own_address(tmp_path: Path) -> None:
-    """The pty holds replies until they are due; one that comes after the master gave up
-    must still say which board sent it (the rule of tests/test_sim_late_reply.py)."""
-    sim = start_sim_process(
-        "--baud", str(BAUD), "--reply-ms", str(int(REPLY_S * 1000)), bus=f"pty://{tmp_path}/bus"
-    )
-    try:
-        empty, full, battery = _full_and_empty(sim)
-
-        async def scenario() -> None:
-            async with master(sim.bus, timeout_s=TIMEOUT_S) as bus:
-                for asked_first, asked_next in ((empty, full), (full, empty)):
-                    with pytest.raises(UnitNoAnswerError):
-                        await BayBoard(bus, asked_first).read_status()
-                    try:
-                        status = await BayBoard(bus, asked_next).read_status()
-                    except BusError:
-                        continue  # silence is honest: the reading is stale, not wrong
-                    holds = status.battery.battery_id if status.battery else None
-                    assert holds == (battery if asked_next == full else None), (
-                        f"bay {asked_next} answered with bay {asked_first}'s registers"
-                    )
-                    await asyncio.sleep(REPLY_S)  # let the line go quiet before the next round
-
-        asyncio.run(scenario())
-    finally:
-        stop_sim_process(sim)

@@ -207,6 +207,7 @@ class MqttLink:
         self._manual_ack = manual_ack
         self._backoff = backoff
         self._connack_waiters: list[asyncio.Future[tuple[int, str]]] = []
+        self._unclaimed_connack: tuple[int, str] | None = None  # no open() waited for it
         self.session_present = False  # the last CONNACK's: did the broker keep our session?
         self._client_id = client_id
         self._will = (will_topic, will_payload)
@@ -310,19 +311,28 @@ class MqttLink:
             ),
             timeout_s,
         )
+        self._unclaimed_connack = None
         client.loop_start()
         while True:
-            answer: asyncio.Future[tuple[int, str]] = loop.create_future()
-            self._connack_waiters.append(answer)
-            try:
-                code, text = await asyncio.wait_for(answer, max(0.1, deadline - loop.time()))
-            except TimeoutError:
-                raise SessionTimeoutError(f"no CONNACK within {timeout_s:g} s") from None
+            if (early := self._take_unclaimed_connack()) is not None:
+                code, text = early  # it came before we asked again
+            else:
+                answer: asyncio.Future[tuple[int, str]] = loop.create_future()
+                self._connack_waiters.append(answer)
+                try:
+                    code, text = await asyncio.wait_for(answer, max(0.1, deadline - loop.time()))
+                except TimeoutError:
+                    raise SessionTimeoutError(f"no CONNACK within {timeout_s:g} s") from None
             if code == 0:
                 return
             if self._client is client:  # no protocol fallback under way: the final answer
                 raise BrokerRefusedError(text)
             client = self._client
+
+    def _take_unclaimed_connack(self) -> tuple[int, str] | None:
+        """A CONNACK that arrived while ``open`` was not waiting (then forgotten)."""
+        early, self._unclaimed_connack = self._unclaimed_connack, None
+        return early
 
     def ack(self, message: Message) -> None:
         """With ``manual_ack``: the caller has kept ``message``; the broker may forget it."""
@@ -431,10 +441,16 @@ class MqttLink:
         self._closed_before_connack = 0
         self._switches = 0
         self.session_present = session_present
-        for waiter in self._connack_waiters:  # open() waits for an answer
-            if not waiter.done():
-                waiter.set_result((code, text))
-        self._connack_waiters.clear()
+        if self._connack_waiters:  # open() waits for an answer
+            for waiter in self._connack_waiters:
+                if not waiter.done():
+                    waiter.set_result((code, text))
+            self._connack_waiters.clear()
+        else:
+            # open() has not come back for it yet: after a switch to 3.1.1 the new client's
+            # CONNACK can arrive before open() has woken up from the refusal (a loaded CI
+            # run waited out its 10 s for an answer that had come)
+            self._unclaimed_connack = (code, text)
         if code != 0:
             if code == UNSUPPORTED_PROTOCOL_VERSION and self.protocol == paho.MQTTv5:
                 log.warning("mqtt5_refused_falling_back_to_311")

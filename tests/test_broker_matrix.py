@@ -581,7 +581,21 @@ def probe_features(broker: FleetBroker) -> dict[str, str | bool]:
     found["shared_subscription"] = each == [1] * 10
     for member in members:
         member.close()
-    # a persistent session with a QoS 1 message queued for it, then the broker restarts
+    publisher.close()
+    # a persistent session with a QoS 1 message queued for it, then the broker restarts; a
+    # "no" is asked once more: the restart can overtake the broker storing the message (seen
+    # once with NATS under a loaded CI run), and a feature that is missing stays missing
+    for attempt in range(2):
+        found.update(across_a_restart(broker, retained_topic, f"{tag}-{attempt}"))
+        if found["qos1_queued_across_restart"]:
+            break
+    return found
+
+
+def across_a_restart(broker: FleetBroker, retained_topic: str, tag: str) -> dict[str, bool]:
+    """What survives a broker restart: a retained message, a session, a queued QoS 1 message."""
+    found: dict[str, bool] = {}
+    publisher = ProbeClient(broker, f"pub-{tag}")
     sleeper = ProbeClient(broker, f"sleeper-{tag}", clean=False)
     sleeper.subscribe(f"probe/{tag}/queued")
     sleeper.close()

@@ -32,7 +32,14 @@ from pymodbus.exceptions import ConnectionException, ModbusException
 
 from drivers.bus_client import BusClient, BusReply
 from drivers.bus_url import Endpoint, Rs485Settings, SerialEndpoint, TcpEndpoint
-from drivers.modbus_master import ModbusMaster
+from drivers.modbus_master import (
+    EXCEPTION_BIT,
+    FC_READ_HOLDING,
+    FC_READ_INPUT,
+    FC_WRITE_MULTIPLE,
+    FC_WRITE_SINGLE,
+    ModbusMaster,
+)
 from protocol import rtu_timing
 from protocol.units import BAY_UNITS, unit_name
 
@@ -48,14 +55,9 @@ DEFAULT_REPROBE_INTERVAL_S = 5.0  # a few poll cycles: recovery noticed fast, si
 PRECISE_TAIL_S = 0.002
 BROADCAST_TURNAROUND_S = 0.01  # boards act on a broadcast within 10 ms (our firmware's spec)
 CONNECT_ATTEMPTS = 3  # connect tries (each the reply timeout) before a gateway is called down
-FC_READ_HOLDING = 3
-FC_READ_INPUT = 4
-FC_WRITE_SINGLE = 6
-FC_WRITE_MULTIPLE = 16
 # A bay board in heartbeat fail-safe refuses an unlock with 0x06 SLAVE DEVICE BUSY ("try
 # again later": after a heartbeat it accepts); 0x04 SLAVE DEVICE FAILURE is a failing board.
 HEARTBEAT_FAILSAFE_EXCEPTION = 0x06
-EXCEPTION_BIT = 0x80  # an exception reply carries the request's function code with bit 7 set
 
 
 class BusError(Exception):

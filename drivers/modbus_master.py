@@ -46,7 +46,7 @@ FC_READ_HOLDING = 3
 FC_READ_INPUT = 4
 FC_WRITE_SINGLE = 6
 FC_WRITE_MULTIPLE = 16
-EXCEPTION_BIT = 0x80
+EXCEPTION_BIT = 0x80  # an exception reply carries the request's function code with bit 7 set
 BROADCAST_UNIT = 0
 #: Modbus/TCP gateway exceptions that mean the unit behind it never answered
 GATEWAY_NO_ANSWER = frozenset({0x0A, 0x0B})

@@ -30,9 +30,9 @@ import hashlib
 import struct
 from dataclasses import dataclass
 
-from nacl.exceptions import BadSignatureError
 from nacl.signing import SigningKey, VerifyKey
 
+from protocol import ed25519_keys
 from protocol.errors import CodedError
 from protocol.firmware_map import BOARD_TYPES, MAX_IMAGE_BYTES
 
@@ -41,7 +41,7 @@ HEADER_BYTES = 128
 FORMAT_VERSION = 1
 SIGNED_BYTES = 48
 _FIELDS = struct.Struct(">4sHHHHI32s")  # the signed part: 48 bytes
-SIGNATURE_BYTES = 64
+SIGNATURE_BYTES = ed25519_keys.SIGNATURE_BYTES
 
 
 class ImageRejectedError(CodedError):
@@ -127,11 +127,7 @@ def check_signature(image: FirmwareImage, keys: list[VerifyKey]) -> None:
         )
     if image.signature == bytes(SIGNATURE_BYTES):
         raise ImageRejectedError("unsigned", "image is unsigned: only signed firmware is flashed")
-    for key in keys:
-        try:
-            key.verify(image.signed_part, image.signature)  # always 64 bytes: sliced
-        except BadSignatureError:
-            continue
+    if any(ed25519_keys.signed_by(key, image.signature, image.signed_part) for key in keys):
         return
     raise ImageRejectedError("bad_signature", "image is not signed by a trusted firmware key")
 

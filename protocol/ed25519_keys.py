@@ -18,7 +18,11 @@ import base64
 import binascii
 import re
 
+from nacl.exceptions import BadSignatureError
+from nacl.signing import VerifyKey
+
 KEY_BYTES = 32
+SIGNATURE_BYTES = 64
 #: SEQUENCE { SEQUENCE { OID 1.3.101.112 (id-Ed25519) }, BIT STRING (0 unused bits) 32 bytes }
 SPKI_PREFIX = bytes.fromhex("302a300506032b6570032100")
 #: SEQUENCE { INTEGER 0, SEQUENCE { OID 1.3.101.112 }, OCTET STRING { OCTET STRING 32 bytes } }
@@ -88,3 +92,17 @@ def decode_private(data: bytes) -> bytes:
     if len(der) != len(PKCS8_PREFIX) + KEY_BYTES or not der.startswith(PKCS8_PREFIX):
         raise KeyFormatError("not an Ed25519 private key (PKCS#8)")
     return der[len(PKCS8_PREFIX) :]
+
+
+def signed_by(key: VerifyKey, signature: bytes, message: bytes) -> bool:
+    """Whether ``key`` made ``signature`` over ``message``: rider tokens and firmware images.
+
+    A signature of the wrong length is just a bad signature (PyNaCl raises ValueError).
+    """
+    if len(signature) != SIGNATURE_BYTES:
+        return False
+    try:
+        key.verify(message, signature)
+    except BadSignatureError:
+        return False
+    return True

@@ -22,7 +22,6 @@ import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
-from nacl.exceptions import BadSignatureError
 from nacl.signing import SigningKey, VerifyKey
 from pydantic import ValidationError
 
@@ -33,7 +32,6 @@ from protocol.rider_token import TokenClaims, TokenFormatError, assemble, signin
 
 CLOCK_SKEW_S = 300  # a cabinet's clock may drift between NTP syncs; tokens live minutes
 DEFAULT_TTL_S = 300
-SIGNATURE_BYTES = 64
 
 
 class TokenRefusedError(CodedError):
@@ -85,17 +83,6 @@ def load_public_key(path: Path) -> VerifyKey:
         raise KeyFileError(f"cannot read public key {path}: {exc}") from exc
 
 
-def _signature_is_valid(key: VerifyKey, signature: bytes, message: bytes) -> bool:
-    """Whether ``key`` made ``signature`` over ``message`` (any wrong length: no)."""
-    if len(signature) != SIGNATURE_BYTES:
-        return False  # PyNaCl raises ValueError for it; a wrong length is just a bad signature
-    try:
-        key.verify(message, signature)
-    except BadSignatureError:
-        return False
-    return True
-
-
 def issue(
     key: SigningKey,
     rider: str,
@@ -132,7 +119,7 @@ def verify(
     except (TokenFormatError, ValidationError, ValueError) as exc:
         first_line = str(exc).splitlines()[0]
         raise TokenRefusedError("malformed", f"malformed token: {first_line}") from exc
-    if not any(_signature_is_valid(key, signature, signed) for key in keys):
+    if not any(ed25519_keys.signed_by(key, signature, signed) for key in keys):
         raise TokenRefusedError("bad_signature", "token is not signed by a trusted key")
     if not clock_is_set(now):
         raise TokenRefusedError("clock_unset", unset_clock_detail(now))

@@ -272,8 +272,11 @@ def test_the_master_keeps_t35_between_transactions_on_a_serial_line(baud: int) -
                 arrived.append(time.perf_counter())
             pending += data
             if len(pending) >= len(golden.request):
-                os.write(pty_master, golden.reply)
+                # stamped as the write starts: once the bytes are in, the master (this
+                # process's other thread) may hold the GIL for up to 5 ms before this thread
+                # could stamp "after", which made a kept gap look short under load
                 replied.append(time.perf_counter())
+                os.write(pty_master, golden.reply)
                 pending = b""
 
     async def poll() -> None:

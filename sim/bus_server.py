@@ -153,6 +153,9 @@ class SimulatedBus:
         self.connections = 0  # masters that connected: a reconnect storm shows here
         self.broadcasts = 0  # unit-0 frames (the heartbeat): on the line, in no unit's counters
         self.broadcast_s = 0.0  # their wire time and the quiet after them
+        #: replies that left for the master (written to the TCP connection or the pty):
+        #: equal to the requests a test sent, the line holds nothing late any more
+        self.replies_out = 0
         self._broadcast_quiet_until = 0.0
         self._last_rx = 0.0  # when the latest request bytes reached the simulator
         self._broadcast = False  # the latest request was addressed to unit 0 (everyone)
@@ -322,6 +325,8 @@ class SimulatedBus:
             return self._request_heard(data)
         reply = self._on_the_line(data)
         if self._reply_sink is None or not reply:
+            # pymodbus writes what this returns to the connection in the same call
+            self.replies_out += bool(reply)
             return reply
         due, self._reply_due = self._reply_due, None
         if due is None:
@@ -471,5 +476,6 @@ class SimulatedBus:
             "connections": self.connections,
             "broadcasts": self.broadcasts,
             "broadcast_s": round(self.broadcast_s, 4),
+            "replies_out": self.replies_out,
             "units": {str(unit): c.as_json() for unit, c in self.counters.items()},
         }

@@ -56,6 +56,7 @@ class _PtyGateway:
         self._writer: asyncio.StreamWriter | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._outbox: asyncio.Queue[tuple[bytes, float]] = asyncio.Queue()
+        self._bus: SimulatedBus | None = None
 
     async def start(self, path: str, port: int, bus: SimulatedBus) -> None:
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
@@ -66,6 +67,7 @@ class _PtyGateway:
             writer.write(data)
 
         self._pty = PtyLink(path, on_data=relay)
+        self._bus = bus
         bus.deliver_replies_to(self.deliver)
         self._tasks = [
             asyncio.create_task(self._replies(reader)),
@@ -81,8 +83,9 @@ class _PtyGateway:
         while True:
             reply, due = await self._outbox.get()
             await precise_sleep_until(due)
-            if self._pty is not None:
+            if self._pty is not None and self._bus is not None:
                 self._pty.write(reply)
+                self._bus.replies_out += 1
 
     async def _replies(self, reader: asyncio.StreamReader) -> None:
         # anything the server still sends itself (none while the bus delivers to us)

@@ -18,6 +18,7 @@ until the wire model says it is due, so the same must hold there.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -51,12 +52,29 @@ def _full_and_empty(sim: SimProcess) -> tuple[int, int, str]:
     pytest.skip("the simulator's seed left no full bay beside an empty one")
 
 
+async def _line_quiet(sim: SimProcess, requests: int) -> None:
+    """Until the simulator has put every reply to our ``requests`` on the line.
+
+    Then nothing late is left to meet the next round: a reply to the same unit arriving
+    after the next request is indistinguishable from its answer on RTU (no transaction
+    id), so a round that began while the previous one's replies were still held proved
+    nothing. Read off the simulator's own counter, in a thread so the master's event
+    loop keeps taking in (and discarding) what arrives meanwhile.
+    """
+    deadline = time.monotonic() + 10 * REPLY_S * requests
+    while (await asyncio.to_thread(sim.state))["bus"]["replies_out"] < requests:
+        assert time.monotonic() < deadline, "the simulator never sent its late replies"
+
+
 def test_a_late_reply_is_never_taken_for_the_next_bays_answer(slow_sim: SimProcess) -> None:
     empty, full, battery = _full_and_empty(slow_sim)
 
     async def scenario() -> None:
         async with master(slow_sim.bus, timeout_s=TIMEOUT_S) as bus:
+            sent = 0
             for asked_first, asked_next in ((empty, full), (full, empty)):
+                await _line_quiet(slow_sim, sent)
+                sent += 2
                 with pytest.raises(UnitNoAnswerError):
                     await BayBoard(bus, asked_first).read_status()  # the master gives up
                 try:
@@ -67,6 +85,5 @@ def test_a_late_reply_is_never_taken_for_the_next_bays_answer(slow_sim: SimProce
                 assert holds == (battery if asked_next == full else None), (
                     f"bay {asked_next} answered with bay {asked_first}'s registers"
                 )
-                await asyncio.sleep(REPLY_S)  # let the line go quiet before the next round
 
     asyncio.run(scenario())

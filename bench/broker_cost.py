@@ -69,7 +69,7 @@ async def measure(cabinets: int, duration_s: float) -> int:
         broker.start()
         observer = Observer(broker.port)
         try:
-            report = await run_fleet(cabinets, broker.url, duration_s)
+            report = await asyncio.to_thread(run_fleet, cabinets, broker.url, duration_s)
         finally:
             observer.close()
             broker.stop()

@@ -261,7 +261,7 @@ def split(n: int, processes: int) -> list[list[int]]:
     return [list(range(k, n, p)) for k in range(p)]
 
 
-async def run_fleet(
+def run_fleet(
     n: int,
     broker_url: str,
     duration_s: float,
@@ -272,23 +272,9 @@ async def run_fleet(
 ) -> FleetReport:
     """Run ``n`` cabinets in worker processes and compare their journals with the backend.
 
-    A coroutine (``bench/broker_cost.py`` awaits it next to its own observer); the parent's
-    waiting is blocking, so it runs in a thread.
+    Blocking (it waits on its workers' pipes): ``bench/broker_cost.py`` runs it in a thread
+    next to its own observer.
     """
-    return await asyncio.to_thread(
-        _run_fleet, n, broker_url, duration_s, seed, processes=processes, pace=pace
-    )
-
-
-def _run_fleet(
-    n: int,
-    broker_url: str,
-    duration_s: float,
-    seed: int = 1,
-    *,
-    processes: int = 1,
-    pace: float = 1.0,
-) -> FleetReport:
     address = parse_broker_url(broker_url)
     backend = Backend(address.host, address.port, mqtt5=False)
     cpu0 = _cpu_s()
@@ -401,10 +387,8 @@ def main(
 ) -> int:
     """Entry point of ``cabinet sim fleet``."""
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(40))  # errors only
-    report = asyncio.run(
-        run_fleet(
-            n, broker_url, duration_s, seed, processes=processes or os.cpu_count() or 1, pace=pace
-        )
+    report = run_fleet(
+        n, broker_url, duration_s, seed, processes=processes or os.cpu_count() or 1, pace=pace
     )
     for line in report.lines():
         print(line)

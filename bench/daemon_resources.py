@@ -7,7 +7,9 @@ Goals (DESIGN.md §6, issue 14): resident memory at most 40 MB, idle CPU near ze
 ``--display`` enables the rider's web display (``[display]``, on a free port) as well;
 ``--fleet`` starts a mosquitto on a free port and points ``[mqtt] url`` at it, so the
 fleet link runs (status, state, events, telemetry). The daemon also takes any other
-``CABINET_<SECTION>__<KEY>`` override from the environment.
+``CABINET_<SECTION>__<KEY>`` override from the environment. OpenSSL (libcrypto, libssl) is
+loaded only when the configuration may need it - the fleet link (paho needs ``ssl`` even
+for mqtt://) or firmware downloads - so it shows among the mappings with ``--fleet`` only.
 
 After the table, where the memory is at the end (``/proc/PID/smaps_rollup`` and
 ``smaps``): anonymous (Python's objects: ``[anon]`` is mostly pymalloc's 1 MiB arenas,

@@ -28,9 +28,8 @@ from typing import Any
 import serial
 import serial.rs485
 import structlog
-from pymodbus.exceptions import ConnectionException, ModbusException
 
-from drivers.bus_client import BusClient, BusReply
+from drivers.bus_client import BusClient, BusReply, link_lost_errors, no_reply_errors
 from drivers.bus_url import Endpoint, Rs485Settings, SerialEndpoint, TcpEndpoint
 from drivers.modbus_master import (
     EXCEPTION_BIT,
@@ -342,7 +341,7 @@ class ModbusBus:
             await self._keep_inter_frame_gap()
             try:
                 await client.write_register(address, value, device_id=0, no_response_expected=True)
-            except ConnectionException as exc:
+            except link_lost_errors() as exc:
                 self._client = None
                 raise BusUnavailableError(f"lost the bus at {self.endpoint}: {exc}") from exc
             frame_s = 0.0
@@ -395,10 +394,10 @@ class ModbusBus:
                 started = time.perf_counter()
                 try:
                     response = await call(client)
-                except ConnectionException as exc:
+                except link_lost_errors() as exc:
                     self._client = None  # gone: the next call says so without a wire attempt
                     raise BusUnavailableError(f"lost the bus at {self.endpoint}: {exc}") from exc
-                except ModbusException as exc:
+                except no_reply_errors() as exc:
                     # the master says whether a reply came with a bad CRC; a simulator's
                     # client (sim.direct_bus) raises pymodbus' own: silence
                     failure = self._no_answer(unit, stats, garbled=getattr(exc, "garbled", False))

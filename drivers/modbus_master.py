@@ -26,8 +26,8 @@ searched for the answer to the current request only:
 Why not pymodbus' client: measured (issue 16), its async receive path (transaction
 manager, generic framer, per-frame logging checks, ``asyncio.wait_for``) was about a
 third of the daemon's CPU, and its serial client writes a loop pass late. pymodbus still
-serves the simulator, and its exception classes are the ``BusClient`` contract
-(``sim.direct_bus`` raises them too), so the errors here subclass them.
+serves the simulator; the errors raised here are the ``BusClient`` contract's own
+(``drivers.bus_client``), so the daemon does not load pymodbus at all.
 """
 
 from __future__ import annotations
@@ -40,7 +40,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import serial
-from pymodbus.exceptions import ConnectionException, ModbusException
+
+from drivers.bus_client import LinkLostError, NoReplyError  # what the master raises
 
 FC_READ_HOLDING = 3
 FC_READ_INPUT = 4
@@ -63,18 +64,6 @@ READ_CHUNK = 512  # larger than any Modbus RTU frame (256 bytes)
 _HEADER = struct.Struct(">BBHH")  # unit, function, address, count-or-value
 _MBAP = struct.Struct(">HHHB")  # transaction id, protocol id 0, length, unit id
 _ADDRESS_AND_WORD = struct.Struct(">HH")
-
-
-class NoReplyError(ModbusException):
-    """The unit did not answer within the timeout; ``garbled``: a reply came, CRC wrong."""
-
-    def __init__(self, message: str, *, garbled: bool = False) -> None:
-        super().__init__(message)
-        self.garbled = garbled
-
-
-class LinkLostError(ConnectionException):
-    """The serial port or the gateway connection is gone: it must be opened again."""
 
 
 @dataclass(frozen=True, slots=True)

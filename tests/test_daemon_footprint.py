@@ -1,25 +1,33 @@
 """What `cabinet run` carries for the rest of its life: only the daemon's own code.
 
-DESIGN.md §6 keeps the daemon's resident memory under 60 MB (bench/daemon_resources.py
-measures it). Most of it is modules, so these tests pin down the modules: the real
-daemon, started as systemd starts it, reports every module it loads (Python's ``-v``,
-on stderr) while it starts, answers a technician and begins a swap; none of them may
-belong only to another command or to the optional web display.
+DESIGN.md §6 keeps the daemon's resident memory under 60 MB, issue 14 under 40 MB
+(bench/daemon_resources.py measures it). Most of it is modules, so these tests pin down
+the modules: the real daemon, started as systemd starts it, reports every module it
+loads (Python's ``-v``, on stderr) while it starts, answers a technician and begins a
+swap; none of them may belong only to another command or to the optional web display,
+and a cabinet without a fleet link loads no OpenSSL - while one configured for TLS still
+speaks it.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import io
 import json
 import re
+import sys
 from pathlib import Path
 
 import pytest
 
 from cabinet.console.cli import _parser_for, build_parser
+from cabinet.daemon.firmware_download import DownloadFailedError, download
+from cabinet.demo.backend import Backend
 from tests.conftest import cabinet_cmd
-from tests.daemon_harness import running_cabinet
+from tests.daemon_harness import Cabinet, running_cabinet, wait_until
+from tests.mqtt_broker import Mosquitto, client_cert_broker
+from tests.tls_certs import make_pki
 
 #: Loaded only by other commands (demo, sim, watch, fleet sim, firmware and technician
 #: commands), by the web display when enabled, or by nobody at run time (rich: structlog
@@ -27,8 +35,10 @@ from tests.daemon_harness import running_cabinet
 #: PyNaCl's everywhere (cabinet/daemon/tokens.py): ``cryptography``, ~5 MB more resident
 #: for the same signatures, is only the tests' certificate maker (tests/tls_certs.py).
 #: ``TypeAdapter`` and ``create_model`` build the per-type event schemas for the schema
-#: files, never in the daemon (protocol/messages.py).
+#: files, never in the daemon (protocol/messages.py). pymodbus is the simulator's Modbus
+#: stack: the daemon has its own master, and its own errors (drivers/bus_client.py).
 NOT_IN_THE_DAEMON = (
+    "pymodbus",
     "amqtt",
     "aiohttp",
     "segno",
@@ -44,6 +54,12 @@ NOT_IN_THE_DAEMON = (
     "pydantic.type_adapter",
 )
 
+#: OpenSSL (libcrypto and libssl, ~6 MB resident): only in a daemon whose configuration may
+#: need it (the fleet link, firmware downloads), though asyncio, http.client and pydantic
+#: (through hashlib) would each load it (cabinet/console/cli.py).
+OPENSSL = ("ssl", "_ssl", "_hashlib")
+CAB = "cab-test"  # the cabinet tests.daemon_harness configures
+
 #: ``python -v`` says this once a module is loaded (not when an import fails: structlog
 #: tries, and must fail, to import rich).
 _LOADED = re.compile(r"^import '([\w.]+)' # <", re.MULTILINE)
@@ -53,18 +69,97 @@ def _is_under(module: str, package: str) -> bool:
     return module == package or module.startswith(package + ".")
 
 
+def _loaded(cab: Cabinet, packages: tuple[str, ...]) -> list[str]:
+    """The modules of ``packages`` the daemon has loaded (run it with PYTHONVERBOSE=1)."""
+    imported = _LOADED.findall((cab.tmp / "daemon.log").read_text())
+    assert {"cabinet.daemon.run", "structlog", "cabinet.daemon.control_server"} <= set(imported)
+    return sorted(m for m in imported if any(_is_under(m, package) for package in packages))
+
+
+def _publishes(backend: Backend) -> None:
+    """The backend sees the cabinet online and its start event: the fleet link works."""
+    status = wait_until("status online", lambda: backend.status.get(CAB))
+    assert status["online"] is True
+    wait_until(
+        "cabinet.started at the backend",
+        lambda: any(e["type"] == "cabinet.started" for e in backend.event_list(CAB)),
+    )
+
+
 def test_a_running_daemon_loads_no_other_commands_code(tmp_path: Path) -> None:
     with running_cabinet(tmp_path, seed=41, env={"PYTHONVERBOSE": "1"}) as cab:
         status = cabinet_cmd("status", "-c", str(cab.config), "--json")
         assert status.returncode == 0, status.stderr
         assert json.loads(status.stdout)  # the daemon answered
         cab.swap_begins("R-footprint")  # verifies a token, opens a door
-    imported = _LOADED.findall((tmp_path / "daemon.log").read_text())
-    assert {"cabinet.daemon.run", "structlog", "cabinet.daemon.control_server"} <= set(imported)
-    loaded = sorted(
-        m for m in imported if any(_is_under(m, package) for package in NOT_IN_THE_DAEMON)
-    )
+    loaded = _loaded(cab, NOT_IN_THE_DAEMON)
     assert loaded == [], f"`cabinet run` loaded {loaded}"
+    # no [mqtt]: no fleet link, and nothing that speaks TLS
+    assert _loaded(cab, ("paho", *OPENSSL)) == []
+
+
+def test_a_daemon_on_a_plain_broker_answers_the_backend(tmp_path: Path, broker: Mosquitto) -> None:
+    """mqtt://: OpenSSL is loaded all the same, for paho (see ``_needs_openssl``), and works."""
+    backend = Backend("127.0.0.1", broker.port)
+    try:
+        (tmp_path / "cab").mkdir()
+        extra = {"mqtt": {"url": broker.url}}
+        with running_cabinet(tmp_path / "cab", extra=extra, env={"PYTHONVERBOSE": "1"}) as cab:
+            _publishes(backend)
+            asked = iter(range(1_000_000))
+
+            def answered() -> bool:
+                request = {"request_id": f"footprint-{next(asked)}"}
+                try:
+                    backend.command(CAB, "state.get", request, timeout_s=2)
+                except TimeoutError:
+                    return False
+                return True
+
+            wait_until("the cabinet to take commands", answered)
+            for _ in range(3):  # and to go on taking them
+                assert answered()
+            cab.swap_begins("R-plain")
+    finally:
+        backend.close()
+    assert _loaded(cab, NOT_IN_THE_DAEMON) == []
+
+
+def test_a_daemon_configured_for_tls_publishes_over_it(tmp_path: Path) -> None:
+    """mqtts:// with the cabinet's client certificate, to a broker that requires one."""
+    pki = make_pki(tmp_path, client_cn=CAB)
+    with client_cert_broker(tmp_path, pki.ca, pki.server_cert, pki.server_key) as (
+        broker,
+        tls_port,
+    ):
+        backend = Backend("127.0.0.1", broker.port)  # the backend on the plain test listener
+        mqtt = {
+            "url": f"mqtts://127.0.0.1:{tls_port}",
+            "ca_file": str(pki.ca),
+            "client_cert": str(pki.client_cert),
+            "client_key": str(pki.client_key),
+        }
+        try:
+            (tmp_path / "cab").mkdir()
+            with running_cabinet(
+                tmp_path / "cab", extra={"mqtt": mqtt}, env={"PYTHONVERBOSE": "1"}
+            ) as cab:
+                _publishes(backend)
+        finally:
+            backend.close()
+    assert "ssl" in _loaded(cab, OPENSSL)
+    assert _loaded(cab, NOT_IN_THE_DAEMON) == []
+
+
+def test_an_https_download_without_openssl_fails_in_one_line(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Where OpenSSL was held back, a download that needs it says so, never a traceback."""
+    monkeypatch.setitem(sys.modules, "ssl", None)  # as cabinet/console/cli.py holds it back
+    with pytest.raises(DownloadFailedError, match=r"^https needs TLS, which this process left out"):
+        asyncio.run(
+            download("https://127.0.0.1:9/bay.cfw", ["127.0.0.1"], deadline_s=5, max_bytes=1024)
+        )
 
 
 def _outcome(argv: list[str], parser_argv: list[str] | None = None) -> tuple[str, str, object]:

@@ -6,23 +6,25 @@ codes are listed in ``cli_output``.
 What this module imports at its top is what ``cabinet run`` (the daemon, under systemd)
 loads besides the daemon itself: every other command's code is imported inside its
 handler or parser builder, and ``cabinet run`` builds only its own parser (DESIGN.md §6,
-resident memory; tests/test_daemon_footprint.py).
+resident memory; tests/test_daemon_footprint.py). Nothing here imports asyncio, structlog
+or pydantic at the top either: the daemon decides whether it needs OpenSSL from its
+configuration, and that must happen before they are loaded (``_run_daemon``).
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
+import importlib.util
+import inspect
 import os
 import signal
 import sys
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from cabinet import __version__
-from cabinet.console import log_setup
 from cabinet.console.cli_output import (
     EXIT_ERROR,
     EXIT_NO_DAEMON,
@@ -32,23 +34,35 @@ from cabinet.console.cli_output import (
     print_json,
     table,
 )
-from cabinet.daemon.config import (
-    DEFAULT_CONFIG_PATH,
-    BusSection,
-    ConfigError,
-    device_name_problems,
-    load,
-    load_section,
-    secret_problems,
-)
-from cabinet.daemon.control_client import DaemonNotRunningError
 from drivers.bus_url import BusUrlError, parse_endpoint
-from drivers.modbus_bus import BusError, ModbusBus
+
+if TYPE_CHECKING:
+    from cabinet.daemon.config import CabinetConfig
+    from drivers.modbus_bus import ModbusBus
+
+T = TypeVar("T")
+
+
+def _await(coroutine: Coroutine[Any, Any, T]) -> T:
+    """``asyncio.run``, asyncio imported by the commands that run something only."""
+    import asyncio  # noqa: PLC0415 - see the module's docstring
+
+    return asyncio.run(coroutine)
+
+
+def _configure_logs(level: str) -> None:
+    from cabinet.console import log_setup  # noqa: PLC0415 - first: structlog without rich
+
+    log_setup.configure(level)
+
 
 # -- bus diagnostics -------------------------------------------------------------------------
 
 
 def _bus_for(args: argparse.Namespace) -> ModbusBus:
+    from cabinet.daemon.config import BusSection, load_section  # noqa: PLC0415
+    from drivers.modbus_bus import ModbusBus  # noqa: PLC0415
+
     if args.bus:
         url, timeout_ms = args.bus, 250
         isolate_after, reprobe = 3, 5.0
@@ -99,7 +113,7 @@ def _bus_scan(args: argparse.Namespace) -> int:
             async with _bus_for(args) as bus:
                 return [r.as_json() for r in await survey(bus)]
 
-        units = asyncio.run(direct())
+        units = _await(direct())
     summary = scan_summary(units)
     if args.json:
         via_key = "daemon" if answer is not None else "bus"
@@ -134,7 +148,7 @@ def _bus_read(args: argparse.Namespace) -> int:
                 read = bus.read_holding if args.holding else bus.read_input
                 return await read(args.unit, args.address, args.count)
 
-        regs = asyncio.run(direct())
+        regs = _await(direct())
     table_name = "holding" if args.holding else "input"
     if args.json:
         print_json(
@@ -159,7 +173,7 @@ def _bus_write(args: argparse.Namespace) -> int:
                 else:
                     await bus.write_registers(args.unit, args.address, list(args.values))
 
-        asyncio.run(direct())
+        _await(direct())
     if args.json:
         print_json({"unit": args.unit, "address": args.address, "written": args.values})
     else:
@@ -171,6 +185,13 @@ def _bus_write(args: argparse.Namespace) -> int:
 
 
 def _config_check(args: argparse.Namespace) -> int:
+    from cabinet.daemon.config import (  # noqa: PLC0415
+        ConfigError,
+        device_name_problems,
+        load,
+        secret_problems,
+    )
+
     try:
         config = load(Path(args.config))
     except ConfigError as exc:
@@ -209,12 +230,62 @@ def _config_check(args: argparse.Namespace) -> int:
 # -- daemon, keys, tokens, events ----------------------------------------------------------------
 
 
+#: OpenSSL's modules: libcrypto and libssl mapped, ~6 MB resident (DESIGN.md §6). asyncio,
+#: http.client and paho import ``ssl``, and pydantic ``_hashlib`` (through secrets, hmac and
+#: hashlib), whether or not anything speaks TLS; each carries on without them: hashlib with
+#: Python's own hashes, hmac with ``_operator``'s compare_digest, the others without TLS.
+OPENSSL_MODULES = ("_hashlib", "ssl", "_ssl")
+#: hashlib's own implementations, what it falls back to without ``_hashlib``
+_BUILTIN_HASHES = ("_md5", "_sha1", "_sha256", "_sha512", "_blake2", "_sha3")
+
+
+def _hold_back_openssl() -> None:
+    """Make OpenSSL's modules unimportable until the daemon has read its configuration.
+
+    ``None`` in ``sys.modules`` is Python's "not importable" marker. Only modules not yet
+    loaded are held back (a test calling ``main`` in-process has them already), and
+    ``_hashlib`` only where hashlib has every hash without it.
+    """
+    held: tuple[str, ...] = OPENSSL_MODULES
+    if not all(importlib.util.find_spec(name) for name in _BUILTIN_HASHES):
+        held = tuple(name for name in held if name != "_hashlib")
+    for name in held:
+        sys.modules.setdefault(name, None)  # type: ignore[arg-type]
+
+
+def _release_openssl() -> None:
+    for name in OPENSSL_MODULES:
+        if name in sys.modules and sys.modules[name] is None:
+            del sys.modules[name]
+
+
+def _needs_openssl(config: CabinetConfig) -> bool:
+    """Whether the daemon this configuration describes may need OpenSSL.
+
+    Firmware downloads do (``[firmware] allowed_hosts``: a URL may be https), and so does
+    the fleet link, TLS or not: paho 2.2 names ``ssl.SSLWantReadError`` in the ``except``
+    clauses of its plain socket reads, so without ``ssl`` a read that would block raises
+    AttributeError and the link drops. The web display serves plain HTTP (aiohttp runs
+    without ``ssl``), and nothing else speaks TLS.
+    """
+    return config.mqtt is not None or bool(config.firmware.allowed_hosts)
+
+
 def _run_daemon(args: argparse.Namespace) -> int:
-    from cabinet.daemon.run import run_daemon  # noqa: PLC0415 - only the daemon needs it
+    """The daemon; OpenSSL only if its configuration needs it (``_hold_back_openssl``).
+
+    Already imported by then, with OpenSSL held back: pydantic and hashlib (with Python's
+    own hashes, in every daemon); asyncio, structlog and the daemon come after the choice.
+    """
+    from cabinet.daemon.config import load  # noqa: PLC0415
 
     config = load(Path(args.config))
-    log_setup.configure(config.log_level)
-    return asyncio.run(run_daemon(config, Path(args.config)))
+    if _needs_openssl(config):
+        _release_openssl()
+    _configure_logs(config.log_level)
+    from cabinet.daemon.run import run_daemon  # noqa: PLC0415 - only the daemon needs it
+
+    return _await(run_daemon(config, Path(args.config)))
 
 
 def _keys_generate(args: argparse.Namespace) -> int:
@@ -295,7 +366,7 @@ def _sim(args: argparse.Namespace) -> int:
         if getattr(args, key) is not None
     }
     options = SimOptions(**given)
-    asyncio.run(serve(options))
+    _await(serve(options))
     return EXIT_OK
 
 
@@ -364,7 +435,7 @@ def _sim_ctl(args: argparse.Namespace) -> int:
         if getattr(args, flag, False):
             request[flag] = True
     try:
-        result = asyncio.run(call(spec.host, spec.port, request))
+        result = _await(call(spec.host, spec.port, request))
     except ControlError as exc:
         raise CliError(str(exc)) from exc
     if args.verb == "state" or args.json:
@@ -378,6 +449,8 @@ def _sim_ctl(args: argparse.Namespace) -> int:
 
 
 def _config_arg(parser: argparse.ArgumentParser) -> None:
+    from cabinet.daemon.config import DEFAULT_CONFIG_PATH  # noqa: PLC0415 - loads pydantic
+
     parser.add_argument(
         "-c", "--config", default=os.environ.get("CABINET_CONFIG", str(DEFAULT_CONFIG_PATH))
     )
@@ -638,8 +711,8 @@ def _parser_for(argv: Sequence[str]) -> argparse.ArgumentParser:
 
 def _run(handler: Callable[[argparse.Namespace], Any], args: argparse.Namespace) -> int:
     result = handler(args)
-    if asyncio.iscoroutine(result):
-        result = asyncio.run(result)
+    if inspect.iscoroutine(result):
+        result = _await(result)
     return int(result)
 
 
@@ -659,28 +732,43 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``cabinet`` console script."""
     _default_ctrl_c()
     argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["run"]:
+        _hold_back_openssl()  # before the parser, which loads pydantic: see _run_daemon
+    else:
+        # Diagnostics print their findings; the bus log lines would only repeat them.
+        _configure_logs("error" if argv[:1] != ["sim"] else "info")
     args = _parser_for(argv).parse_args(argv)
-    # Diagnostics print their findings; the bus log lines would only repeat them.
-    log_setup.configure("error" if args.command != "sim" else "info")
     try:
         return _run(args.handler, args)
     except KeyboardInterrupt:
         # Ctrl-C is how a person ends a follow or a live view: that is success
         follows = args.command in {"sim", "demo", "watch"} or getattr(args, "follow", False)
         return EXIT_OK if follows else EXIT_ERROR
-    except DaemonNotRunningError as exc:
+    except Exception as exc:  # noqa: BLE001 - the last line of defence: one line, never a trace
+        return _failed(exc)
+
+
+def _failed(exc: Exception) -> int:
+    """Say why a command failed in one line on stderr, never a traceback; its exit code.
+
+    The classes are imported here, not at the top (see the module's docstring).
+    """
+    from cabinet.daemon.config import ConfigError  # noqa: PLC0415
+    from cabinet.daemon.control_client import DaemonNotRunningError  # noqa: PLC0415
+    from drivers.modbus_bus import BusError  # noqa: PLC0415
+
+    if isinstance(exc, DaemonNotRunningError):
         print(f"cabinet: {exc}", file=sys.stderr)
         return EXIT_NO_DAEMON
-    except ConfigError as exc:
+    if isinstance(exc, ConfigError):
         for key, message in exc.problems:
             print(f"cabinet: config {key}: {message}", file=sys.stderr)
         return EXIT_ERROR
-    except (CliError, BusError, BusUrlError, ValueError, OSError) as exc:
+    if isinstance(exc, CliError | BusError | BusUrlError | ValueError | OSError):
         print(f"cabinet: error: {exc}", file=sys.stderr)
         return EXIT_ERROR
-    except Exception as exc:  # noqa: BLE001 - the last line of defence: one line, never a trace
-        print(f"cabinet: internal error: {type(exc).__name__}: {exc}", file=sys.stderr)
-        return EXIT_ERROR
+    print(f"cabinet: internal error: {type(exc).__name__}: {exc}", file=sys.stderr)
+    return EXIT_ERROR
 
 
 if __name__ == "__main__":

@@ -26,15 +26,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import http.client
 import socket
-import ssl
 import threading
 import urllib.parse
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from protocol.errors import CodedError
+
+if TYPE_CHECKING:
+    import http.client
 
 HOST_NOT_ALLOWED = "host_not_allowed"
 INVALID_SOURCE = "invalid_source"
@@ -161,6 +163,8 @@ class Download:
 
     def run(self) -> bytes:
         """The image's bytes (worker thread); every transfer failure is DownloadFailedError."""
+        import http.client  # noqa: PLC0415 - loaded by the first download, not by every daemon
+
         try:
             return self._follow()
         except (OSError, http.client.HTTPException, ValueError) as exc:
@@ -193,8 +197,15 @@ class Download:
         raise DownloadFailedError(f"more than {MAX_REDIRECTS} redirects")
 
     def _connect(self, target: Target) -> http.client.HTTPConnection:
+        import http.client  # noqa: PLC0415 - see run()
+
         conn: http.client.HTTPConnection
         if target.scheme == "https":
+            try:  # without [firmware] allowed_hosts OpenSSL may be held back (console/cli.py)
+                import ssl  # noqa: PLC0415
+            except ImportError as exc:
+                message = f"https needs TLS, which this process left out: {exc}"
+                raise DownloadFailedError(message) from None
             context = ssl.create_default_context()
             conn = http.client.HTTPSConnection(
                 target.host, target.port, timeout=self.deadline_s, context=context

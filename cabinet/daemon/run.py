@@ -5,6 +5,9 @@ then the bus, then ``recover`` (the boards' picture reconciled with the journal)
 and only then the scanner, so no rider can start a session against a stale view.
 Every long-running task is supervised: it is restarted if it dies, its failure
 logged once and its recovery once. The field bus never waits on the cloud link.
+
+What a cabinet does not use is not imported (DESIGN.md §6, resident memory): the fleet
+link (paho, ~1.3 MB) only with ``[mqtt]``, the web display only with ``[display]``.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import signal
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 from nacl.signing import VerifyKey
@@ -31,7 +34,6 @@ from cabinet.daemon.controller import CabinetController, ControllerSettings
 from cabinet.daemon.display.challenges import ChallengeBook
 from cabinet.daemon.doctor import FleetFacts
 from cabinet.daemon.firmware_service import FirmwareFetcher, FirmwareService
-from cabinet.daemon.fleet_link import FleetLink
 from cabinet.daemon.journal import Journal, JournalError
 from cabinet.daemon.state_lock import StateDirLock, StateDirLockedError
 from cabinet.daemon.systemd_notify import Notifier
@@ -39,8 +41,11 @@ from cabinet.daemon.task_health import TaskHealth
 from cabinet.daemon.tokens import KeyFileError, TokenRefusedError, load_public_key, verify
 from drivers.bus_url import parse_endpoint
 from drivers.modbus_bus import BusUnavailableError, ModbusBus
-from drivers.mqtt_link import MqttLink, TlsFiles
 from drivers.qr_scanner import Scan, ScanGarbage, ScannerUnavailableError, read_scans
+
+if TYPE_CHECKING:
+    from cabinet.daemon.fleet_link import FleetLink
+    from drivers.mqtt_link import MqttLink
 
 log = structlog.get_logger("daemon")
 
@@ -286,6 +291,8 @@ def health_problem(tasks: TaskHealth, controller: CabinetController) -> str | No
 
 def mqtt_link_for(config: CabinetConfig, **callbacks: Any) -> MqttLink:
     """The broker connection described by ``[mqtt]``."""
+    from drivers.mqtt_link import MqttLink, TlsFiles  # noqa: PLC0415 - only with [mqtt]
+
     mqtt = config.mqtt
     assert mqtt is not None
     return MqttLink(
@@ -384,6 +391,8 @@ async def run_daemon(config: CabinetConfig, config_path: Path | None = None) -> 
     firmware_keys = _firmware_keys(config)
     if firmware_keys is None:
         return 1
+    if config.mqtt is not None:  # imported now: once the bus runs, an import would stall it
+        from cabinet.daemon.fleet_link import FleetLink  # noqa: PLC0415 - only with [mqtt]
     try:  # before the journal, the bus or MQTT: one daemon per state directory
         state_lock = StateDirLock.acquire(config.cabinet.state_dir)
     except StateDirLockedError as exc:

@@ -225,6 +225,8 @@ class MqttLink:
         self._switches = 0  # protocol switches since the last CONNACK (our loop)
         self._had_session = False  # a CONNACK "accepted" ever: start-up is over
         self._restart_timer: asyncio.TimerHandle | None = None
+        #: ``stop`` was called: the disconnect that follows is ours, not news to warn about
+        self._stopping = False
         self._client = self._make_client()
 
     def _make_client(self) -> paho.Client:
@@ -265,6 +267,7 @@ class MqttLink:
     def start(self) -> None:
         """Connect in the background; paho reconnects on its own after any loss."""
         self._loop = asyncio.get_running_loop()
+        self._stopping = False
         self._connect()
 
     def _connect(self) -> None:
@@ -344,6 +347,7 @@ class MqttLink:
 
         ``forget_session``: end a kept session too (MQTT 5), leaving nothing on the broker.
         """
+        self._stopping = True
         if self._restart_timer is not None:
             self._restart_timer.cancel()
             self._restart_timer = None
@@ -528,7 +532,9 @@ class MqttLink:
         if before_connack:
             self._closed_before_connack += 1
             self._closed_without_connack()
-        if self.connected.is_set():
+        if self._stopping:
+            log.info("mqtt_disconnected", reason=reason, by="us")
+        elif self.connected.is_set():
             log.warning("mqtt_disconnected", reason=reason)
         self.connected.clear()
         if self._on_disconnected is not None:

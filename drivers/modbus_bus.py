@@ -11,6 +11,12 @@ seconds per dead board and cut off the eleven healthy ones). A unit that fails
 touching the wire, except one re-probe every ``reprobe_interval_s``, so a dead bay
 costs at most one timeout per poll cycle and then almost nothing. Going bad and
 recovering are each logged once.
+
+A unit the caller itself silenced (a bay board rebooting into a new image after our
+ACTIVATE) is announced with ``expect_silence``: until then a request for it fails at
+once (``UnitRestartingError``, no wire time, no timeout booked, not isolated: its
+silence is not news), and the first request after it goes to the wire at once instead
+of waiting for a re-probe; if the unit is still silent then, the rules above apply.
 """
 
 from __future__ import annotations
@@ -100,6 +106,13 @@ class UnitIsolatedError(UnitNoAnswerError):
     """The unit is isolated after repeated failures and was not due for a re-probe."""
 
 
+class UnitRestartingError(UnitNoAnswerError):
+    """The unit was announced silent (``ModbusBus.expect_silence``) and it is not over yet.
+
+    Not an ``UnitIsolatedError``: nothing failed, so nobody should report the unit offline.
+    """
+
+
 class ExceptionReplyError(BusError):
     """The unit answered with a Modbus exception: it heard us and refused."""
 
@@ -138,6 +151,9 @@ class UnitStats:
     exception_replies: int = 0
     consecutive_failures: int = 0
     isolated: bool = False
+    #: bus-clock time until which the unit is expected silent (``expect_silence``); None
+    #: once the first request after it went to the wire
+    silent_until: float | None = None
     last_attempt: float | None = None
     latency_total_s: float = 0.0
     latency_max_s: float = 0.0
@@ -158,6 +174,7 @@ class UnitStats:
             "bad_replies": self.bad_replies,
             "exception_replies": self.exception_replies,
             "isolated": self.isolated,
+            "restarting": self.silent_until is not None,
             "latency_ms": {
                 "last": round(self.latency_last_s * 1000, 2),
                 "mean": round(self.latency_mean_s * 1000, 2),
@@ -358,6 +375,18 @@ class ModbusBus:
         """Whether ``unit`` is currently isolated."""
         return self.unit_stats(unit).isolated
 
+    def expect_silence(self, unit: int, for_s: float) -> None:
+        """``unit`` will not answer for about ``for_s`` seconds, by our own doing (a reboot).
+
+        Until then its requests fail at once with ``UnitRestartingError``: no wire time,
+        no time-out holding the line, nothing booked against the unit (its silence is
+        expected, not news: no isolation, no offline report). The first request after
+        ``for_s`` is sent at once, whatever the re-probe interval, so the unit is found
+        again as soon as it can be; silent then, it fails and is isolated as any unit.
+        """
+        self.unit_stats(unit).silent_until = self.clock() + for_s
+        log.info("unit_restarting", unit=unit, name=unit_name(unit), expected_silent_s=for_s)
+
     async def _transact(
         self,
         unit: int,
@@ -375,8 +404,18 @@ class ModbusBus:
         """
         stats = self.unit_stats(unit)
         now = self.clock()
+        probe = False  # the first request after an expected silence: sent whatever the interval
+        if stats.silent_until is not None:
+            if now < stats.silent_until:
+                raise UnitRestartingError(
+                    unit,
+                    f"{unit_name(unit)} is restarting (silent for about "
+                    f"{stats.silent_until - now:.1f} s more)",
+                )
+            stats.silent_until, probe = None, True
         if (
             stats.isolated
+            and not probe
             and stats.last_attempt is not None
             and (now - stats.last_attempt < self.reprobe_interval_s)
         ):

@@ -9,6 +9,12 @@ carries on from the offset the board reports. After ``ACTIVATE`` the board must 
 back running the new version with a register map this software drives; only then
 is the image ``CONFIRM``ed. Otherwise it is rolled back (the board's own bootloader
 also reverts an unconfirmed image by itself).
+
+A command that restarts the board (ACTIVATE, ROLLBACK) tells the bus in the same bus
+job that the board will be silent for its reboot (``ModbusBus.expect_silence``): its
+reads fail at once meanwhile instead of timing out, holding the line and getting the
+board isolated and reported offline, and the first read after the reboot goes to the
+board at once instead of after the bus's re-probe interval.
 """
 
 from __future__ import annotations
@@ -37,6 +43,13 @@ MAX_RESUMES = 20  # a line so bad that the transfer resumes this often is not wo
 #: Chunks queued at once: one on the wire, the next ones ready behind it, so the bus
 #: master never waits for this task between two chunks (docs/firmware.md, "Sharing the line")
 WRITE_WINDOW = 3
+#: Commands after which a bay board restarts (into the new image, or back to the old one).
+RESTARTING_COMMANDS = frozenset({fw.Command.ACTIVATE, fw.Command.ROLLBACK})
+#: How long a bay board is silent after acknowledging ACTIVATE or ROLLBACK: it resets
+#: within 50 ms and answers again 1.5 s later (docs/firmware.md; the simulator models it),
+#: plus a margin, so the first read after it finds the board up instead of costing a
+#: time-out at the end of its boot. Too short only costs that one time-out.
+BOARD_RESTART_S = 1.6
 
 
 class UpdateFailedError(CodedError):
@@ -90,8 +103,10 @@ class BayUpdater:
         on_progress: Callable[[Progress], Awaitable[None] | None] = lambda _p: None,
         board_wait_s: float = BOARD_WAIT_S,
         submit_chunk: Submit | None = None,
+        board_restart_s: float = BOARD_RESTART_S,
     ) -> None:
         self._submit = submit
+        self._board_restart_s = board_restart_s
         # the image chunks: the daemon queues them below its polling (Priority.BULK), so
         # the transfer fills the wire polling leaves and never delays a bay's reading
         self._submit_chunk = submit_chunk or submit
@@ -276,7 +291,22 @@ class BayUpdater:
         await self._submit_chunk(write)
 
     async def _command(self, command: fw.Command) -> None:
+        restarts = command in RESTARTING_COMMANDS
+        unit = self.unit
+
+        async def send(bus: ModbusBus) -> None:
+            try:
+                await bus.write_register(unit, fw.COMMAND_REG, command)
+            except ExceptionReplyError:
+                raise  # refused: the board keeps running
+            except BusError:
+                if restarts:  # it may reset before its reply is out
+                    bus.expect_silence(unit, self._board_restart_s)
+                raise
+            if restarts:  # in the same bus job: no poll of the rebooting board in between
+                bus.expect_silence(unit, self._board_restart_s)
+
         try:
-            await self._submit(lambda bus: bus.write_register(self.unit, fw.COMMAND_REG, command))
+            await self._submit(send)
         except ExceptionReplyError as exc:
             raise UpdateFailedError("board_refused", f"{command.name} refused: {exc}") from exc

@@ -17,6 +17,7 @@ from drivers.modbus_bus import (
     UnitGarbledError,
     UnitIsolatedError,
     UnitNoAnswerError,
+    UnitRestartingError,
 )
 from protocol import bay_map, cabinet_map
 from protocol.errors import ProtocolError
@@ -102,6 +103,8 @@ async def survey_unit(bus: ModbusBus, unit: int) -> UnitReport:
             report = UnitReport(unit, name, True, health=health)
     except UnitIsolatedError:
         return UnitReport(unit, name, False, health="isolated by the daemon (silent; re-probed)")
+    except UnitRestartingError:
+        return UnitReport(unit, name, False, health="restarting (a firmware update rebooted it)")
     except UnitGarbledError:
         return UnitReport(unit, name, False, health="garbled replies (CRC errors)")
     except UnitNoAnswerError:

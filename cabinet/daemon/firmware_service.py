@@ -11,6 +11,9 @@ confirmed. One update runs at a time — from the command that asked for it, so
 reading or downloading its image counts. Every step is an event:
 ``firmware.rejected``, ``firmware.started``, ``firmware.progress`` (every quarter),
 ``firmware.updated``, ``firmware.failed``.
+
+A board rebooting into its new image is announced to the bus by the updater
+(``firmware_bridge.updater``), so ``status`` shows it as restarting, not as failing.
 """
 
 from __future__ import annotations
@@ -40,7 +43,7 @@ from cabinet.daemon.firmware_download import (
 )
 from cabinet.daemon.journal import JournalError
 from drivers.boards import BayBoard
-from drivers.modbus_bus import BusError, ModbusBus
+from drivers.modbus_bus import BusError, ModbusBus, UnitRestartingError
 from firmware_bridge.image import (
     FirmwareImage,
     ImageRejectedError,
@@ -123,6 +126,8 @@ class FirmwareService:
                     row |= {"bootloader": boot.state.name.lower(), "staged_bytes": boot.received}
                 else:
                     row["bootloader"] = None  # map 1: no firmware window, no bus updates
+            except UnitRestartingError as exc:  # rebooting into an image we just activated
+                row |= {"bootloader": "restarting", "error": str(exc)}
             except (BusError, ProtocolError) as exc:
                 row["error"] = str(exc)
             rows.append(row)

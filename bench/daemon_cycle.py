@@ -41,14 +41,22 @@ user space only and stable on a loaded machine; they are not CPU time (see
 transaction, which say why equal instructions need not cost equal CPU.
 
     .venv/bin/python bench/daemon_cycle.py [--cycles N] [--transport tcp|pty|both]
-        [--baud B ...] [--profile DIR] [--callgrind [--callgrind-reads N]
-        [--callgrind-cache-sim]]
+        [--baud B ...] [--profile DIR] [--no-cycle] [--callgrind [--callgrind-reads N]
+        [--callgrind-cache-sim] [--callgrind-daemon-only]]
+    .venv/bin/python bench/daemon_cycle.py --side-by-side CHECKOUT [--baud B ...]
+        [--windows N]
+
+``--side-by-side`` compares CPU time, not instructions, between two versions on a
+shared machine: ``CHECKOUT``'s daemon (a copy of the tree before a change) and this
+tree's, started at the same time, each on its own simulator, measured over the same
+windows (``side_by_side``).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import shutil
 import signal
@@ -297,6 +305,7 @@ def running_daemon(
     prefix: list[str],
     python_args: list[str],
     bus_extra: str = "",
+    repo: Path = REPO,
 ) -> Iterator[subprocess.Popen[bytes]]:
     """`cabinet run` against the simulator, as systemd would start it; stopped afterwards."""
     keys = generate_keys(str(tmp / "backend"))
@@ -319,7 +328,7 @@ def running_daemon(
         ],
         stdout=log,
         stderr=log,
-        cwd=REPO,
+        cwd=repo,
     )
     try:
         deadline = time.monotonic() + 60 * (10 if prefix else 1)
@@ -647,7 +656,7 @@ def callgrind_plain_difference(
     )
 
 
-def callgrind_round(cycles: int, extra_reads: int) -> None:
+def callgrind_round(cycles: int, extra_reads: int, plain_kinds: tuple[str, ...]) -> None:
     """User-space instructions per transaction: the daemon next to the plain clients.
 
     One simulator (RTU over TCP, 19200 baud, reply time 0) serves every subject in
@@ -657,6 +666,8 @@ def callgrind_round(cycles: int, extra_reads: int) -> None:
     plain clients are also measured by difference of two runs (N and N + extra reads,
     start-up and exit cancelling), a cross-check of the window method. callgrind counts
     user-space instructions only: kernel time (loopback TCP, epoll) is not in them.
+    ``plain_kinds`` empty: the daemon alone (the plain clients' figures barely move
+    between runs: 246k and 346k a transaction, sync and async, issue 16).
     """
     if shutil.which("valgrind") is None:
         print("callgrind: valgrind is not installed")
@@ -670,13 +681,13 @@ def callgrind_round(cycles: int, extra_reads: int) -> None:
         )
         try:
             results.append(callgrind_daemon(tmp, ready, seconds))
-            for kind in ("sync", "async"):
+            for kind in plain_kinds:
                 results.append(callgrind_plain_window(kind, tmp, ready, seconds))
                 results.append(callgrind_plain_difference(kind, tmp, ready, extra_reads))
         finally:
             stop_process(proc)
     daemon = results[0]
-    reference = min(r.per_tx for r in results[1:] if r.method == "window")
+    reference = min((r.per_tx for r in results[1:] if r.method == "window"), default=None)
     print(
         f"callgrind, {CALLGRIND_BAUD} baud, tcp (every subject slowed by valgrind; "
         f"load {os.getloadavg()[0]:.2f})"
@@ -702,11 +713,75 @@ def callgrind_round(cycles: int, extra_reads: int) -> None:
             f"| {r.subject} | {r.method} | {r.instructions:,} | {r.transactions} "
             f"| {r.per_tx:,.0f} | {r.per_tx / daemon.per_tx:.2f}{misses} |"
         )
+    if reference is None:
+        return
     verdict = "met" if daemon.per_tx <= CPU_GOAL * reference else "NOT met"
     print(
         f"instructions goal: daemon {daemon.per_tx:,.0f} <= {CPU_GOAL:.2f} x best plain "
         f"(window) {reference:,.0f} = {CPU_GOAL * reference:,.0f}: {verdict}"
     )
+
+
+# -- side by side: CPU of two versions of the daemon at the same moments ------------------
+
+
+def side_by_side(other: Path, baud: int, windows: int, seconds: float) -> None:
+    """The daemon of ``other`` (another checkout) and this one, run at the same time.
+
+    On a shared machine the CPU per transaction of one run drifts with the others' load
+    by more than a change is worth (1.19-1.44 x the plain client in six rounds of the
+    same code, issue 16). Two versions run side by side, each against a simulator of its
+    own (RTU over TCP, reply time 0), meet the same load at the same moments; each window
+    prints both, so a change shows as the same sign in every window. The bay cycle over
+    the wire minimum is printed too: whether a change costs latency under that load.
+    """
+    trees = {"other": other.resolve(), "this": REPO}
+    with contextlib.ExitStack() as stack:
+        subjects: dict[str, tuple[subprocess.Popen[bytes], str]] = {}
+        for name, tree in trees.items():
+            tmp = Path(stack.enter_context(tempfile.TemporaryDirectory()))
+            proc, ready = start_simulator(
+                "--baud", str(baud), "--reply-ms", "0", "--seed", "11", cwd=REPO
+            )
+            stack.callback(stop_process, proc)
+            daemon = stack.enter_context(running_daemon(tmp, ready, [], [], repo=tree))
+            subjects[name] = (daemon, ready["control"])
+        time.sleep(WARM_UP_S)  # a fixed settling time, not a synchronisation
+        totals = dict.fromkeys(subjects, (NO_CPU, 0))
+        minimum = len(BAY_UNITS) * rtu_timing.read_transaction_time(bay_map.STATUS_COUNT, baud)
+        print(
+            f"side by side, tcp, {baud} baud: CPU ms per 1,000 transactions (schedstat); "
+            "bay cycle / wire minimum"
+        )
+        print(
+            f"| window | load | other ({other}) | this ({REPO}) | this / other "
+            "| other cycle / min | this cycle / min |"
+        )
+        print("|---|---|---|---|---|---|---|")
+        for n in range(1, windows + 1):
+            before = {
+                name: (line_reading(control), process_cpu(daemon.pid))
+                for name, (daemon, control) in subjects.items()
+            }
+            time.sleep(seconds)  # the measurement window itself
+            per_k: dict[str, float] = {}
+            cycle: dict[str, float] = {}
+            for name, (daemon, control) in subjects.items():
+                cpu = process_cpu(daemon.pid) - before[name][1]
+                line = window(before[name][0], line_reading(control))
+                totals[name] = (totals[name][0] + cpu, totals[name][1] + line.transactions)
+                per_k[name] = cpu_per_1000(cpu, line.transactions).total_s * 1000
+                cycle[name] = line.bay_cycle_s / minimum
+            print(
+                f"| {n} | {os.getloadavg()[0]:.2f} | {per_k['other']:.0f} | {per_k['this']:.0f} "
+                f"| {per_k['this'] / per_k['other']:.3f} | {cycle['other']:.3f} "
+                f"| {cycle['this']:.3f} |"
+            )
+        whole = {name: cpu_per_1000(*totals[name]).total_s * 1000 for name in totals}
+        print(
+            f"| all | | {whole['other']:.0f} | {whole['this']:.0f} "
+            f"| {whole['this'] / whole['other']:.3f} | | |"
+        )
 
 
 def main() -> None:
@@ -728,11 +803,32 @@ def main() -> None:
         help="with --callgrind: simulate caches and branches too (misses per transaction)",
     )
     parser.add_argument(
+        "--callgrind-daemon-only",
+        action="store_true",
+        help="with --callgrind: measure the daemon alone, not the plain clients too",
+    )
+    parser.add_argument(
+        "--no-cycle",
+        action="store_true",
+        help="skip the cycle and CPU rounds (with --callgrind: instructions only)",
+    )
+    parser.add_argument(
+        "--side-by-side",
+        type=Path,
+        metavar="CHECKOUT",
+        help="instead: this daemon and CHECKOUT's at the same time, CPU per window (tcp)",
+    )
+    parser.add_argument("--windows", type=int, default=6, help="with --side-by-side")
+    parser.add_argument(
         "--cabinet-board-interval",
         type=float,
         help="the daemon's bus.cabinet_board_interval_s (default: its own default, 1 s)",
     )
     args = parser.parse_args()
+    if args.side_by_side is not None:
+        for baud in args.baud or BAUDS:
+            side_by_side(args.side_by_side, baud, args.windows, seconds=20.0)
+        return
     bus_extra = (
         ""
         if args.cabinet_board_interval is None
@@ -745,9 +841,11 @@ def main() -> None:
         one_round(transport, baud, args.cycles, args.profile, bus_extra)
         for transport in transports
         for baud in args.baud or BAUDS
+        if not args.no_cycle
     ]
-    report(rounds)
-    print()
+    if rounds:
+        report(rounds)
+        print()
     if perf_instructions_available():
         print("instructions: `perf stat -e instructions:u -p PID` works on this machine")
     else:
@@ -755,7 +853,8 @@ def main() -> None:
     if args.callgrind_cache_sim:
         CALLGRIND_OPTIONS.extend(CACHE_SIM_OPTIONS)
     if args.callgrind:
-        callgrind_round(args.cycles, args.callgrind_reads)
+        plain_kinds = () if args.callgrind_daemon_only else ("sync", "async")
+        callgrind_round(args.cycles, args.callgrind_reads, plain_kinds)
 
 
 if __name__ == "__main__":

@@ -106,6 +106,9 @@ class BayPoller:
         )
         self.on_unlock_sent: Callable[[int], None] | None = None  # for latency measurement
         self._last_read: dict[int, float] = {}
+        #: each bay's status read as a scheduler job, made once: a read is made per
+        #: transaction, and a new job and board object each time showed in its cost
+        self._status_reads = {bay: _status_read(scheduler.bus, bay) for bay in BAY_UNITS}
         self._cabinet_read_at = float("-inf")  # when the cabinet board was last asked
         #: the last status block each bay returned and its snapshot: the board driver hands
         #: back the same (frozen) object for an unchanged block, so it is reduced only once
@@ -196,8 +199,12 @@ class BayPoller:
                 await self._reopen_bus()
             for bay in BAY_UNITS:
                 await self.read_bay(bay, Priority.ROUTINE)
-                await self._read_hot_bays()
-                await self._read_cabinet_if_due()
+                # the hot bays and the cabinet board are checked between bay reads, here
+                # rather than in coroutines of their own: most reads have neither due
+                if c.hot_bays():
+                    await self._read_hot_bays()
+                if self.clock.monotonic() >= self._cabinet_due():
+                    await self.read_cabinet()
             await self.apply_charging()
             await self._read_meter_if_due()
             c.bus_truth.alarms_due()
@@ -255,10 +262,9 @@ class BayPoller:
         """Read one bay board and hand the reading (or its silence) to the controller."""
         c = self.controller
         self._last_read[bay] = self.clock.monotonic()
+        read = self._status_reads.get(bay) or _status_read(self.scheduler.bus, bay)
         try:
-            status = await self.scheduler.submit(
-                priority, lambda bus: BayBoard(bus, bay).read_status()
-            )
+            status = await self.scheduler.submit(priority, read)
         except BusUnavailableError as exc:
             c.bus_truth.bus_unavailable(exc)
             return  # nobody was asked: the bay's picture is stale, not news
@@ -287,11 +293,9 @@ class BayPoller:
         except JournalError:
             return  # not recorded, so not acted on: the next reading retries (journal.py logs it)
 
-    async def _read_cabinet_if_due(self) -> None:
-        """Read the cabinet board if ``cabinet_board_interval_s`` has passed since the last ask."""
-        due = self._cabinet_read_at + self.controller.settings.cabinet_board_interval_s
-        if self.clock.monotonic() >= due:
-            await self.read_cabinet()
+    def _cabinet_due(self) -> float:
+        """When the cabinet board is next read: ``cabinet_board_interval_s`` after the last ask."""
+        return self._cabinet_read_at + self.controller.settings.cabinet_board_interval_s
 
     async def read_cabinet(self) -> None:
         """Read the cabinet board; close the contactor if the controller wants it closed."""
@@ -427,6 +431,18 @@ class BayPoller:
                 continue
             break
         self.controller.bus_truth.bus_restored(tries)
+
+
+def _status_read(
+    board_bus: ModbusBus, bay: int
+) -> Callable[[ModbusBus], Awaitable[bay_map.BayStatus]]:
+    """The scheduler job reading ``bay``'s status block, with its board made once.
+
+    The job is handed the scheduler's bus, the one the board was made for; another bus
+    gets a board of its own.
+    """
+    board = BayBoard(board_bus, bay)
+    return lambda bus: (board if bus is board_bus else BayBoard(bus, bay)).read_status()
 
 
 async def _reopen(bus: ModbusBus) -> None:

@@ -10,6 +10,13 @@ lends it the line (``lend_to_bulk``): between two poll cycles, up to the moment 
 next cycle is due. A bulk job starts only if it is expected to end by then, so the
 next cycle's first read never waits for a chunk on the wire, and every bay keeps its
 once-a-second read however long the transfer is (docs/firmware.md, "Sharing the line").
+
+One job is on the bus at a time, whoever runs it. Mostly the worker does; but a job
+submitted while the line is idle and nothing is queued is run by the caller itself
+(``submit``'s fast path): nothing could go before it, and the poller's read then costs
+no hand-over to the worker and back (measured, issue 16: bench/daemon_cycle.py). Jobs
+submitted meanwhile queue as usual and the worker takes them, by priority, as soon as
+that job is off the line: an unlock still waits only for the transaction on the wire.
 """
 
 from __future__ import annotations
@@ -54,7 +61,8 @@ class BusScheduler:
     worker yields once before it looks for the next: the caller whose result was just
     delivered runs in that same loop iteration and usually submits its next transaction
     (the poller reads bay after bay), so the worker finds it at once instead of going to
-    sleep and being woken one event-loop iteration later.
+    sleep and being woken one event-loop iteration later (or, with nothing else queued,
+    the caller runs it itself: ``submit``).
     """
 
     def __init__(self, bus: ModbusBus, *, clock: Callable[[], float] = time.monotonic) -> None:
@@ -63,6 +71,8 @@ class BusScheduler:
         self._queue: list[tuple[int, int, Job, asyncio.Future[Any]]] = []
         self._order = itertools.count()
         self._wakeup: asyncio.Future[None] | None = None
+        #: a job is on the bus (the worker's or a caller's own): no other may start
+        self._on_the_wire = False
         #: until when bulk jobs may start; None until a poller first paces them (a
         #: scheduler with no poller, as in a bench or a test, runs bulk whenever it is free)
         self._bulk_until: float | None = None
@@ -75,7 +85,29 @@ class BusScheduler:
         self._lend_given_back = asyncio.Event()
 
     async def submit(self, priority: Priority, job: Callable[[ModbusBus], Awaitable[T]]) -> T:
-        """Run ``job`` on the bus when its turn comes; return its result or raise its error."""
+        """Run ``job`` on the bus when its turn comes; return its result or raise its error.
+
+        Its turn is now if no job is on the bus and none is queued: the caller runs it
+        itself, and anything submitted meanwhile queues behind it for the worker. Bulk
+        jobs always queue: only the worker knows whether the lend has room for one.
+        """
+        if not self._queue and not self._on_the_wire and priority != Priority.BULK:
+            self._on_the_wire = True
+            try:
+                result = await job(self.bus)
+            except asyncio.CancelledError:
+                # The caller gave up (shutdown, a technician's Ctrl-C) with its request
+                # perhaps on the wire; the bus's lock went with the job's ``async with``.
+                # The reply may still be coming, and a request sent into it collides on
+                # RS-485: the line stays taken for the reply timeout, the longest that
+                # reply can take (the worker used to run such a job on to its end).
+                asyncio.get_running_loop().call_later(self.bus.timeout_s, self._line_free)
+                raise
+            except BaseException:
+                self._line_free()
+                raise
+            self._line_free()
+            return result
         future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
         heapq.heappush(self._queue, (int(priority), next(self._order), job, future))
         self._wake()
@@ -111,6 +143,12 @@ class BusScheduler:
             await asyncio.wait_for(self._lend_given_back.wait(), timeout_s)
         return self._lend_given_back.is_set()
 
+    def _line_free(self) -> None:
+        """A caller's own job is off the line: the worker takes what queued meanwhile."""
+        self._on_the_wire = False
+        if self._queue:
+            self._wake()
+
     def _wake(self) -> None:
         wakeup = self._wakeup
         if wakeup is not None and not wakeup.done():
@@ -123,6 +161,8 @@ class BusScheduler:
         if not self._queue:
             if self._bulk_started_since_lend:  # bulk work used the lend and has no more now
                 self._lend_given_back.set()
+            return False
+        if self._on_the_wire:  # a caller's own job: its end wakes the worker
             return False
         if self._queue[0][0] != Priority.BULK or self._bulk_until is None:
             return True
@@ -150,6 +190,7 @@ class BusScheduler:
             if bulk:
                 self._bulk_started_since_lend = True
             started = self._clock()
+            self._on_the_wire = True
             try:
                 result = await job(self.bus)
             except Exception as exc:  # noqa: BLE001 - delivered to the caller, who knows the unit
@@ -160,3 +201,5 @@ class BusScheduler:
                     self._bulk_lengths.append(self._clock() - started)
                 if not future.done():
                     future.set_result(result)
+            finally:
+                self._on_the_wire = False

@@ -76,6 +76,10 @@ class UnitCounters:
     #: the simulator's clock): two ``ctl state`` readings give a master's exact poll period
     reads: int = 0
     last_read_at: float = 0.0
+    #: the line's busy time (``SimulatedBus.line_busy_s``) when that read went onto it: two
+    #: readings give the wire time a master put on the line between two reads of the unit,
+    #: exactly, however late the readings themselves come on a loaded machine
+    line_busy_at_read: float = 0.0
     #: line silence before this unit's requests beyond the t3.5 that ends the previous
     #: frame: the master's own time between transactions (and its pacing), never the wire's
     idle_before_s: float = 0.0
@@ -91,6 +95,7 @@ class UnitCounters:
             "corrupted": self.corrupted,
             "reads": self.reads,
             "last_read_at": round(self.last_read_at, 6),
+            "line_busy_at_read": round(self.line_busy_at_read, 6),
             "idle_before_s": round(self.idle_before_s, 6),
         }
 
@@ -153,6 +158,8 @@ class SimulatedBus:
         self.connections = 0  # masters that connected: a reconnect storm shows here
         self.broadcasts = 0  # unit-0 frames (the heartbeat): on the line, in no unit's counters
         self.broadcast_s = 0.0  # their wire time and the quiet after them
+        #: every unit's ``busy_s`` and ``broadcast_s`` together: the line's whole busy time
+        self.line_busy_s = 0.0
         #: replies that left for the master (written to the TCP connection or the pty):
         #: equal to the requests a test sent, the line holds nothing late any more
         self.replies_out = 0
@@ -259,6 +266,7 @@ class SimulatedBus:
             if function_code in READ_FUNCTIONS:
                 counters.reads += 1
                 counters.last_read_at = began
+                counters.line_busy_at_read = self.line_busy_s
             counters.bytes_in += request_bytes
             self.world.sync()
             silent = self.world.unit_silent(unit)
@@ -274,6 +282,7 @@ class SimulatedBus:
                 wire += self.reply_delay_s + rtu_timing.frame_time(reply_bytes, self.baud)
                 counters.bytes_out += reply_bytes
             counters.busy_s += wire
+            self.line_busy_s += wire
             self._line_free_at = began + wire
             # The reply reaches the master when its last byte does; the t3.5 of silence
             # after it is the master's to keep (a request arriving sooner waits for
@@ -363,6 +372,7 @@ class SimulatedBus:
             self.broadcasts += 1
             busy = rtu_timing.frame_time(len(data), self.baud) + BROADCAST_QUIET_S
             self.broadcast_s += busy
+            self.line_busy_s += busy
             self._broadcast_quiet_until = max(self._last_rx, self._line_free_at) + busy
         if len(data) >= rtu_timing.WRITE_SINGLE_BYTES and data[1] in (
             WRITE_SINGLE,
@@ -476,6 +486,7 @@ class SimulatedBus:
             "connections": self.connections,
             "broadcasts": self.broadcasts,
             "broadcast_s": round(self.broadcast_s, 4),
+            "line_busy_s": round(self.line_busy_s, 6),
             "replies_out": self.replies_out,
             "units": {str(unit): c.as_json() for unit, c in self.counters.items()},
         }

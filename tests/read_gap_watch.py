@@ -10,8 +10,12 @@ only ever under-estimate, so a gap reported over a limit is a real one.
 On a loaded machine a gap also holds the time the daemon waited for a CPU. The wire
 gap leaves that out: the line's busy time (every unit's ``busy_s`` and the broadcasts)
 between two reads of a unit, i.e. what the daemon's schedule put on the wire before it
-came back to that unit (to within one sample of wire time). That is what a test can
-hold the schedule to on any machine; the bench prints both.
+came back to that unit. The simulator stamps each read with the line's busy time then
+(``line_busy_at_read``), so the wire gap is exact as the wall-clock one is, and a gap
+still open is bounded from below by ``line_busy_s`` now. (Taking the busy time at the
+samples instead counted the wire after a gap's closing read up to the next sample, and a
+loaded machine that sampled late made a kept schedule look 0.13 s over its second.)
+That is what a test can hold the schedule to on any machine; the bench prints both.
 """
 
 from __future__ import annotations
@@ -60,8 +64,7 @@ class ReadGapWatch:
         return max(self.longest_wire_s.values())
 
     def _run(self) -> None:
-        seen: dict[int, tuple[int, float]] = {}
-        busy_at_read: dict[int, float] = {}
+        seen: dict[int, tuple[int, float, float]] = {}  # unit -> reads, last read at, busy then
         with socket.create_connection(self._address) as conn, conn.makefile("rwb") as stream:
             while not self._stop.wait(SAMPLE_S):
                 stream.write(b'{"verb": "state"}\n')
@@ -70,21 +73,19 @@ class ReadGapWatch:
                 if not self.samples:
                     self.started_at = bus["now"]
                 self.samples += 1
-                busy = bus["broadcast_s"] + sum(c["busy_s"] for c in bus["units"].values())
+                busy = bus["line_busy_s"]
                 for unit in self._units:
                     counters = bus["units"].get(str(unit))
                     if not counters or not counters["reads"]:
                         continue
                     reads, at = counters["reads"], counters["last_read_at"]
-                    if unit in busy_at_read:
-                        wire = busy - busy_at_read[unit]
-                        self.longest_wire_s[unit] = max(self.longest_wire_s[unit], wire)
-                    if unit not in seen or reads != seen[unit][0]:
-                        busy_at_read[unit] = busy
-                    gap = bus["now"] - at
+                    busy_at = counters["line_busy_at_read"]
+                    gap, wire = bus["now"] - at, busy - busy_at
                     previous = seen.get(unit)
                     if previous is not None and reads == previous[0] + 1:
                         gap = max(gap, at - previous[1])
-                    seen[unit] = (reads, at)
+                        wire = max(wire, busy_at - previous[2])
+                    seen[unit] = (reads, at, busy_at)
+                    self.longest_wire_s[unit] = max(self.longest_wire_s[unit], wire)
                     if gap > self.longest_s[unit]:
                         self.longest_s[unit], self.longest_at[unit] = gap, bus["now"]

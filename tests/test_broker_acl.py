@@ -133,7 +133,11 @@ def test_a_real_cabinet_and_backend_work_under_the_acl(
             wait_until("retained state", lambda: backend.state.get("cab-test"))
             reply = backend.command("cab-test", "state.get", {"request_id": "acl-1"})
             assert reply["ok"] is True  # command read, reply published to the response topic
-            assert any(e["type"] == "command.handled" for e in backend.event_list("cab-test"))
+            # the event travels the outbox on its own, not before the reply: waited for
+            wait_until(
+                "command.handled at the backend",
+                lambda: any(e["type"] == "command.handled" for e in backend.event_list("cab-test")),
+            )
     finally:
         backend.close()
 

@@ -20,19 +20,27 @@ from protocol.units import BAY_UNITS, CABINET_BOARD_UNIT
 from tests.conftest import cabinet_cmd
 from tests.daemon_harness import running_cabinet, wait_until
 
-WINDOW_S = 3.0  # on the simulator's clock: ~27 cycles at 115200 baud
+WINDOW_S = 3.0  # on the simulator's clock: ~27 cycles at 115200 baud on an idle machine
+#: "Not once per cycle" can only be seen while a cycle is well shorter than the interval.
+#: A cycle is mostly the daemon's and the simulator's CPU time, so load stretches it: a CI
+#: run with the suite on 6 workers made 11 cycles in 3 s, and a 0.4 s period then read the
+#: board at 7 of them, as often as it should and yet more than every other cycle. The
+#: configured period is therefore longer than the default (docs/hardware.md allows up to
+#: 10 s), and its window four periods, so the count still tells it from the default's.
+CONFIGURED_S = 2.0
 
 
 def reads(state: dict[str, Any], unit: int) -> int:
     return int(state["bus"]["units"][str(unit)]["reads"])
 
 
-@pytest.mark.parametrize("interval_s", [None, 0.4], ids=["default", "configured"])
+@pytest.mark.parametrize("interval_s", [None, CONFIGURED_S], ids=["default", "configured"])
 def test_the_cabinet_board_is_read_once_per_interval_not_once_per_cycle(
     tmp_path: Path, interval_s: float | None
 ) -> None:
     extra = {} if interval_s is None else {"bus": {"cabinet_board_interval_s": interval_s}}
     interval = 1.0 if interval_s is None else interval_s
+    window_s = max(WINDOW_S, 4 * interval)
     with running_cabinet(tmp_path, extra=extra) as cab:
         # steady state: recovery done, contactor closed (its close is read back at once)
         wait_until("the contactor to close", lambda: cab.state()["cabinet"]["contactor_closed"])
@@ -40,7 +48,7 @@ def test_the_cabinet_board_is_read_once_per_interval_not_once_per_cycle(
         after = wait_until(
             "a window on the simulator's clock",
             lambda: (
-                s if (s := cab.state())["bus"]["now"] - before["bus"]["now"] >= WINDOW_S else None
+                s if (s := cab.state())["bus"]["now"] - before["bus"]["now"] >= window_s else None
             ),
         )
     elapsed = after["bus"]["now"] - before["bus"]["now"]

@@ -40,7 +40,12 @@ def slow_cabinet(tmp_path: Path) -> Iterator[Cabinet]:
         assert cabinet_cmd("keys", "generate", str(tmp_path / "backend")).returncode == 0
         assert cabinet_cmd("keys", "generate", str(tmp_path / "vendor")).returncode == 0
         extra: dict[str, dict[str, Any]] = {
-            "bus": {"timeout_ms": 300},  # a few hundred ms: the 19200-baud default
+            # No board here fails but the flashed one while it reboots, so the reply timeout
+            # only has to tell silence from a loaded machine: at the default's few hundred
+            # ms a CI run under the suite's load lost a healthy bay's reading to a starved
+            # simulator, and with it a cycle (1.13-1.45 s of line time between its reads).
+            # Waiting longer costs wall time, not line time, which is what is held below.
+            "bus": {"timeout_ms": 1000},
             "firmware": {"public_keys": [str(tmp_path / "vendor.pub")]},
         }
         cab = Cabinet(sim, tmp_path, write_config(tmp_path, sim, extra), tmp_path / "backend.key")

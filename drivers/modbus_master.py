@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import select
 import struct
 import termios
 from dataclasses import dataclass
@@ -336,8 +337,12 @@ class ModbusMaster:
         except OSError as exc:  # EIO: the adapter was unplugged, the pty's other end closed
             self._lost(exc)
             return
-        if not data:  # readable yet empty: the device is gone
-            self._lost(None)
+        if not data:
+            # pyserial's timeout=0 sets VMIN=0/VTIME=0, where a read finding nothing returns
+            # empty: a readiness whose bytes _send's flush has discarded since reads so. Only a
+            # port that also polls hung up (an adapter unplugged) is gone.
+            if _hung_up(self._fd):
+                self._lost(None)
             return
         self._received(data)
 
@@ -467,6 +472,14 @@ class ModbusMaster:
         if future is not None and not future.done():
             why = f": {exc}" if exc is not None else ""
             future.set_exception(LinkLostError(f"the bus connection was lost{why}"))
+
+
+def _hung_up(fd: int) -> bool:
+    """Whether the serial port ``fd`` reports a hang-up or an error right now."""
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    gone = select.POLLHUP | select.POLLERR | select.POLLNVAL
+    return any(events & gone for _, events in poller.poll(0))
 
 
 def _remember(memory: dict[bytes, Any], frame: bytes, value: Any) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import select
 import tty
 from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass, field
@@ -385,3 +386,33 @@ def test_a_read_reply_with_other_registers_than_asked_is_a_bad_reply() -> None:
                 bus.close()
 
     run(scenario())
+
+
+def test_a_late_reply_flushed_by_the_next_request_leaves_the_serial_port_open() -> None:
+    """A late reply lands as the next request goes out: the request's flush discards it.
+
+    The loop saw the port readable before the flush; the read after it finds nothing, which
+    on a serial port in polling mode (VMIN=0) is an empty read, not an unplugged adapter.
+    """
+    board, port = os.openpty()
+    tty.setraw(port)
+    path = os.ttyname(port)
+
+    async def scenario() -> None:
+        master = ModbusMaster(timeout_s=TIMEOUT_S)
+        master.open_serial(path, baud=19200, parity="N", stopbits=1)
+        try:
+            os.write(board, STATUS.reply)  # the late reply reaches the port ...
+            select.select([port], [], [], 5)  # (the tty hands it on in a kernel worker)
+            await asyncio.sleep(0)  # ... and the loop's next pass sends first, then reads
+            with pytest.raises(NoReplyError):  # silence, not a lost link
+                await _status(master)
+            assert master.connected
+        finally:
+            master.close()
+
+    try:
+        run(scenario())
+    finally:
+        os.close(board)
+        os.close(port)

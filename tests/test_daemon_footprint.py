@@ -133,12 +133,7 @@ def test_a_daemon_configured_for_tls_publishes_over_it(tmp_path: Path) -> None:
         tls_port,
     ):
         backend = Backend("127.0.0.1", broker.port)  # the backend on the plain test listener
-        mqtt = {
-            "url": f"mqtts://127.0.0.1:{tls_port}",
-            "ca_file": str(pki.ca),
-            "client_cert": str(pki.client_cert),
-            "client_key": str(pki.client_key),
-        }
+        mqtt = pki.cabinet_mqtt(tls_port)
         try:
             (tmp_path / "cab").mkdir()
             with running_cabinet(

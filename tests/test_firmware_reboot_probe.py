@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import subprocess
 import urllib.parse
 from collections.abc import Iterator
@@ -27,6 +26,7 @@ from sim.bootloader import ACK_S, REBOOT_S
 from sim.control import call
 from tests.conftest import cabinet_cmd, cabinet_popen
 from tests.daemon_harness import Cabinet, running_cabinet, wait_until
+from tests.test_firmware_update import signed
 
 #: The poller reads every bay at least once a second (DESIGN.md): the longest a board
 #: that is back may wait for its first read.
@@ -81,17 +81,6 @@ def cab(tmp_path_factory: pytest.TempPathFactory, vendor: Path) -> Iterator[Cabi
         yield cabinet
 
 
-def signed(vendor: Path, tmp: Path, version: str, size: int = 4096) -> Path:
-    payload, image = tmp / f"fw-{version}.bin", tmp / f"fw-{version}.cfw"
-    payload.write_bytes(os.urandom(size))
-    result = cabinet_cmd(
-        "firmware", "sign", str(payload), "--key", f"{vendor}.key", "--version", version,
-        "-o", str(image),
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr
-    return image
-
-
 def update_watching(
     cab: Cabinet, image: Path, bay: int, *, during_reboot: dict[str, Any] | None = None
 ) -> tuple[subprocess.CompletedProcess[str], list[Sample]]:
@@ -137,7 +126,7 @@ def test_a_rebooting_board_is_read_again_right_after_its_reboot_and_never_called
 ) -> None:
     bay = 4
     before = len(cab.events())
-    result, samples = update_watching(cab, signed(vendor, tmp_path, "1.4"), bay)
+    result, samples = update_watching(cab, signed(vendor, tmp_path, "1.4", size=4096), bay)
     assert result.returncode == 0, result.stdout + result.stderr
     assert f"bay {bay}: updated (1.3 -> 1.4)" in result.stdout
 
@@ -177,7 +166,7 @@ def test_a_board_that_does_not_come_back_is_lost_and_stays_out_of_service(
     try:
         silent = {"verb": "fault", "kind": "silent", "bay": bay}
         result, samples = update_watching(
-            cab, signed(vendor, tmp_path, "1.5"), bay, during_reboot=silent
+            cab, signed(vendor, tmp_path, "1.5", size=4096), bay, during_reboot=silent
         )
     finally:
         cab.ctl("heal", "silent", "--bay", str(bay))

@@ -30,12 +30,7 @@ def test_a_cabinet_with_its_client_certificate_publishes_over_tls(
 ) -> None:
     broker, pki, tls_port = tls_broker
     backend = Backend("127.0.0.1", broker.port)  # the backend on the plain test listener
-    mqtt = {
-        "url": f"mqtts://127.0.0.1:{tls_port}",
-        "ca_file": str(pki.ca),
-        "client_cert": str(pki.client_cert),
-        "client_key": str(pki.client_key),
-    }
+    mqtt = pki.cabinet_mqtt(tls_port)
     try:
         (tmp_path / "cab").mkdir()
         with running_cabinet(tmp_path / "cab", extra={"mqtt": mqtt}):

@@ -23,6 +23,15 @@ class Pki:
     #: more client identities by common name: (certificate, key)
     clients: dict[str, tuple[Path, Path]] = field(default_factory=dict)
 
+    def cabinet_mqtt(self, tls_port: int) -> dict[str, str]:
+        """A cabinet's ``[mqtt]`` section for the broker's TLS listener, with its client cert."""
+        return {
+            "url": f"mqtts://127.0.0.1:{tls_port}",
+            "ca_file": str(self.ca),
+            "client_cert": str(self.client_cert),
+            "client_key": str(self.client_key),
+        }
+
 
 def _name(cn: str) -> x509.Name:
     return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])

@@ -14,7 +14,7 @@ import contextlib
 import os
 import select
 import tty
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -335,16 +335,34 @@ def test_a_gateways_no_answer_exception_is_silence_at_once() -> None:
 # -- a serial port (a real pseudo-terminal) ---------------------------------------------
 
 
-def test_on_a_serial_port_the_golden_request_goes_out_and_a_split_reply_is_read() -> None:
+@contextlib.contextmanager
+def pseudo_terminal() -> Iterator[tuple[int, int, str]]:
+    """A raw pty pair: the board's end, the serial port's end and the port's path."""
     board, port = os.openpty()
     tty.setraw(port)
-    path = os.ttyname(port)
+    try:
+        yield board, port, os.ttyname(port)
+    finally:
+        os.close(board)
+        os.close(port)
+
+
+@contextlib.contextmanager
+def serial_master(path: str) -> Iterator[ModbusMaster]:
+    """A master on the serial port at ``path``, 19200 8N1 (a pty takes no parity twice)."""
+    master = ModbusMaster(timeout_s=TIMEOUT_S)
+    master.open_serial(path, baud=19200, parity="N", stopbits=1)
+    try:
+        yield master
+    finally:
+        master.close()
+
+
+def test_on_a_serial_port_the_golden_request_goes_out_and_a_split_reply_is_read() -> None:
     heard = bytearray()
 
-    async def scenario() -> None:
+    async def scenario(board: int, path: str) -> None:
         loop = asyncio.get_running_loop()
-        master = ModbusMaster(timeout_s=TIMEOUT_S)
-        master.open_serial(path, baud=19200, parity="N", stopbits=1)
 
         def board_readable() -> None:
             heard.extend(os.read(board, 512))
@@ -352,19 +370,36 @@ def test_on_a_serial_port_the_golden_request_goes_out_and_a_split_reply_is_read(
                 os.write(board, STATUS.reply[:20])  # the rest a little later: two reads
                 loop.call_later(0.003, os.write, board, STATUS.reply[20:])
 
-        loop.add_reader(board, board_readable)
-        try:
-            assert (await _status(master)).registers == _registers(STATUS.reply)
-        finally:
-            loop.remove_reader(board)
-            master.close()
+        with serial_master(path) as master:
+            loop.add_reader(board, board_readable)
+            try:
+                assert (await _status(master)).registers == _registers(STATUS.reply)
+            finally:
+                loop.remove_reader(board)
 
-    try:
-        run(scenario())
-    finally:
-        os.close(board)
-        os.close(port)
+    with pseudo_terminal() as (board, _port, path):
+        run(scenario(board, path))
     assert bytes(heard) == STATUS.request
+
+
+def test_a_late_reply_flushed_by_the_next_request_leaves_the_serial_port_open() -> None:
+    """A late reply lands as the next request goes out: the request's flush discards it.
+
+    The loop saw the port readable before the flush; the read after it finds nothing, which
+    on a serial port in polling mode (VMIN=0) is an empty read, not an unplugged adapter.
+    """
+
+    async def scenario(board: int, port: int, path: str) -> None:
+        with serial_master(path) as master:
+            os.write(board, STATUS.reply)  # the late reply reaches the port ...
+            select.select([port], [], [], 5)  # (the tty hands it on in a kernel worker)
+            await asyncio.sleep(0)  # ... and the loop's next pass sends first, then reads
+            with pytest.raises(NoReplyError):  # silence, not a lost link
+                await _status(master)
+            assert master.connected
+
+    with pseudo_terminal() as (board, port, path):
+        run(scenario(board, port, path))
 
 
 # -- through the bus master: what a technician sees --------------------------------------
@@ -386,33 +421,3 @@ def test_a_read_reply_with_other_registers_than_asked_is_a_bad_reply() -> None:
                 bus.close()
 
     run(scenario())
-
-
-def test_a_late_reply_flushed_by_the_next_request_leaves_the_serial_port_open() -> None:
-    """A late reply lands as the next request goes out: the request's flush discards it.
-
-    The loop saw the port readable before the flush; the read after it finds nothing, which
-    on a serial port in polling mode (VMIN=0) is an empty read, not an unplugged adapter.
-    """
-    board, port = os.openpty()
-    tty.setraw(port)
-    path = os.ttyname(port)
-
-    async def scenario() -> None:
-        master = ModbusMaster(timeout_s=TIMEOUT_S)
-        master.open_serial(path, baud=19200, parity="N", stopbits=1)
-        try:
-            os.write(board, STATUS.reply)  # the late reply reaches the port ...
-            select.select([port], [], [], 5)  # (the tty hands it on in a kernel worker)
-            await asyncio.sleep(0)  # ... and the loop's next pass sends first, then reads
-            with pytest.raises(NoReplyError):  # silence, not a lost link
-                await _status(master)
-            assert master.connected
-        finally:
-            master.close()
-
-    try:
-        run(scenario())
-    finally:
-        os.close(board)
-        os.close(port)

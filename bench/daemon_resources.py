@@ -8,8 +8,9 @@ Goals (DESIGN.md §6, issue 14): resident memory at most 40 MB, idle CPU near ze
 ``--fleet`` starts a mosquitto on a free port and points ``[mqtt] url`` at it, so the
 fleet link runs (status, state, events, telemetry). The daemon also takes any other
 ``CABINET_<SECTION>__<KEY>`` override from the environment. OpenSSL (libcrypto, libssl) is
-loaded only when the configuration may need it - the fleet link (paho needs ``ssl`` even
-for mqtt://) or firmware downloads - so it shows among the mappings with ``--fleet`` only.
+loaded only when the configuration may need it - an mqtts:// fleet link or firmware
+downloads (``[firmware] allowed_hosts``) - so it shows among the mappings of none of these
+runs (``--fleet`` is mqtt://; drivers/paho_without_openssl.py).
 
 After the table, where the memory is at the end (``/proc/PID/smaps_rollup`` and
 ``smaps``): anonymous (Python's objects: ``[anon]`` is mostly pymalloc's 1 MiB arenas,

@@ -28,23 +28,30 @@ import asyncio
 import contextlib
 import itertools
 import socket
-import ssl
 import threading
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
-import paho.mqtt.client as paho
 import structlog
+
+from drivers import paho_without_openssl, paho_without_proxy_support
+from drivers.backoff import DEFAULT_BACKOFF, Backoff
+
+with paho_without_proxy_support.importing_paho():  # urllib.request, http.client: unread
+    import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from drivers.backoff import DEFAULT_BACKOFF, Backoff
+if TYPE_CHECKING:
+    import ssl
 
 log = structlog.get_logger("mqtt")
+#: a daemon on mqtt:// runs without OpenSSL, and paho's plain socket reads need this
+PAHO_SSL = paho_without_openssl.fit(paho)
 
 KEEPALIVE_S = 30  # the broker declares us dead (last will) within 1.5x this
 UNSUPPORTED_PROTOCOL_VERSION = 132
@@ -136,7 +143,13 @@ class TlsSetupError(ValueError):
 
 
 def tls_context(tls: TlsFiles) -> ssl.SSLContext:
-    """The one TLS set-up of every client of ours: verify the broker, maybe show our cert."""
+    """The one TLS set-up of every client of ours: verify the broker, maybe show our cert.
+
+    ``ssl`` is imported here, not with the module: a daemon on mqtt:// leaves OpenSSL out
+    (cabinet/console/cli.py), one configured for mqtts:// lets it in before it gets here.
+    """
+    import ssl  # noqa: PLC0415 - OpenSSL only for TLS (drivers/paho_without_openssl.py)
+
     try:
         context = ssl.create_default_context(cafile=str(tls.ca_file) if tls.ca_file else None)
     except (OSError, ssl.SSLError) as exc:

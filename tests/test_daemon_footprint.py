@@ -5,8 +5,8 @@ DESIGN.md §6 keeps the daemon's resident memory under 60 MB, issue 14 under 40 
 the modules: the real daemon, started as systemd starts it, reports every module it
 loads (Python's ``-v``, on stderr) while it starts, answers a technician and begins a
 swap; none of them may belong only to another command or to the optional web display,
-and a cabinet without a fleet link loads no OpenSSL - while one configured for TLS still
-speaks it.
+and a cabinet without TLS (no fleet link, or one on mqtt://) loads no OpenSSL - while one
+configured for TLS still speaks it.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import pytest
 
 from cabinet.console.cli import _parser_for, build_parser
 from cabinet.daemon.firmware_download import DownloadFailedError, download
+from cabinet.daemon.journal import Journal
 from cabinet.demo.backend import Backend
 from tests.conftest import cabinet_cmd
 from tests.daemon_harness import Cabinet, running_cabinet, wait_until
@@ -37,7 +38,15 @@ from tests.tls_certs import make_pki
 #: ``TypeAdapter`` and ``create_model`` build the per-type event schemas for the schema
 #: files, never in the daemon (protocol/messages.py). pymodbus is the simulator's Modbus
 #: stack: the daemon has its own master, and its own errors (drivers/bus_client.py).
+#: ``urllib.request`` (with ``http.client``) is read by paho's proxy support only, which the
+#: daemon leaves off (drivers/paho_without_proxy_support.py); ``importlib.metadata`` by
+#: pydantic's plugin scan only, which the daemon skips (console/pydantic_without_plugin_scan.py).
 NOT_IN_THE_DAEMON = (
+    "shutil",
+    "urllib.request",
+    "http.client",
+    "importlib.metadata",
+    "socks",
     "pymodbus",
     "amqtt",
     "aiohttp",
@@ -54,8 +63,8 @@ NOT_IN_THE_DAEMON = (
     "pydantic.type_adapter",
 )
 
-#: OpenSSL (libcrypto and libssl, ~6 MB resident): only in a daemon whose configuration may
-#: need it (the fleet link, firmware downloads), though asyncio, http.client and pydantic
+#: OpenSSL (libcrypto and libssl, ~4 MB resident): only in a daemon whose configuration may
+#: need it (mqtts://, firmware downloads), though asyncio, http.client, paho and pydantic
 #: (through hashlib) would each load it (cabinet/console/cli.py).
 OPENSSL = ("ssl", "_ssl", "_hashlib")
 CAB = "cab-test"  # the cabinet tests.daemon_harness configures
@@ -98,31 +107,75 @@ def test_a_running_daemon_loads_no_other_commands_code(tmp_path: Path) -> None:
     assert _loaded(cab, ("paho", *OPENSSL)) == []
 
 
-def test_a_daemon_on_a_plain_broker_answers_the_backend(tmp_path: Path, broker: Mosquitto) -> None:
-    """mqtt://: OpenSSL is loaded all the same, for paho (see ``_needs_openssl``), and works."""
-    backend = Backend("127.0.0.1", broker.port)
+def _answers_commands(backend: Backend) -> None:
+    """The cabinet takes commands over the link, and goes on taking them."""
+    asked = iter(range(1_000_000))
+
+    def answered() -> bool:
+        request = {"request_id": f"footprint-{next(asked)}"}
+        try:
+            backend.command(CAB, "state.get", request, timeout_s=2)
+        except TimeoutError:
+            return False
+        return True
+
+    wait_until("the cabinet to take commands", answered)
+    for _ in range(3):
+        assert answered()
+
+
+def _outbox_depth(cab: Cabinet) -> int:
+    journal = Journal(cab.journal_path)
+    try:
+        return journal.outbox_depth()
+    finally:
+        journal.close()
+
+
+def test_a_daemon_on_a_plain_broker_works_without_openssl(tmp_path: Path) -> None:
+    """mqtt:// loads no OpenSSL (drivers/paho_without_openssl.py), and the link works.
+
+    Everything paho does on a plain socket: events published and acknowledged (the outbox
+    empties only on PUBACK), commands answered, a broker restart survived with the backlog
+    delivered, and a clean stop that the broker hears as the daemon's own.
+    """
+    broker = Mosquitto(tmp_path, persistent=True)  # keeps the backend's session over a restart
+    broker.start()
+    backend = Backend("127.0.0.1", broker.port, client_id="backend-ssl", persistent=True)
     try:
         (tmp_path / "cab").mkdir()
         extra = {"mqtt": {"url": broker.url}}
         with running_cabinet(tmp_path / "cab", extra=extra, env={"PYTHONVERBOSE": "1"}) as cab:
             _publishes(backend)
-            asked = iter(range(1_000_000))
-
-            def answered() -> bool:
-                request = {"request_id": f"footprint-{next(asked)}"}
-                try:
-                    backend.command(CAB, "state.get", request, timeout_s=2)
-                except TimeoutError:
-                    return False
-                return True
-
-            wait_until("the cabinet to take commands", answered)
-            for _ in range(3):  # and to go on taking them
-                assert answered()
-            cab.swap_begins("R-plain")
+            wait_until("every event acknowledged", lambda: _outbox_depth(cab) == 0)
+            _answers_commands(backend)
+            broker.stop()
+            cab.swap_begins("R-plain")  # journaled while the broker is away
+            assert _outbox_depth(cab) > 0
+            backlog = cab.events()[-1]["seq"]
+            broker.start()
+            wait_until("the backlog acknowledged", lambda: _outbox_depth(cab) == 0, timeout=40)
+            wait_until(
+                "the backlog at the backend",
+                lambda: [e["seq"] for e in backend.event_list(CAB)][-1] >= backlog,
+            )
+            assert backend.gaps(CAB) == []
+            _answers_commands(backend)
+            cab.stop()  # SIGTERM, as systemd stops it
+            # a clean DISCONNECT: the retained status is the daemon's own offline, not the will
+            wait_until("offline at the backend", lambda: backend.status[CAB]["online"] is False)
     finally:
         backend.close()
+        broker.stop()
+    assert _loaded(cab, OPENSSL) == []
     assert _loaded(cab, NOT_IN_THE_DAEMON) == []
+    log = (tmp_path / "cab" / "daemon.log").read_text()
+    said = [json.loads(line) for line in log.splitlines() if line.startswith("{")]
+    disconnects = [line for line in said if line.get("event") == "mqtt_disconnected"]
+    assert len(disconnects) == 2  # the broker's restart, then our stop: no others
+    assert disconnects[-1].get("by") == "us"
+    for noise in ("AttributeError", "Traceback", "paho_not_audited"):
+        assert noise not in log, noise
 
 
 def test_a_daemon_configured_for_tls_publishes_over_it(tmp_path: Path) -> None:

@@ -39,3 +39,5 @@ def test_a_clean_stop_disconnects_without_a_warning(tmp_path: Path, broker: Mosq
     assert ("stopped", "info") in events
     assert ("mqtt_disconnected", "info") in events  # said, as what it is
     assert ("mqtt_disconnected", "warning") not in events
+    # mqtt:// runs without OpenSSL (drivers/paho_without_openssl.py): paho's stop is clean too
+    assert "Traceback" not in (tmp_path / "daemon.log").read_text()

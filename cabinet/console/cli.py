@@ -14,6 +14,7 @@ configuration, and that must happen before they are loaded (``_run_daemon``).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import inspect
 import os
@@ -25,6 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from cabinet import __version__
+from cabinet.console import pydantic_without_plugin_scan
 from cabinet.console.cli_output import (
     EXIT_ERROR,
     EXIT_NO_DAEMON,
@@ -230,10 +232,11 @@ def _config_check(args: argparse.Namespace) -> int:
 # -- daemon, keys, tokens, events ----------------------------------------------------------------
 
 
-#: OpenSSL's modules: libcrypto and libssl mapped, ~6 MB resident (DESIGN.md §6). asyncio,
+#: OpenSSL's modules: libcrypto and libssl mapped, ~4 MB resident (DESIGN.md §6). asyncio,
 #: http.client and paho import ``ssl``, and pydantic ``_hashlib`` (through secrets, hmac and
 #: hashlib), whether or not anything speaks TLS; each carries on without them: hashlib with
-#: Python's own hashes, hmac with ``_operator``'s compare_digest, the others without TLS.
+#: Python's own hashes, hmac with ``_operator``'s compare_digest, paho with a stand-in
+#: (drivers/paho_without_openssl.py), the others without TLS.
 OPENSSL_MODULES = ("_hashlib", "ssl", "_ssl")
 #: hashlib's own implementations, what it falls back to without ``_hashlib``
 _BUILTIN_HASHES = ("_md5", "_sha1", "_sha256", "_sha512", "_blake2", "_sha3")
@@ -253,6 +256,17 @@ def _hold_back_openssl() -> None:
         sys.modules.setdefault(name, None)  # type: ignore[arg-type]
 
 
+def _hold_back_proxy_support() -> None:
+    """No PySocks for paho: the daemon has no proxy setting, and its link has no proxy.
+
+    PySocks is no dependency of ours (a development install has it for selenium); where
+    paho finds it, it honours an ``mqtt_proxy`` environment variable and reads
+    ``urllib.request``, which the daemon otherwise never loads (drivers/
+    paho_without_proxy_support.py). Held back, every cabinet's link is the same.
+    """
+    sys.modules.setdefault("socks", None)  # type: ignore[arg-type]
+
+
 def _release_openssl() -> None:
     for name in OPENSSL_MODULES:
         if name in sys.modules and sys.modules[name] is None:
@@ -262,20 +276,21 @@ def _release_openssl() -> None:
 def _needs_openssl(config: CabinetConfig) -> bool:
     """Whether the daemon this configuration describes may need OpenSSL.
 
-    Firmware downloads do (``[firmware] allowed_hosts``: a URL may be https), and so does
-    the fleet link, TLS or not: paho 2.2 names ``ssl.SSLWantReadError`` in the ``except``
-    clauses of its plain socket reads, so without ``ssl`` a read that would block raises
-    AttributeError and the link drops. The web display serves plain HTTP (aiohttp runs
-    without ``ssl``), and nothing else speaks TLS.
+    A fleet link on ``mqtts://`` does, and so do firmware downloads (``[firmware]
+    allowed_hosts``: a URL may be https). A link on ``mqtt://`` does not: paho's plain socket
+    reads get the names they expect from ``drivers.paho_without_openssl``. The web display
+    serves plain HTTP (aiohttp runs without ``ssl``), and nothing else speaks TLS.
     """
-    return config.mqtt is not None or bool(config.firmware.allowed_hosts)
+    mqtts = config.mqtt is not None and config.mqtt.url.startswith("mqtts:")
+    return mqtts or bool(config.firmware.allowed_hosts)
 
 
 def _run_daemon(args: argparse.Namespace) -> int:
     """The daemon; OpenSSL only if its configuration needs it (``_hold_back_openssl``).
 
-    Already imported by then, with OpenSSL held back: pydantic and hashlib (with Python's
-    own hashes, in every daemon); asyncio, structlog and the daemon come after the choice.
+    Already imported by then, with OpenSSL held back: pydantic (without plugins) and hashlib
+    (with Python's own hashes, in every daemon); asyncio, structlog and the daemon come
+    after the choice.
     """
     from cabinet.daemon.config import load  # noqa: PLC0415
 
@@ -613,7 +628,9 @@ def _add_bus_parser(commands: Any) -> None:
 
 
 def _add_run_parser(commands: Any) -> None:
-    run = commands.add_parser("run", help="the daemon (what systemd starts)")
+    run = commands.add_parser(
+        "run", help="the daemon (what systemd starts)", formatter_class=_HelpFormatter
+    )
     _config_arg(run)
     run.set_defaults(handler=_run_daemon)
 
@@ -661,8 +678,41 @@ def _add_config_parser(commands: Any) -> None:
     check.set_defaults(handler=_config_check)
 
 
+def _terminal_columns() -> int:
+    """``shutil.get_terminal_size().columns``, without importing shutil.
+
+    argparse's help formatter asks shutil for the width whenever it is made, and every
+    ``add_argument`` makes one: shutil (with bz2 and lzma, ~0.5 MB resident) would stay in
+    the daemon for its lifetime for a width it never prints (DESIGN.md §6). Same rule:
+    ``COLUMNS`` if a positive number, else the terminal on stdout, else 80.
+    """
+    with contextlib.suppress(KeyError, ValueError):
+        if (columns := int(os.environ["COLUMNS"])) > 0:
+            return columns
+    try:
+        return os.get_terminal_size(sys.__stdout__.fileno()).columns or 80  # type: ignore[union-attr]
+    except (AttributeError, ValueError, OSError):
+        return 80
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    """argparse's own, its width found without shutil (``_terminal_columns``)."""
+
+    def __init__(
+        self,
+        prog: str,
+        indent_increment: int = 2,
+        max_help_position: int = 24,
+        width: int | None = None,
+    ) -> None:
+        width = _terminal_columns() - 2 if width is None else width  # argparse's own margin
+        super().__init__(prog, indent_increment, max_help_position, width)
+
+
 def _top_parser() -> tuple[argparse.ArgumentParser, Any]:
-    parser = argparse.ArgumentParser(prog="cabinet", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="cabinet", description=__doc__.splitlines()[0], formatter_class=_HelpFormatter
+    )
     parser.add_argument("--version", action="version", version=f"cabinet {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     return parser, commands
@@ -734,6 +784,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["run"]:
         _hold_back_openssl()  # before the parser, which loads pydantic: see _run_daemon
+        pydantic_without_plugin_scan.skip_plugin_scan()  # before its first model, likewise
+        _hold_back_proxy_support()
     else:
         # Diagnostics print their findings; the bus log lines would only repeat them.
         _configure_logs("error" if argv[:1] != ["sim"] else "info")

@@ -9,7 +9,6 @@ operators are affected now).
 
 from __future__ import annotations
 
-import shutil
 import time
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
@@ -135,6 +134,8 @@ def _clock(c: CabinetController) -> Check:
 
 
 def _disk(state_dir: Path) -> Check:
+    import shutil  # noqa: PLC0415 - with bz2 and lzma ~0.5 MB, kept by the daemon for one call
+
     try:
         usage = shutil.disk_usage(state_dir)
     except OSError as exc:

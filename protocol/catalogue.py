@@ -56,7 +56,8 @@ ALARM_KINDS: dict[str, str] = {
     "battery_retained": "a refused battery was left inside the return bay",
     "rider_stranded": "a battery was deposited but none was dispensed",
     "dispense_uncertain": "the dispense bay went silent while its door was being opened",
-    "battery_missing": "custody says a battery is in a bay that reports none",
+    "battery_missing": "a battery left its bay without a session, or its bay's pack stayed"
+    " unreadable for swap.identity_grace_s",
     "journal_unwritable": "the journal cannot be written (disk full?): no new swaps",
     "outbox_backlog": "events are waiting for the broker longer than the alarm threshold",
     "publish_refused": "the broker refused a publish (PUBACK reason code >= 0x80)",

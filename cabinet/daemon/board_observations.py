@@ -6,10 +6,16 @@ safety write is ``still wanted``). ``bay_tracker.diff`` turns a bay's snapshot
 change into events for the swap machine; the session's reserved battery is
 re-judged on every reading until its door opens; the safety interlocks see every
 reading. A reading worth a journal write (it moves the machine, changes a material
-part of the bay, trips an interlock or brings a silent board back) is committed
-with the new baseline in one transaction (``journal_first``); a reading that is
-not changes memory only. Making a bay safe needs no record: a charger-off is
-carried out even when the journal could not be written.
+part of the bay, trips an interlock, brings a silent board back, or starts or ends
+the custody ledger's grace for an unreadable pack) is committed with the new
+baseline in one transaction (``journal_first``); a reading that is not changes
+memory only. Making a bay safe needs no record: a charger-off is carried out even
+when the journal could not be written.
+
+A bay that reads a pack without an id while the ledger places a battery there is
+judged on every reading, the unchanged ones too (``CustodyLedger.wants_reading``):
+the ledger's identity grace counts such readings, and the one that ends it
+journals the battery missing. Only bays in that rare state pay for it.
 """
 
 from __future__ import annotations
@@ -111,7 +117,13 @@ class BoardObservations(JournalFirst):
         if snapshot.online:  # the interlocks see every reading, the unchanged ones too
             cell = snapshot.battery.cell_temp_c if snapshot.battery else None
             safety = self.safety.observe_bay(bay, self.clock.monotonic(), cell, snapshot.bay_temp_c)
-        if not safety and (prev is snapshot or prev == snapshot) and self._nothing_to_judge(bay):
+        identity = snapshot.online and self._identity_to_judge(bay, snapshot)
+        if (
+            not safety
+            and not identity
+            and (prev is snapshot or prev == snapshot)
+            and self._nothing_to_judge(bay)
+        ):
             self.baseline[bay] = self.snapshots[bay] = snapshot  # the same object next time
             return
         events: list[Event] = diff(bay, prev, snapshot)
@@ -126,7 +138,7 @@ class BoardObservations(JournalFirst):
         try:
             # the tracker reports every changed reading (a charging pack's SoC each poll); only
             # those that move the machine are worth a journal write
-            if self._moves_machine(events) or material or safety or back:
+            if self._moves_machine(events) or material or safety or back or identity:
                 self._commit_reading(bay, snapshot, events, safety, io, back=back)
         except BaseException:
             # making a bay safe needs no record: a charger-off is carried out even when the
@@ -145,11 +157,33 @@ class BoardObservations(JournalFirst):
         equal snapshots is empty and nothing material changed, so there is nothing to
         journal and nothing for the machine -- unless the session's reserved battery is
         being re-judged (every reading counts then) or a board marked silent answers again
-        (its baseline may predate the outage). The interlocks have already seen the reading.
+        (its baseline may predate the outage). The interlocks have already seen the reading,
+        and the custody ledger's identity grace has been asked (``_identity_to_judge``).
         """
         if self.ready and self.state.phase in RESERVATION_PHASES:
             return False
         return self.out_of_service.get(bay) != BOARD_SILENT
+
+    def _attended(self, bay: int) -> bool:
+        """Whether the session's open door settles ``bay``'s battery (no identity grace runs).
+
+        The rider at that door may unplug a pack (its id hidden) and take it, or put it
+        back: the swap machine hands it over or keeps it, and calling it missing meanwhile
+        would be a false alarm. A pickup in doubt is not attended: its bay answered with a
+        pack nobody can name, and the operator hears so after the grace (the pickup rule
+        still hands the battery to the rider once the bay shows it gone, docs/swap.md §5).
+        """
+        return bay in self.hot_bays()
+
+    def _identity_to_judge(self, bay: int, snapshot: BaySnapshot) -> bool:
+        """Whether this reading starts, ends or drops the ledger's identity grace for ``bay``."""
+        return self.ledger.wants_reading(
+            bay,
+            snapshot.battery_id,
+            present=snapshot.battery_present,
+            now=self.clock.monotonic(),
+            attended=self._attended(bay),
+        )
 
     def _commit_reading(
         self,
@@ -176,9 +210,13 @@ class BoardObservations(JournalFirst):
                     bay,
                     snapshot.battery_id,
                     present=snapshot.battery_present,
+                    now=self.clock.monotonic(),
                     expected=expected,
+                    attended=self._attended(bay),
                 ):
                     self._custody(db, change)
+            else:
+                self.ledger.bay_silent(bay)  # unseen meanwhile: a grace starts again
             self.journal.put_snapshot(db, bay, snapshot)
             self._safety_journal(db, safety)
             if back:

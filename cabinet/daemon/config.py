@@ -19,6 +19,7 @@ from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from cabinet.core.custody import IDENTITY_GRACE_S
 from drivers.bus_url import (
     BusUrlError,
     InputDeviceEndpoint,
@@ -205,6 +206,8 @@ class SwapSection(_Section):
     take_back_timeout_s: float = Field(default=90.0, ge=1.0, le=600.0)
     pickup_timeout_s: float = Field(default=60.0, ge=1.0, le=600.0)
     close_timeout_s: float = Field(default=30.0, ge=1.0, le=600.0)
+    #: how long a bay's unreadable pack may hide the battery last seen there (docs/swap.md §5)
+    identity_grace_s: float = Field(default=IDENTITY_GRACE_S, ge=1.0, le=3600.0)
 
     @field_validator("battery_id_pattern")
     @classmethod

@@ -37,7 +37,7 @@ import structlog
 
 from cabinet.core.battery_rules import BatteryObs
 from cabinet.core.bay_tracker import BaySnapshot
-from cabinet.core.custody import CustodyLedger, Location, Where
+from cabinet.core.custody import IDENTITY_GRACE_S, CustodyLedger, Location, Where
 from cabinet.core.swap_machine import Candidate, Mode, Phase, SwapState, Timer
 from cabinet.daemon.tokens import CLOCK_SKEW_S
 
@@ -740,7 +740,7 @@ class Journal:
         """Running timers and their deadlines."""
         return {Timer(n): d for n, d in self._db.execute("SELECT name, deadline FROM timers")}
 
-    def ledger(self) -> CustodyLedger:
+    def ledger(self, *, identity_grace_s: float = IDENTITY_GRACE_S) -> CustodyLedger:
         """The custody ledger as last committed."""
         rows = self._db.execute(
             "SELECT battery_id, location, bay, rider_id, session_id FROM custody"
@@ -749,7 +749,8 @@ class Journal:
             {
                 battery_id: Location(Where(where), bay=bay, rider_id=rider, session_id=session)
                 for battery_id, where, bay, rider, session in rows
-            }
+            },
+            identity_grace_s=identity_grace_s,
         )
 
     def snapshots(self) -> dict[int, BaySnapshot]:

@@ -29,6 +29,7 @@ import structlog
 from cabinet.core.battery_rules import DispenseRules
 from cabinet.core.bay_tracker import BaySnapshot
 from cabinet.core.charging_policy import ChargingRules
+from cabinet.core.custody import IDENTITY_GRACE_S, CustodyChange, Where
 from cabinet.core.safety import SafetyLimits, SafetyMonitor
 from cabinet.core.swap_machine import (
     BOARD_SILENT,
@@ -88,6 +89,9 @@ class ControllerSettings:
     silence_unhealthy_s: float = DEFAULT_SILENCE_UNHEALTHY_S
     #: the cabinet board is read this often, between bay reads (``bus.cabinet_board_interval_s``)
     cabinet_board_interval_s: float = DEFAULT_CABINET_BOARD_INTERVAL_S
+    #: an unreadable pack hides the battery last seen in its bay this long
+    #: (``swap.identity_grace_s``)
+    identity_grace_s: float = IDENTITY_GRACE_S
 
 
 class JournalFirst:
@@ -124,7 +128,7 @@ class JournalFirst:
             timer: self.clock.monotonic() + max(0.0, deadline - self.clock.wall())
             for timer, deadline in journal.timers().items()
         }
-        self.ledger = journal.ledger()
+        self.ledger = journal.ledger(identity_grace_s=self.settings.identity_grace_s)
         self.baseline: dict[int, BaySnapshot] = journal.snapshots()
         self.snapshots: dict[int, BaySnapshot] = {}
         self.out_of_service: dict[int, str] = journal.out_of_service()
@@ -295,7 +299,14 @@ class JournalFirst:
             structlog.contextvars.bind_contextvars(session_id=self.state.session_id)
         self._timer_wakeup.set()
 
-    def _custody(self, db: sqlite3.Connection, change: Any) -> None:
+    def _custody(self, db: sqlite3.Connection, change: CustodyChange | None) -> None:
+        """Journal a custody move; a surprise is news, a battery missing or found an alarm.
+
+        The alarm names the bay the battery was last seen in, with the ledger's reason; it
+        is cleared when the battery is accounted for again (seen in a bay, deposited, or
+        settled with a rider) and no other battery is missing from that bay (an operator's
+        view keys alarms by kind and bay).
+        """
         if change is None:
             return
         self.journal.put_custody(db, change.battery_id, change.after, self.clock.wall())
@@ -309,16 +320,32 @@ class JournalFirst:
                     "to": change.after.describe(),
                 },
             )
-            if change.after.where.value == "missing":
-                self.emit(
-                    db,
-                    "alarm.raised",
-                    {
-                        "kind": "battery_missing",
-                        "bay": change.before.bay if change.before else None,
-                        "detail": f"{change.battery_id} left its bay without a session",
-                    },
-                )
+        if change.after.where is Where.MISSING:
+            self.emit(
+                db,
+                "alarm.raised",
+                {
+                    "kind": "battery_missing",
+                    "bay": change.before.bay if change.before else None,
+                    "detail": change.detail,
+                },
+            )
+        last_seen = change.before.bay if change.found and change.before else None
+        if last_seen is not None and not self.ledger.missing_from(last_seen):
+            found = (
+                f"seen again in {change.after.describe()}"
+                if change.after.where is Where.BAY
+                else f"with {change.after.describe()}"
+            )
+            self.emit(
+                db,
+                "alarm.cleared",
+                {
+                    "kind": "battery_missing",
+                    "bay": last_seen,
+                    "detail": f"{change.battery_id} {found}",
+                },
+            )
 
     def _note_pickup_in_doubt(
         self, db: sqlite3.Connection, before: SwapState, event: Event

@@ -79,6 +79,7 @@ def settings_from(config: CabinetConfig) -> ControllerSettings:
         offline_alarm_s=config.bus.offline_alarm_s,
         silence_unhealthy_s=config.bus.silence_unhealthy_s,
         cabinet_board_interval_s=config.bus.cabinet_board_interval_s,
+        identity_grace_s=swap.identity_grace_s,
     )
 
 

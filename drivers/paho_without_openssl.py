@@ -35,6 +35,8 @@ and ``SSLError`` are supplied too, so a clause naming them on a plain path would
 
 from __future__ import annotations
 
+import dis
+import itertools
 import sys
 import types
 from collections.abc import Iterator
@@ -100,18 +102,30 @@ def _code_objects(code: types.CodeType) -> Iterator[types.CodeType]:
 
 
 def _functions(client_module: types.ModuleType) -> Iterator[types.FunctionType]:
-    """The module's functions and its classes' (methods, static and class methods, properties)."""
-    for value in vars(client_module).values():
-        members = vars(value).values() if isinstance(value, type) else (value,)
-        for member in members:
-            parts = (
-                (member.fget, member.fset, member.fdel)
-                if isinstance(member, property)
-                else (getattr(member, "__func__", member),)
-            )
-            for part in parts:
-                if isinstance(part, types.FunctionType):
-                    yield part
+    """The module's functions and its classes' (methods, static and class methods, properties).
+
+    Classes nested in them, and the functions a decorator wraps (``__wrapped__``), too: a
+    reader the audit cannot see is a stand-in fitted where it was never checked.
+    """
+    classes: list[type] = []
+    pending: list[object] = list(vars(client_module).values())
+    while pending:
+        value = pending.pop()
+        if isinstance(value, type):
+            if value.__module__ == client_module.__name__ and value not in classes:
+                classes.append(value)
+                pending.extend(vars(value).values())
+            continue
+        parts = (
+            (value.fget, value.fset, value.fdel)
+            if isinstance(value, property)
+            else (getattr(value, "__func__", value),)
+        )
+        for part in parts:
+            function = part
+            while isinstance(function, types.FunctionType):
+                yield function
+                function = getattr(function, "__wrapped__", None)
 
 
 def ssl_readers(client_module: types.ModuleType) -> dict[str, frozenset[str]]:
@@ -128,6 +142,30 @@ def ssl_readers(client_module: types.ModuleType) -> dict[str, frozenset[str]]:
             if "ssl" in code.co_names:
                 readers[code.co_qualname] = frozenset(code.co_names)
     return readers
+
+
+def names_read_from_ssl(client_module: types.ModuleType) -> dict[str, frozenset[str]]:
+    """Per function naming ``ssl``, exactly what it reads off it (``""``: ``ssl`` used otherwise).
+
+    ``co_names`` (``ssl_readers``) mixes every object's attributes, so it cannot tell an
+    added ``ssl.NAME`` from another name; the bytecode can. ``dis`` is loaded in the daemon
+    already (``inspect``, for asyncio and structlog): no memory.
+    """
+    read: dict[str, frozenset[str]] = {}
+    for function in _functions(client_module):
+        if function.__module__ != client_module.__name__:
+            continue
+        for code in _code_objects(function.__code__):
+            if "ssl" not in code.co_names:
+                continue
+            instructions = list(dis.get_instructions(code))
+            names = {
+                following.argval if following.opname in {"LOAD_ATTR", "LOAD_METHOD"} else ""
+                for here, following in itertools.pairwise(instructions)
+                if here.opname in {"LOAD_GLOBAL", "LOAD_NAME"} and here.argval == "ssl"
+            }
+            read[code.co_qualname] = frozenset(names)
+    return read
 
 
 def fill_in(client_module: types.ModuleType) -> bool:
@@ -148,9 +186,11 @@ def fill_in(client_module: types.ModuleType) -> bool:
             f"{client_module.__name__} reads ssl in {sorted(readers)}, "
             f"audited: {sorted(AUDITED_SSL_READERS)}"
         )
+    read = names_read_from_ssl(client_module)
     for reader, names in PLAIN_PATH_NAMES.items():
-        if not set(names) <= readers[reader]:
-            raise PahoShapeError(f"{reader} no longer reads {names}")
+        # exactly these: a name more is a clause the stand-in cannot answer (AttributeError)
+        if read.get(reader) != frozenset(names):
+            raise PahoShapeError(f"{reader} reads ssl.{sorted(read.get(reader, ()))}, not {names}")
     vars(client_module)["ssl"] = STAND_IN  # paho's module global, as its import would
     return True
 

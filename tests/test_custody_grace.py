@@ -14,6 +14,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from cabinet.core.custody import (
+    BOARD_WAKE_S,
     IDENTITY_GRACE_S,
     CustodyChange,
     CustodyLedger,
@@ -112,13 +113,26 @@ def test_a_bay_the_session_s_open_door_attends_to_runs_no_grace() -> None:
     assert [c.battery_id for c in unreadable(ledger, 500.0 + IDENTITY_GRACE_S)] == [OLD]
 
 
-def test_a_silent_board_starts_the_grace_again_when_it_answers() -> None:
+def test_a_board_answering_again_gives_its_pack_a_wake_window_not_a_new_grace() -> None:
     ledger = ledger_with_old_battery()
     assert unreadable(ledger, 100.0) == []
     ledger.bay_silent(BAY)
-    assert unreadable(ledger, 120.0) == []
-    assert unreadable(ledger, 100.0 + IDENTITY_GRACE_S) == []  # counted from 120, not 100
-    assert [c.battery_id for c in unreadable(ledger, 120.0 + IDENTITY_GRACE_S)] == [OLD]
+    assert unreadable(ledger, 125.0) == []  # back after 25 s: at least BOARD_WAKE_S more
+    assert unreadable(ledger, 125.0 + BOARD_WAKE_S - 0.1) == []
+    assert [c.battery_id for c in unreadable(ledger, 125.0 + BOARD_WAKE_S)] == [OLD]
+
+
+def test_a_board_isolated_every_few_seconds_does_not_hide_a_swap_for_ever() -> None:
+    ledger = ledger_with_old_battery()
+    now, changes = 100.0, unreadable(ledger, 100.0)
+    while not changes and now < 100.0 + 10 * IDENTITY_GRACE_S:
+        ledger.bay_silent(BAY)  # a few bad reads ...
+        now += 5.0
+        changes = unreadable(ledger, now)  # ... and it answers at the re-probe
+        now += 15.0
+        changes = changes or unreadable(ledger, now)
+    assert [c.battery_id for c in changes] == [OLD]
+    assert now <= 100.0 + IDENTITY_GRACE_S + BOARD_WAKE_S
 
 
 def test_a_missing_battery_seen_again_comes_back_from_where_it_was_last_seen() -> None:

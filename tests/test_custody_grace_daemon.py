@@ -10,6 +10,7 @@ with a clock the test moves (the daemon's one injected clock); the journal is re
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -19,7 +20,7 @@ import pytest
 
 from cabinet.core.battery_rules import BatteryObs
 from cabinet.core.bay_tracker import OFFLINE, BaySnapshot
-from cabinet.core.custody import IDENTITY_GRACE_S, Location, Where
+from cabinet.core.custody import BOARD_WAKE_S, IDENTITY_GRACE_S, Location, Where
 from cabinet.daemon.bus_scheduler import BusScheduler
 from cabinet.daemon.controller import CabinetController
 from cabinet.daemon.journal import Journal, JournalUnwritableError
@@ -129,7 +130,7 @@ def test_after_a_restart_the_grace_starts_again_from_the_first_reading(tmp_path:
     run(scenario)
 
 
-def test_a_board_silent_meanwhile_restarts_the_grace(tmp_path: Path) -> None:
+def test_a_board_silent_meanwhile_gives_the_pack_a_wake_window(tmp_path: Path) -> None:
     async def scenario() -> None:
         clock = TestClock()
         with controller(tmp_path / "journal.db", clock) as ctl:
@@ -139,7 +140,7 @@ def test_a_board_silent_meanwhile_restarts_the_grace(tmp_path: Path) -> None:
             ctl.observe_bay(BAY, OFFLINE)
             clock.t += 20.0
             ctl.observe_bay(BAY, UNREADABLE)  # back: its BMS link may be waking up too
-            clock.t += IDENTITY_GRACE_S - 1
+            clock.t += BOARD_WAKE_S - 1
             ctl.observe_bay(BAY, UNREADABLE)
             assert missing_alarms(ctl) == []
             clock.t += 1
@@ -232,3 +233,70 @@ def test_a_pickup_in_doubt_behind_an_unreadable_pack_still_goes_with_the_rider(
             assert cleared["detail"] == f"{OLD} with rider R-7 (session s-7)"
 
     run(scenario)
+
+
+def test_the_settled_pickup_says_it_comes_from_missing(tmp_path: Path) -> None:
+    """Settled after the grace: the trail reads bay -> missing -> rider, the clear after it."""
+
+    async def scenario() -> None:
+        clock = TestClock()
+        with controller(tmp_path / "journal.db", clock) as ctl:
+            ctl.observe_bay(BAY, KNOWN)
+            ctl.observe_bay(BAY, OFFLINE)
+            with ctl.journal.transaction() as db:
+                ctl.pickups.bays[BAY] = [OLD, "R-7", "s-7"]
+                ctl.journal.put_pending_pickups(db, ctl.pickups.bays)
+            ctl.observe_bay(BAY, UNREADABLE)
+            clock.t += IDENTITY_GRACE_S
+            ctl.observe_bay(BAY, UNREADABLE)
+            clock.t += 5.0
+            ctl.observe_bay(BAY, BaySnapshot(online=True))
+            events = ctl.journal.events(limit=1000)
+            trail = [(e["from"], e["to"]) for e in events if e["type"] == "custody.changed"]
+            assert trail == [
+                (None, "bay 10"),
+                ("bay 10", "missing"),
+                ("missing", "rider R-7 (session s-7)"),
+            ]
+            order = [e["type"] for e in events if e["type"] in ("custody.changed", "alarm.cleared")]
+            assert order[-2:] == ["custody.changed", "alarm.cleared"]
+
+    run(scenario)
+
+
+UPGRADED_BAY = 3
+
+
+def test_a_battery_missing_before_the_upgrade_clears_its_alarm_when_found(tmp_path: Path) -> None:
+    """Schema 4 kept no bay for a missing battery; migration 5 takes it from its alarm."""
+
+    path = tmp_path / "j.db"
+
+    async def before() -> None:  # what the previous release (schema 4) left in the journal
+        clock = TestClock()
+        with controller(path, clock) as ctl, ctl.journal.transaction() as db:
+            ctl.journal.put_custody(db, OLD, Location(Where.MISSING), clock.wall())
+            ctl.emit(
+                db,
+                "alarm.raised",
+                {
+                    "kind": "battery_missing",
+                    "bay": UPGRADED_BAY,
+                    "detail": f"{OLD} left its bay without a session",
+                },
+            )
+
+    run(before)
+    db = sqlite3.connect(path)
+    with db:
+        db.execute("UPDATE meta SET value = '4' WHERE key = 'schema_version'")
+    db.close()
+
+    async def after() -> None:  # the upgraded daemon: the battery turns up in bay 3
+        clock = TestClock()
+        with controller(path, clock) as ctl:
+            ctl.observe_bay(UPGRADED_BAY, KNOWN)
+            cleared = [e for e in ctl.journal.events(limit=100) if e["type"] == "alarm.cleared"]
+            assert [(e["kind"], e["bay"]) for e in cleared] == [("battery_missing", UPGRADED_BAY)]
+
+    run(after)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dis
 import inspect
 import itertools
+import socket
 import ssl
 import subprocess
 import sys
@@ -219,3 +220,64 @@ def test_a_paho_of_another_shape_gets_openssl_instead(change: dict[str, str]) ->
     assert module.ssl is None
     assert paho_without_openssl.fit(module) == "openssl"
     assert module.ssl is ssl
+
+
+# -- a paho whose plain-socket read names one more ssl exception (review of 512f459) --
+
+ONE_MORE_SSL_NAME = """
+class Client:
+    def _sock_recv(self, n):
+        try:
+            return self._sock.recv(n)
+        except ssl.SSLWantReadError:
+            raise BlockingIOError
+        except ssl.SSLWantWriteError:
+            raise BlockingIOError
+        except ssl.SSLZeroReturnError:
+            raise ConnectionError
+    def _sock_send(self, buf):
+        try:
+            return self._sock.send(buf)
+        except ssl.SSLWantReadError:
+            raise BlockingIOError
+        except ssl.SSLWantWriteError:
+            raise BlockingIOError
+    def tls_set_context(self): return ssl.create_default_context()
+    def tls_set(self): return ssl.SSLContext
+    def _ssl_wrap_socket(self): return ssl.CertificateError
+"""
+
+
+def a_paho_reading_one_more_ssl_name() -> types.ModuleType:
+    """paho's shape, but ``_sock_recv`` also names ``ssl.SSLZeroReturnError``.
+
+    A plausible paho 2.x change: the audited functions are the same, the two names are still
+    there, and one more would raise AttributeError on a plain socket.
+    """
+    module = types.ModuleType("fake_paho_client")
+    module.ssl = None
+    exec(ONE_MORE_SSL_NAME, module.__dict__)
+    return module
+
+
+def test_a_plain_read_naming_another_ssl_name_is_refused_the_stand_in() -> None:
+    module = a_paho_reading_one_more_ssl_name()
+    with pytest.raises(PahoShapeError):
+        paho_without_openssl.fill_in(module)
+
+
+def test_the_daemon_loads_openssl_for_a_paho_reading_another_ssl_name() -> None:
+    module = a_paho_reading_one_more_ssl_name()
+    assert paho_without_openssl.fit(module) == "openssl", "stand-in fitted to an unaudited read"
+
+
+def test_that_paho_still_says_try_later_on_a_plain_socket() -> None:
+    module = a_paho_reading_one_more_ssl_name()
+    paho_without_openssl.fit(module)
+    client = module.Client()
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+        ours.setblocking(False)
+        client._sock = ours
+        with pytest.raises(BlockingIOError):  # paho's "try later"
+            client._sock_recv(1)

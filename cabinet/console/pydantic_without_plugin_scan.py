@@ -39,6 +39,20 @@ def entry_points(**params: Any) -> Any:
     return real(**params)
 
 
+def _real(name: str) -> Any:
+    """Any other name of the stand-in: the real module's, imported now.
+
+    A loader of another shape (``import importlib.metadata as m``, then
+    ``m.distributions()``, as some pydantic 2.x releases do) keeps the stand-in for good:
+    it must still answer as the real module would.
+    """
+    if name.startswith("__"):  # the import system's questions (``__path__``...): a module's answer
+        raise AttributeError(name)
+    if getattr(sys.modules.get(_METADATA), "__getattr__", None) is _real:
+        del sys.modules[_METADATA]  # asked while the loader is imported: the real one now
+    return getattr(importlib.import_module(_METADATA), name)
+
+
 def skip_plugin_scan() -> bool:
     """No pydantic plugins in this process; whether ``importlib.metadata`` was kept out.
 
@@ -49,6 +63,7 @@ def skip_plugin_scan() -> bool:
         return False  # plugins may be looked for, or it is too late: as pydantic does it
     stand_in = types.ModuleType(_METADATA, "importlib.metadata, imported when first used.")
     stand_in.entry_points = entry_points  # type: ignore[attr-defined]
+    stand_in.__getattr__ = _real  # type: ignore[method-assign]
     sys.modules[_METADATA] = stand_in
     try:
         importlib.import_module(LOADER)

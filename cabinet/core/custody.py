@@ -32,9 +32,13 @@ from dataclasses import dataclass
 #: isolated for a few bad reads is re-probed within 5 s (``bus.reprobe_interval_s``) -- so
 #: 30 s is ten times what an honest pack needs, while a swapped or stolen battery is still
 #: reported within half a minute, before ``bus.offline_alarm_s`` (60 s) would even call
-#: a silent board an alarm. Not a configuration key (the keys are a contract, DESIGN.md
-#: §4.2); the ledger takes another value for tests.
+#: a silent board an alarm. The default of ``swap.identity_grace_s``: a site whose packs wake
+#: more slowly sets a longer one (docs/swap.md §5).
 IDENTITY_GRACE_S = 30.0
+#: What is left of a grace for a bay whose board answers again after a silence, at least:
+#: its BMS link wakes with the board. Not a whole new grace: a board isolated now and then
+#: (a few bad reads on a noisy line, re-probed within 5 s) would hide a swapped battery for ever.
+BOARD_WAKE_S = 10.0
 
 
 class Where(enum.StrEnum):
@@ -102,6 +106,8 @@ class CustodyLedger:
         # bay -> when it first read an unreadable pack, on every reading since, while
         # holding a recorded battery and attended to by nothing else (memory only)
         self._unreadable_since: dict[int, float] = {}
+        # bays whose board went silent while their grace ran (``bay_silent``)
+        self._silenced: set[int] = set()
 
     def __contains__(self, battery_id: str) -> bool:
         return battery_id in self._locations
@@ -175,6 +181,11 @@ class CustodyLedger:
         (the swap machine hands it over or keeps it): no grace runs for it.
         """
         changes: list[CustodyChange] = []
+        if bay in self._silenced:  # the board answers again: its pack gets a wake window
+            self._silenced.discard(bay)
+            if (since := self._unreadable_since.get(bay)) is not None:
+                wake = min(BOARD_WAKE_S, self.identity_grace_s)
+                self._unreadable_since[bay] = max(since, now - self.identity_grace_s + wake)
         if battery_id is not None:
             change = self._move(battery_id, Location(Where.BAY, bay=bay), surprise=not expected)
             if change is not None:
@@ -231,9 +242,11 @@ class CustodyLedger:
         )
 
     def bay_silent(self, bay: int) -> None:
-        """``bay``'s board stopped answering: a grace starts again when it answers.
+        """``bay``'s board stopped answering: its grace goes on, with a wake window after.
 
-        Whatever happened meanwhile was not seen, and a board that was off brings its
-        BMS link up with it: the pack gets a whole grace again.
+        A board that was off brings its BMS link up with it: when it answers again the pack
+        has at least ``BOARD_WAKE_S`` to say who it is, but the grace is not counted from
+        scratch (a board isolated every few seconds would otherwise never end it).
         """
-        self._unreadable_since.pop(bay, None)
+        if bay in self._unreadable_since:
+            self._silenced.add(bay)

@@ -192,6 +192,23 @@ def _v4_runtime_state_table(db: sqlite3.Connection) -> None:
             db.execute("DELETE FROM meta WHERE key = ?", (f"setting.{name}",))
 
 
+def _v5_missing_batteries_keep_their_bay(db: sqlite3.Connection) -> None:
+    # a battery missing before v5 kept no bay, and battery_missing is cleared by the bay
+    # (journal_first._custody): take it from the alarm raised for it, while it is kept
+    missing = db.execute(
+        "SELECT battery_id FROM custody WHERE location = 'missing' AND bay IS NULL"
+    )
+    for (battery_id,) in missing.fetchall():
+        row = db.execute(
+            "SELECT json_extract(payload, '$.bay') FROM events WHERE type = 'alarm.raised'"
+            " AND json_extract(payload, '$.kind') = 'battery_missing'"
+            " AND json_extract(payload, '$.detail') = ? ORDER BY seq DESC LIMIT 1",
+            (f"{battery_id} left its bay without a session",),
+        ).fetchone()
+        if row is not None and row[0] is not None:
+            db.execute("UPDATE custody SET bay = ? WHERE battery_id = ?", (row[0], battery_id))
+
+
 @dataclass(frozen=True, slots=True)
 class Migration:
     """One numbered step of the schema: ``apply`` brings version - 1 to ``version``."""
@@ -207,6 +224,11 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration(2, "pending pickups in their own table, not in settings", _v2_pending_pickups_table),
     Migration(3, "telemetry held through a broker outage", _v3_telemetry_backlog_table),
     Migration(4, "runtime state in its own table, not in settings", _v4_runtime_state_table),
+    Migration(
+        5,
+        "a missing battery keeps the bay it was last seen in",
+        _v5_missing_batteries_keep_their_bay,
+    ),
 )
 SCHEMA_VERSION = MIGRATIONS[-1].version
 

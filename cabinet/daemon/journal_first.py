@@ -361,17 +361,19 @@ class JournalFirst:
         taken = self.pickups.settle(db, bay, snapshot)
         if taken is None:
             return
-        self._custody(db, self.ledger.to_rider(taken.battery_id, taken.rider_id, taken.session_id))
-        self.emit(
+        change = self.ledger.to_rider(taken.battery_id, taken.rider_id, taken.session_id)
+        self.emit(  # before _custody's alarm.cleared: the move, then what it settles
             db,
             "custody.changed",
             {
                 "battery_id": taken.battery_id,
-                "from": f"bay {bay}",
+                # "missing" when the bay's unreadable pack outlasted the identity grace
+                "from": change.before.describe() if change and change.before else f"bay {bay}",
                 "to": f"rider {taken.rider_id} (session {taken.session_id})",
                 "detail": "taken while the bay's board was silent",
             },
         )
+        self._custody(db, change)
 
     def _take_out_of_service(self, db: sqlite3.Connection, bay: int, reason: str) -> None:
         current = self.out_of_service.get(bay)

@@ -6,10 +6,18 @@ it and waits for the reply. ``ModbusBus``'s lock guarantees one request in fligh
 the master is a buffer, a future and a timer: the request is written at once, in the
 caller's turn of the event loop (pymodbus' serial client wrote it a loop pass later), a
 future waits for the reply and a ``loop.call_at`` timer fails it with ``NoReplyError``
-after the timeout. The timer is lazy: it is not cancelled when a reply comes; when it
-fires it re-arms itself at the current request's deadline, so a busy line costs one timer
-per timeout period, not one per request. Bytes that arrive go into the buffer, which is
-searched for the answer to the current request only:
+after the timeout, counted from the moment the request went onto the line. The timer is
+lazy both ways (measured, issue 16: bench/daemon_syscalls.py, --side-by-side): it is
+not cancelled when a reply comes, and a request keeps the one armed for an earlier
+request as long as that leaves it at least half a timeout; when it fires early it
+re-arms at the waiting request's deadline. Re-armed only when it would fire within half
+a timeout, it never fires while replies come within half a timeout (a timer that fired
+and re-armed once per timeout period woke the process four times a second for nothing,
+a tenth of the CPU per transaction at 9600 baud), and it is made about twice per
+timeout period, not once per request (a timer per request, made and cancelled, cost 9 %
+of the CPU per transaction at 115200 baud: asyncio's timer heap compares in Python).
+Bytes that arrive go into the buffer, which is searched for the answer to the current
+request only:
 
 * RTU (a serial port, or an RTU-over-TCP gateway): a frame starting with the unit id
   that was asked, cut to the length its function code prescribes (5 + byte count for
@@ -37,6 +45,7 @@ import os
 import select
 import struct
 import termios
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -175,7 +184,11 @@ class ModbusMaster:
         self._buffer = bytearray()
         self._pending: asyncio.Future[ModbusReply] | None = None
         self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = 0.0  # loop time at which the timer fires
         self._deadline = 0.0  # loop time at which the waiting request times out
+        #: perf_counter when the latest reply was read whole: the line's last frame ended
+        #: then at the latest, and ``ModbusBus`` counts its t3.5 from there
+        self.replied_at = 0.0
         self._request_frames: dict[bytes, bytes] = {}
         self._intact_replies: dict[bytes, ModbusReply] = {}
         self._unit = -1
@@ -265,6 +278,8 @@ class ModbusMaster:
         """Send ``head`` (unit id + PDU) and return the future its reply will settle."""
         if self._pending is not None and not self._pending.done():
             raise RuntimeError("a request is already waiting for its reply (one at a time)")
+        # the timeout counts from the request going onto the line, not from after the write
+        deadline = self._loop.time() + self.timeout_s
         self._send(head)
         self._unit = unit
         self._garbled = False
@@ -276,9 +291,13 @@ class ModbusMaster:
             self._expected_bytes = 8
         future: asyncio.Future[ModbusReply] = self._loop.create_future()
         self._pending = future
-        self._deadline = self._loop.time() + self.timeout_s
-        if self._timer is None:  # else it fires earlier than this deadline and re-arms
-            self._timer = self._loop.call_at(self._deadline, self._timer_fired)
+        self._deadline = deadline
+        if self._timer is None or self._timer_at < deadline - self.timeout_s / 2:
+            # none armed, or it would fire within half a timeout: a timer of this request's
+            # own (a reply is seldom that slow, so the old one will not wake us for nothing)
+            self._cancel_timer()
+            self._timer = self._loop.call_at(deadline, self._timer_fired)
+            self._timer_at = deadline
         return future
 
     def _send(self, head: bytes) -> None:
@@ -359,6 +378,7 @@ class ModbusMaster:
             return
         self._pending = None  # the timer, when it fires, finds nothing waiting
         if isinstance(outcome, ModbusReply):
+            self.replied_at = time.perf_counter()
             future.set_result(outcome)
         else:
             future.set_exception(outcome)
@@ -421,6 +441,11 @@ class ModbusMaster:
                 return reply
         return None
 
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
     def _timer_fired(self) -> None:
         self._timer = None
         future = self._pending
@@ -428,6 +453,7 @@ class ModbusMaster:
             return  # answered (or given up) meanwhile: no timer until the next request
         if self._loop.time() < self._deadline:  # armed for an earlier request: wait on
             self._timer = self._loop.call_at(self._deadline, self._timer_fired)
+            self._timer_at = self._deadline
             return
         self._time_out()
 
@@ -436,6 +462,7 @@ class ModbusMaster:
         if future is None or future.done():
             return
         if self._other_reply is not None:  # the unit answered, but not this request
+            self.replied_at = time.perf_counter()  # more of it may have come since: now
             future.set_result(self._other_reply)
             return
         garbled = self._garbled or (not self.mbap and self._starts_garbled())
@@ -455,9 +482,7 @@ class ModbusMaster:
     def _lost(self, exc: BaseException | None) -> None:
         """The link is gone (or closed): release it and fail a waiting request."""
         self._open = False
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        self._cancel_timer()
         if self._transport is not None:
             self._transport.close()
             self._transport = None

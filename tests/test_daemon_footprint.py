@@ -43,6 +43,7 @@ from tests.tls_certs import make_pki
 #: pydantic's plugin scan only, which the daemon skips (console/pydantic_without_plugin_scan.py).
 NOT_IN_THE_DAEMON = (
     "shutil",
+    "ctypes",
     "urllib.request",
     "http.client",
     "importlib.metadata",

@@ -11,15 +11,22 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import os
 import select
+import selectors
+import socket
+import sys
+import threading
+import time
 import tty
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import pytest
 
+from drivers.bus_client import BusClient
 from drivers.bus_url import parse_endpoint
 from drivers.modbus_bus import ModbusBus, UnitBadReplyError
 from drivers.modbus_master import LinkLostError, ModbusMaster, ModbusReply, NoReplyError
@@ -273,6 +280,83 @@ def test_a_lost_connection_fails_the_waiting_request_and_every_later_one() -> No
     run(scenario())
 
 
+class _TimerWakeUps(selectors.DefaultSelector):
+    """The loop's selector, counting the waits that ended with no I/O: a timer woke it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.timer_wake_ups = 0
+
+    def select(self, timeout: float | None = None) -> list[tuple[Any, int]]:
+        ready = super().select(timeout)
+        if not ready and timeout != 0:  # 0: the loop only looked, it had work queued
+            self.timer_wake_ups += 1
+        return ready
+
+
+def _slow_unit(listener: socket.socket, reply_after_s: float, replies: int) -> None:
+    """Bay 3 on its own thread: each status reply after ``reply_after_s``, as a slow line."""
+    connection, _ = listener.accept()
+    with connection:
+        for _ in range(replies):
+            if not connection.recv(512):
+                return
+            time.sleep(reply_after_s)  # the line's wire time at a low baud rate
+            connection.sendall(STATUS.reply)
+
+
+def test_a_busy_line_wakes_the_master_only_for_its_replies() -> None:
+    """Answered requests leave no timer behind: the process sleeps until the next reply.
+
+    A request every 0.1 s, each answered within the 0.5 s timeout, for 1.2 s: nothing but
+    the replies may wake the event loop (a timer that outlived its request woke it every
+    timeout period, a tenth of the daemon's CPU at 9600 baud).
+    """
+    requests = 12
+    listener = socket.create_server(("127.0.0.1", 0))
+    unit = threading.Thread(target=_slow_unit, args=(listener, 0.1, requests))
+    unit.start()
+    selector = _TimerWakeUps()
+
+    async def scenario() -> None:
+        master = ModbusMaster(timeout_s=0.5)
+        await master.connect_tcp("127.0.0.1", listener.getsockname()[1])
+        try:
+            for _ in range(requests):
+                assert (await _status(master)).registers == _registers(STATUS.reply)
+        finally:
+            master.close()
+
+    try:
+        with asyncio.Runner(loop_factory=lambda: asyncio.SelectorEventLoop(selector)) as runner:
+            runner.run(scenario())
+    finally:
+        unit.join(timeout=5)
+        listener.close()
+    assert selector.timer_wake_ups == 0
+
+
+def test_a_request_given_up_does_not_time_out_the_next_one() -> None:
+    """A caller cancels its wait (shutdown, Ctrl-C); the next request keeps its own timeout."""
+
+    async def scenario() -> None:
+        async with peer_and_master(lambda _req: []) as (_peer, master):
+            loop = asyncio.get_running_loop()
+            abandoned = _send(master, STATUS.request)
+            abandoned.cancel()
+            await asyncio.sleep(TIMEOUT_S / 2)  # the abandoned request's timeout is half gone
+            second = _send(master, STATUS.request)
+            # timers run in deadline order: this one runs after the abandoned request's
+            # deadline and before the second's own, whatever the machine's load
+            settled: asyncio.Future[bool] = loop.create_future()
+            loop.call_at(loop.time() + TIMEOUT_S * 0.75, lambda: settled.set_result(second.done()))
+            assert not await settled
+            with pytest.raises(NoReplyError):
+                await second
+
+    run(scenario())
+
+
 # -- Modbus/TCP (MBAP) ----------------------------------------------------------------
 
 
@@ -421,3 +505,76 @@ def test_a_read_reply_with_other_registers_than_asked_is_a_bad_reply() -> None:
                 bus.close()
 
     run(scenario())
+
+
+class _AnsweringUnit:
+    """A ``BusClient`` whose every status read is answered, the reply read at ``replied_at``."""
+
+    def __init__(self, reply_read_ago_s: float) -> None:
+        self.reply_read_ago_s = reply_read_ago_s
+        self.replied_at = 0.0
+
+    def read_input_registers(
+        self, address: int, *, count: int, device_id: int
+    ) -> asyncio.Future[ModbusReply]:
+        del address, device_id
+        self.replied_at = time.perf_counter() - self.reply_read_ago_s
+        done: asyncio.Future[ModbusReply] = asyncio.get_running_loop().create_future()
+        done.set_result(ModbusReply(4, registers=(0,) * count))
+        return done
+
+
+def _goes_out_at_once(bus: ModbusBus) -> bool:
+    """Whether a status read reaches the wire without waiting (its coroutine never suspends)."""
+    read = bus.read_input(3, 0, 23)
+    try:
+        read.send(None)
+    except StopIteration:
+        return True
+    read.close()  # it waits for the line's t3.5: not sent
+    return False
+
+
+@pytest.mark.parametrize(("reply_read_ago_s", "waits"), [(10.0, False), (0.0, True)])
+def test_the_inter_frame_gap_counts_from_when_the_reply_was_read(
+    reply_read_ago_s: float, waits: bool
+) -> None:
+    """t3.5 (32 ms at 1200 baud) runs from the reply's last byte, not from the caller's turn.
+
+    A reply read ten seconds ago (a loaded loop, the poller's own bookkeeping) has left
+    the line quiet long enough: the next request goes out at once. A reply read just now
+    still holds it back for t3.5 (the Modbus spec's frame end; a guard, it held before).
+    """
+
+    async def scenario() -> None:
+        unit = _AnsweringUnit(reply_read_ago_s)
+        endpoint = parse_endpoint("serial:///dev/ttyUSB9?baud=1200&parity=N")
+        bus = ModbusBus(endpoint, client=cast("BusClient", unit))  # asked for reads only
+        await bus.read_input(3, 0, 23)
+        assert _goes_out_at_once(bus) is not waits
+
+    run(scenario())
+
+
+_PR_SET_TIMERSLACK, _PR_GET_TIMERSLACK = 29, 30  # prctl(2)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="timer slack is Linux's")
+def test_a_serial_bus_asks_for_sleeps_that_end_on_time() -> None:
+    """The t3.5 before each request is slept; Linux may end a sleep 50 us late by default.
+
+    On a serial line that is wire time lost every transaction, so the bus asks for 1 ns.
+    """
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_TIMERSLACK, 0, 0, 0, 0)  # 0: back to the default (50 us)
+    assert libc.prctl(_PR_GET_TIMERSLACK, 0, 0, 0, 0) > 1
+
+    async def scenario(path: str) -> None:
+        async with ModbusBus(parse_endpoint(f"serial://{path}?baud=19200&parity=N")):
+            assert libc.prctl(_PR_GET_TIMERSLACK, 0, 0, 0, 0) == 1
+
+    try:
+        with pseudo_terminal() as (_board, _port, path):
+            run(scenario(path))
+    finally:
+        libc.prctl(_PR_SET_TIMERSLACK, 0, 0, 0, 0)

@@ -163,11 +163,21 @@ def test_a_plain_socket_works_in_paho_without_openssl() -> None:
 
 
 def _fake_paho(
-    *, send_reads: str = "ssl.SSLWantWriteError", extra: str = "", ssl_module: object = None
+    *,
+    send_reads: str = "ssl.SSLWantWriteError",
+    recv_also: str = "",
+    extra: str = "",
+    ssl_module: object = None,
 ) -> types.ModuleType:
-    """A module shaped like paho's client: the audited ``ssl`` readers, changed as asked."""
+    """A module shaped like paho's client: the audited ``ssl`` readers, changed as asked.
+
+    ``recv_also``: one more exception the plain read names (``except recv_also:``).
+    """
     module = types.ModuleType("fake_paho_client")
     module.ssl = ssl_module  # type: ignore[attr-defined]
+    recv_clause = ""
+    if recv_also:
+        recv_clause = f"        except {recv_also}:\n            raise ConnectionError\n"
     body = f"""
 class Client:
     def _sock_recv(self, n):
@@ -177,7 +187,7 @@ class Client:
             raise BlockingIOError
         except ssl.SSLWantWriteError:
             raise BlockingIOError
-    def _sock_send(self, buf):
+{recv_clause}    def _sock_send(self, buf):
         try:
             return self._sock.send(buf)
         except ssl.SSLWantReadError:
@@ -224,29 +234,6 @@ def test_a_paho_of_another_shape_gets_openssl_instead(change: dict[str, str]) ->
 
 # -- a paho whose plain-socket read names one more ssl exception (review of 512f459) --
 
-ONE_MORE_SSL_NAME = """
-class Client:
-    def _sock_recv(self, n):
-        try:
-            return self._sock.recv(n)
-        except ssl.SSLWantReadError:
-            raise BlockingIOError
-        except ssl.SSLWantWriteError:
-            raise BlockingIOError
-        except ssl.SSLZeroReturnError:
-            raise ConnectionError
-    def _sock_send(self, buf):
-        try:
-            return self._sock.send(buf)
-        except ssl.SSLWantReadError:
-            raise BlockingIOError
-        except ssl.SSLWantWriteError:
-            raise BlockingIOError
-    def tls_set_context(self): return ssl.create_default_context()
-    def tls_set(self): return ssl.SSLContext
-    def _ssl_wrap_socket(self): return ssl.CertificateError
-"""
-
 
 def a_paho_reading_one_more_ssl_name() -> types.ModuleType:
     """paho's shape, but ``_sock_recv`` also names ``ssl.SSLZeroReturnError``.
@@ -254,10 +241,7 @@ def a_paho_reading_one_more_ssl_name() -> types.ModuleType:
     A plausible paho 2.x change: the audited functions are the same, the two names are still
     there, and one more would raise AttributeError on a plain socket.
     """
-    module = types.ModuleType("fake_paho_client")
-    module.ssl = None
-    exec(ONE_MORE_SSL_NAME, module.__dict__)
-    return module
+    return _fake_paho(recv_also="ssl.SSLZeroReturnError")
 
 
 def test_a_plain_read_naming_another_ssl_name_is_refused_the_stand_in() -> None:

@@ -21,6 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # this checkout, not an install
 from drivers.boards import BayBoard
 from drivers.bus_url import parse_endpoint
 from drivers.modbus_bus import ModbusBus, UnitNoAnswerError

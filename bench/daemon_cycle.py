@@ -79,6 +79,7 @@ from pymodbus.client import (
 )
 from pymodbus.framer import FramerType
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # this checkout, not an install
 from cabinet.daemon.journal import Journal, JournalError
 from cabinet.daemon.tokens import generate_keys
 from protocol import bay_map, rtu_timing

@@ -18,11 +18,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import itertools
+import sys
 from collections.abc import Iterable
+from pathlib import Path
 
 from pymodbus.client import AsyncModbusTcpClient, ModbusTcpClient
 from pymodbus.framer import FramerType
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # this checkout, not an install
 from protocol import bay_map
 from protocol.units import BAY_UNITS
 

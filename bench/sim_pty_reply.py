@@ -18,6 +18,7 @@ import argparse
 import os
 import select
 import signal
+import sys
 import tempfile
 import time
 import tty
@@ -25,6 +26,7 @@ from pathlib import Path
 
 from pymodbus.framer import FramerRTU
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # this checkout, not an install
 from protocol import bay_map, rtu_timing
 from sim.launcher import start_simulator
 

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # this checkout, not an install
 from cabinet.daemon.journal import Journal
 from cabinet.daemon.tokens import generate_keys, issue, load_private_key
 from protocol import bay_map, rtu_timing

@@ -33,10 +33,14 @@ class TcpEndpoint:
     host: str
     port: int
     framing: Literal["rtu", "mbap"] = "rtu"
+    #: the gateway's serial line speed (``?baud=``), if given: the master cannot see that
+    #: line, and a broadcast's quiet must count from the frame's end there (docs/hardware.md)
+    baud: int | None = None
 
     def __str__(self) -> str:
         scheme = "modbus-tcp" if self.framing == "mbap" else "tcp"
-        return f"{scheme}://{self.host}:{self.port}"
+        line = f"?baud={self.baud}" if self.baud is not None else ""
+        return f"{scheme}://{self.host}:{self.port}{line}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,7 +95,19 @@ def _tcp(url: str, framing: Literal["rtu", "mbap"]) -> TcpEndpoint:
             f"{url!r}: a {parts.scheme} URL needs a host and a port, "
             f"e.g. {parts.scheme}://10.0.0.5:502"
         )
-    return TcpEndpoint(parts.hostname, port, framing)
+    query = {k: v[-1] for k, v in parse_qs(parts.query, keep_blank_values=True).items()}
+    unknown = set(query) - {"baud"}
+    if unknown:
+        raise BusUrlError(
+            f"{url!r}: unknown option(s) {', '.join(sorted(unknown))}; a {parts.scheme} URL "
+            "takes only baud, the gateway's serial line speed"
+        )
+    baud = None
+    if "baud" in query:
+        baud = _whole(url, query, "baud", DEFAULT_BAUD)
+        if baud not in VALID_BAUDS:
+            raise BusUrlError(f"{url!r}: baud {baud} is not one of {sorted(VALID_BAUDS)}")
+    return TcpEndpoint(parts.hostname, port, framing, baud)
 
 
 def _whole(url: str, query: dict[str, str], key: str, default: int) -> int:

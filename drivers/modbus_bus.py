@@ -368,6 +368,10 @@ class ModbusBus:
         keeps the line quiet for the turnaround delay so every board has acted, counted
         from the frame's end: on a serial line the frame is still going out when the
         write returns (8 characters: 9 ms at 9600 baud), so its wire time is waited too.
+        Through a gateway whose line speed the URL gives (``tcp://...?baud=9600``) the
+        frame goes out on that line when the gateway has it, so its wire time and t3.5
+        are waited the same way; a next request sent sooner would run into the broadcast
+        on the gateway's line (at 9600 baud the frame alone takes 9 ms of the 10).
         """
         async with self._lock:
             client = self._client
@@ -382,6 +386,8 @@ class ModbusBus:
             frame_s = 0.0
             if isinstance(self.endpoint, SerialEndpoint):
                 frame_s = rtu_timing.WRITE_SINGLE_BYTES * rtu_timing.char_time(self.endpoint.baud)
+            elif self.endpoint.baud is not None:  # the gateway's line: the frame and its t3.5
+                frame_s = rtu_timing.frame_time(rtu_timing.WRITE_SINGLE_BYTES, self.endpoint.baud)
             await asyncio.sleep(frame_s + BROADCAST_TURNAROUND_S)
             self._line_went_quiet()
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import socket
 import subprocess
 import sys
 import tty
@@ -34,7 +35,7 @@ OBSERVER_LATE_S = 0.002
 #: frame's first byte arrived (CLOCK_MONOTONIC, the same clock in every process) and
 #: answers a bay-status request with ``reply``.
 LINE = """
-import os, select, sys, time
+import os, select, socket, sys, time
 fd, reply = int(sys.argv[1]), bytes.fromhex(sys.argv[2])
 try:  # woken first when a frame arrives, whatever else the machine runs (root only)
     os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(10))
@@ -42,6 +43,9 @@ except PermissionError:
     pass
 pending, first, seen_broadcast = b"", 0.0, False
 print("ready", flush=True)
+if sys.argv[3] == "gateway":  # fd listens: a transparent gateway's TCP side, one master
+    conn, _ = socket.socket(fileno=fd).accept()
+    fd = conn.fileno()
 while True:
     if not select.select([fd], [], [], 5)[0]:
         break
@@ -66,7 +70,7 @@ def test_the_next_request_waits_for_the_broadcast_frame_and_the_boards(baud: int
     pty_master, pty_slave = os.openpty()
     tty.setraw(pty_slave)
     line = subprocess.Popen(
-        [sys.executable, "-c", LINE, str(pty_master), golden.reply.hex()],
+        [sys.executable, "-c", LINE, str(pty_master), golden.reply.hex(), "pty"],
         pass_fds=[pty_master],
         stdout=subprocess.PIPE,
         text=True,
@@ -90,6 +94,50 @@ def test_the_next_request_waits_for_the_broadcast_frame_and_the_boards(baud: int
         line.kill()
         os.close(pty_master)
         os.close(pty_slave)
+    frames = [(float(t), int(unit)) for t, unit in (row.split() for row in out.splitlines())]
+    assert [unit for _, unit in frames] == [3, 0, 3]
+    quiet = frames[2][0] - frames[1][0]
+    frame_s = rtu_timing.frame_time(rtu_timing.WRITE_SINGLE_BYTES, baud)
+    assert quiet >= frame_s + BROADCAST_TURNAROUND_S - OBSERVER_LATE_S
+
+
+@pytest.mark.parametrize("baud", [9600, 19200])
+def test_through_a_gateway_the_next_request_waits_for_the_broadcast_on_its_line(
+    baud: int,
+) -> None:
+    """RTU over TCP with the gateway's line speed (``tcp://...?baud=``): the same quiet.
+
+    A transparent gateway puts a frame on its serial line when it has it; the master sees
+    neither the line nor the frame's end there. Sent 10 ms after the broadcast, the next
+    request reached a 9600-baud line 0.8 ms after the broadcast's last byte (less than
+    t3.5: one garbled frame for every board, the heartbeat lost), at 19200 5.4 ms after
+    (less than the boards' 10 ms). Measured as the gateway sees it: from the broadcast's
+    first byte to the next request's, each frame reaching the gateway in one piece.
+    """
+    golden = GOLDEN["bay-status"]
+    listener = socket.create_server(("127.0.0.1", 0))
+    line = subprocess.Popen(
+        [sys.executable, "-c", LINE, str(listener.fileno()), golden.reply.hex(), "gateway"],
+        pass_fds=[listener.fileno()],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+
+    async def master() -> None:
+        url = f"tcp://127.0.0.1:{listener.getsockname()[1]}?baud={baud}"
+        async with ModbusBus(parse_endpoint(url), timeout_s=0.5) as bus:
+            await BayBoard(bus, 3).read_status()
+            await bus.broadcast_register(bay_map.CommandReg.HEARTBEAT, 7)
+            await BayBoard(bus, 3).read_status()
+
+    try:
+        assert line.stdout is not None
+        assert line.stdout.readline() == "ready\n"
+        asyncio.run(master())
+        out, _ = line.communicate(timeout=10)
+    finally:
+        line.kill()
+        listener.close()
     frames = [(float(t), int(unit)) for t, unit in (row.split() for row in out.splitlines())]
     assert [unit for _, unit in frames] == [3, 0, 3]
     quiet = frames[2][0] - frames[1][0]

@@ -53,6 +53,20 @@ def test_a_modbus_tcp_url_names_a_gateway_speaking_mbap() -> None:
         parse_endpoint("modbus-tcp://10.0.0.5")
 
 
+def test_a_gateway_url_may_give_its_line_speed_and_nothing_else() -> None:
+    """``?baud=``: the gateway's serial line, for the quiet after a broadcast there."""
+    endpoint = parse_endpoint("tcp://10.0.0.5:502?baud=9600")
+    assert endpoint == TcpEndpoint("10.0.0.5", 502, "rtu", baud=9600)
+    assert str(endpoint) == "tcp://10.0.0.5:502?baud=9600"
+    assert parse_endpoint("modbus-tcp://10.0.0.5:502?baud=115200").baud == 115200
+    assert parse_endpoint("tcp://10.0.0.5:502").baud is None  # not known: not guessed
+    with pytest.raises(BusUrlError, match="baud 9601 is not one of"):
+        parse_endpoint("tcp://10.0.0.5:502?baud=9601")
+    # a serial option on a gateway URL was silently dropped: now it is named
+    with pytest.raises(BusUrlError, match=r"unknown option.*parity"):
+        parse_endpoint("tcp://10.0.0.5:502?baud=9600&parity=E")
+
+
 def test_mbap_and_rtu_frames_translate_as_a_gateway_does() -> None:
     # golden frames: FC04 read of 23 registers at 0 from unit 5, transaction id 0x0102
     adu = bytes.fromhex("0102 0000 0006 05 04 0000 0017")

@@ -100,7 +100,7 @@ def direct(bus: ModbusBus) -> Callable[[Callable[[ModbusBus], Awaitable[Any]]], 
 
 def run(scenario: Callable[..., Awaitable[None]]) -> None:
     async def main() -> None:
-        async with running_sim() as sim, master(sim.url, timeout_s=0.1) as bus:
+        async with running_sim() as sim, master(sim.url, timeout_s=1.0) as bus:
             await bus.broadcast_register(100, 1)  # a heartbeat, as the daemon sends
             await scenario(sim, bus)
 

@@ -103,7 +103,7 @@ def test_a_board_that_hears_no_heartbeat_stops_charging() -> None:
 
 def test_a_silent_unit_is_reported_as_no_answer() -> None:
     async def scenario() -> None:
-        async with running_sim() as sim, master(sim.url, timeout_s=0.05) as bus:
+        async with running_sim() as sim, master(sim.url, timeout_s=0.25) as bus:
             sim.world.inject(FaultKind.SILENT, bay=3)
             with pytest.raises(UnitNoAnswerError) as err:
                 await BayBoard(bus, 3).read_status()
@@ -117,7 +117,7 @@ def test_a_silent_unit_is_reported_as_no_answer() -> None:
 
 def test_corrupted_replies_are_counted_as_crc_errors_not_silence() -> None:
     async def scenario() -> None:
-        async with running_sim() as sim, master(sim.url, timeout_s=0.05) as bus:
+        async with running_sim() as sim, master(sim.url, timeout_s=0.25) as bus:
             sim.world.inject(FaultKind.CRC, unit=20)
             with pytest.raises(UnitGarbledError):
                 await CabinetBoard(bus).read_status()
@@ -209,7 +209,7 @@ def test_a_dead_bay_costs_at_most_one_timeout_per_cycle_and_is_isolated() -> Non
         async with (
             running_sim(clock) as sim,
             master(
-                sim.url, timeout_s=0.05, isolate_after=3, reprobe_interval_s=5.0, clock=clock
+                sim.url, timeout_s=0.25, isolate_after=3, reprobe_interval_s=5.0, clock=clock
             ) as bus,
         ):
             sim.world.inject(FaultKind.SILENT, bay=5)
@@ -263,7 +263,7 @@ def test_an_unreachable_gateway_is_a_clear_error() -> None:
         async with running_sim() as sim:
             url = sim.url
         with pytest.raises(BusUnavailableError, match="cannot connect"):
-            async with master(url, timeout_s=0.05):
+            async with master(url, timeout_s=0.25):
                 pass
 
     run(scenario())

@@ -145,7 +145,10 @@ class BayUpdater:
 
     async def _transfer(self) -> None:
         total = len(self.image.payload)
-        offset = await self._begin()
+        try:
+            offset = await self._begin()
+        except BusError:  # a reply lost (or a board rebooting) before the first chunk
+            offset = await self._resume()
         # the board accepted BEGIN: say where sending starts (0, or a resume's offset)
         await self._progress(Progress("sending", offset, total))
         while offset < total:

@@ -122,6 +122,25 @@ def test_an_update_flashes_verifies_activates_and_confirms() -> None:
     run(scenario)
 
 
+def test_a_reply_lost_before_the_first_chunk_resumes_the_update() -> None:
+    """The board misses BEGIN's exchange (a lost frame, a starved line): it is waited for.
+
+    Found by a loaded suite run (tests/test_firmware_polling.py): one reply lost there
+    failed the whole update as "internal" and left the bay out of service.
+    """
+
+    async def scenario(sim: Any, bus: ModbusBus) -> None:
+        loop = asyncio.get_running_loop()
+        sim.world.inject(FaultKind.SILENT, bay=8)  # silent from the first exchange on
+        loop.call_later(0.5, lambda: sim.world.heal(FaultKind.SILENT, bay=8))
+        updater = BayUpdater(direct(bus), 8, parse_image(image()))
+        outcome = await updater.run(0x0103)
+        assert outcome.resumes >= 1  # the first BEGIN went unanswered
+        assert sim.world.bays[8].boot.active_version == V14
+
+    run(scenario)
+
+
 def test_a_power_cut_mid_transfer_resumes_where_it_stopped() -> None:
     async def scenario(sim: Any, bus: ModbusBus) -> None:
         loop = asyncio.get_running_loop()

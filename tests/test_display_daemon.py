@@ -107,7 +107,10 @@ def test_a_stale_used_or_unknown_challenge_opens_nothing(tmp_path: Path) -> None
         _, fresh = scan_screen(url)
         ok = backend.authorise_swap(cabinet_id, "R-ok", challenge=fresh)
         assert ok["ok"] is True, ok
-        cab.ctl("close", str(ok["result"]["return_bay"]))  # wait: nothing deposited, ends it
+        # the rider shuts the door once it has opened (and the daemon saw it open): shut
+        # before that, the daemon rightly calls the door failed and opens another bay
+        opened = cab.wait_event("swap.door_opened", rider_id="R-ok", purpose="return")
+        cab.ctl("close", str(opened["bay"]))  # wait: nothing deposited, ends it
         cab.wait_event("swap.failed", rider_id="R-ok")
         replies["used"] = backend.authorise_swap(cabinet_id, "R-again", challenge=fresh)
         codes = {k: (r["ok"], r["error"]["code"]) for k, r in replies.items()}

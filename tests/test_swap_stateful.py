@@ -201,6 +201,18 @@ class SwapCabinet(RuleBasedStateMachine):
             assert result.state == before and result.commands == ()
             return
         self.state = result.state
+        reserved = self.state.reserved
+        if (
+            reserved is not None
+            and reserved != before.reserved
+            and reserved not in self.reserved_ok
+        ):
+            # a fall-back promoted by this event (the reserved bay's door did not open, or it
+            # tripped): the machine took it from its ranking of the latest readings, refreshed
+            # earlier in this poll; judged on the reading it was ranked on, the one the
+            # controller has (found by a loaded CI run: a battery shut in after the session
+            # started, promoted when both batteries offered at the start had stuck locks)
+            self.note_offered(reserved, self.state.dispense_bay, on_reading=True)
         for command in result.commands:
             self.execute(command)
         if self.state.phase is Phase.IDLE:
@@ -274,9 +286,18 @@ class SwapCabinet(RuleBasedStateMachine):
         self.feed(Start(f"s{self.sessions}", f"rider{n % 5}", mode, empty, dispensable_now))
         self.poll()
 
-    def note_offered(self, battery_id: str, bay: int | None) -> None:
-        """Whether the battery the machine may reserve really is dispensable, now."""
-        obs = self.bays[bay].battery if bay is not None else None
+    def note_offered(self, battery_id: str, bay: int | None, *, on_reading: bool = False) -> None:
+        """Whether the battery the machine may reserve really is dispensable, now.
+
+        ``on_reading``: judged on the bay's latest reading instead of the world itself.
+        """
+        if bay is None:
+            obs = None
+        elif on_reading:
+            snap = self.snapshots.get(bay)
+            obs = snap.battery if snap is not None else None
+        else:
+            obs = self.bays[bay].battery
         self.reserved_ok[battery_id] = (
             obs is not None and obs.battery_id == battery_id and dispensable(obs, RULES)
         )

@@ -64,20 +64,20 @@ while True:
 """
 
 
-@pytest.mark.parametrize("baud", [9600, 115200])
-def test_the_next_request_waits_for_the_broadcast_frame_and_the_boards(baud: int) -> None:
-    golden = GOLDEN["bay-status"]
-    pty_master, pty_slave = os.openpty()
-    tty.setraw(pty_slave)
+def quiet_after_broadcast(url: str, line_fd: int, mode: str) -> float:
+    """Seconds from the broadcast's first byte to the next request's, as the line saw them.
+
+    ``line_fd`` is the line's end (a pty master, or a listening socket for ``mode``
+    "gateway"); the master at ``url`` reads bay 3, broadcasts the heartbeat, reads bay 3.
+    """
     line = subprocess.Popen(
-        [sys.executable, "-c", LINE, str(pty_master), golden.reply.hex(), "pty"],
-        pass_fds=[pty_master],
+        [sys.executable, "-c", LINE, str(line_fd), GOLDEN["bay-status"].reply.hex(), mode],
+        pass_fds=[line_fd],
         stdout=subprocess.PIPE,
         text=True,
     )
 
     async def master() -> None:
-        url = f"serial://{os.ttyname(pty_slave)}?baud={baud}&parity=N"
         async with ModbusBus(parse_endpoint(url), timeout_s=0.5) as bus:
             # as in the daemon, the heartbeat goes out amid polling: right after the port
             # opens the event loop is still busy and the write leaves late
@@ -92,11 +92,21 @@ def test_the_next_request_waits_for_the_broadcast_frame_and_the_boards(baud: int
         out, _ = line.communicate(timeout=10)
     finally:
         line.kill()
-        os.close(pty_master)
-        os.close(pty_slave)
     frames = [(float(t), int(unit)) for t, unit in (row.split() for row in out.splitlines())]
     assert [unit for _, unit in frames] == [3, 0, 3]
-    quiet = frames[2][0] - frames[1][0]
+    return frames[2][0] - frames[1][0]
+
+
+@pytest.mark.parametrize("baud", [9600, 115200])
+def test_the_next_request_waits_for_the_broadcast_frame_and_the_boards(baud: int) -> None:
+    pty_master, pty_slave = os.openpty()
+    tty.setraw(pty_slave)
+    try:
+        url = f"serial://{os.ttyname(pty_slave)}?baud={baud}&parity=N"
+        quiet = quiet_after_broadcast(url, pty_master, "pty")
+    finally:
+        os.close(pty_master)
+        os.close(pty_slave)
     frame_s = rtu_timing.frame_time(rtu_timing.WRITE_SINGLE_BYTES, baud)
     assert quiet >= frame_s + BROADCAST_TURNAROUND_S - OBSERVER_LATE_S
 
@@ -114,32 +124,8 @@ def test_through_a_gateway_the_next_request_waits_for_the_broadcast_on_its_line(
     (less than the boards' 10 ms). Measured as the gateway sees it: from the broadcast's
     first byte to the next request's, each frame reaching the gateway in one piece.
     """
-    golden = GOLDEN["bay-status"]
-    listener = socket.create_server(("127.0.0.1", 0))
-    line = subprocess.Popen(
-        [sys.executable, "-c", LINE, str(listener.fileno()), golden.reply.hex(), "gateway"],
-        pass_fds=[listener.fileno()],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-
-    async def master() -> None:
+    with socket.create_server(("127.0.0.1", 0)) as listener:
         url = f"tcp://127.0.0.1:{listener.getsockname()[1]}?baud={baud}"
-        async with ModbusBus(parse_endpoint(url), timeout_s=0.5) as bus:
-            await BayBoard(bus, 3).read_status()
-            await bus.broadcast_register(bay_map.CommandReg.HEARTBEAT, 7)
-            await BayBoard(bus, 3).read_status()
-
-    try:
-        assert line.stdout is not None
-        assert line.stdout.readline() == "ready\n"
-        asyncio.run(master())
-        out, _ = line.communicate(timeout=10)
-    finally:
-        line.kill()
-        listener.close()
-    frames = [(float(t), int(unit)) for t, unit in (row.split() for row in out.splitlines())]
-    assert [unit for _, unit in frames] == [3, 0, 3]
-    quiet = frames[2][0] - frames[1][0]
+        quiet = quiet_after_broadcast(url, listener.fileno(), "gateway")
     frame_s = rtu_timing.frame_time(rtu_timing.WRITE_SINGLE_BYTES, baud)
     assert quiet >= frame_s + BROADCAST_TURNAROUND_S - OBSERVER_LATE_S

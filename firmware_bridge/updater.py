@@ -125,8 +125,16 @@ class BayUpdater:
         await self._progress(
             Progress("verifying", len(self.image.payload), len(self.image.payload))
         )
-        await self._command(fw.Command.COMMIT)
-        status = await self._status()
+        try:
+            await self._command(fw.Command.COMMIT)
+            status = await self._status()
+        except (BusError, ProtocolError) as exc:
+            # before ACTIVATE the board runs the image it ran: the caller may put the bay
+            # back in service (a bus error escaping here was "internal", the bay left out)
+            raise UpdateFailedError(
+                "bus",
+                f"bay {self.unit} did not answer at COMMIT ({exc}); its firmware is unchanged",
+            ) from exc
         if status.state is not fw.State.VERIFIED:
             await self._command(fw.Command.ABORT)
             raise UpdateFailedError("verify_failed", "the board's hash of the image did not match")

@@ -141,6 +141,29 @@ def test_a_reply_lost_before_the_first_chunk_resumes_the_update() -> None:
     run(scenario)
 
 
+def test_a_board_silent_at_commit_fails_the_update_with_its_old_firmware() -> None:
+    """No answer to COMMIT (or its status read): ``bus``, and the board runs what it ran.
+
+    Before ACTIVATE nothing on the board has changed, so the service puts the bay back in
+    service on this failure; the bus error used to escape the updater as "internal", with
+    no ``firmware.failed`` and the bay left out of service (found by a flake hunt's review).
+    """
+
+    async def scenario(sim: Any, bus: ModbusBus) -> None:
+        def progress(p: Progress) -> None:
+            if p.phase == "verifying":  # every chunk is in; COMMIT is next
+                sim.world.inject(FaultKind.SILENT, bay=7)
+
+        updater = BayUpdater(direct(bus), 7, parse_image(image()), on_progress=progress)
+        with pytest.raises(UpdateFailedError) as failed:
+            await updater.run(0x0103)
+        assert failed.value.reason == "bus"
+        assert "unchanged" in str(failed.value)
+        assert sim.world.bays[7].boot.active_version == 0x0103
+
+    run(scenario)
+
+
 def test_a_power_cut_mid_transfer_resumes_where_it_stopped() -> None:
     async def scenario(sim: Any, bus: ModbusBus) -> None:
         loop = asyncio.get_running_loop()

@@ -177,6 +177,8 @@ def test_a_repeated_reading_the_ledger_does_not_want_changes_nothing(
             last = None  # the board coming back is a reading of its own
         reading = (battery_id if present else None, present, attended)
         wanted = ledger.wants_reading(BAY, reading[0], present=present, now=now, attended=attended)
+        if not ledger.may_want_reading(BAY, reading[0], present=present):
+            assert not wanted, "the daemon's cheap check would have skipped a wanted reading"
         before = (dict(ledger.items()), dict(ledger.graces))
         changes = ledger.observe_bay(BAY, reading[0], present=present, now=now, attended=attended)
         if reading == last and not wanted:

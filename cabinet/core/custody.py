@@ -132,11 +132,6 @@ class CustodyLedger:
             b for b, loc in self._locations.items() if loc.where is Where.MISSING and loc.bay == bay
         ]
 
-    @property
-    def graces(self) -> Mapping[int, float]:
-        """Bays whose identity grace runs, with when it began (read only)."""
-        return self._unreadable_since
-
     def _move(
         self, battery_id: str, after: Location, *, surprise: bool, detail: str | None = None
     ) -> CustodyChange | None:
@@ -214,6 +209,20 @@ class CustodyLedger:
             if change is not None:
                 changes.append(change)
         return changes
+
+    @property
+    def graces(self) -> Mapping[int, float]:
+        """Bays whose identity grace runs, with when it began (read only)."""
+        return self._unreadable_since
+
+    def may_want_reading(self, bay: int, battery_id: str | None, *, present: bool) -> bool:
+        """Whether ``wants_reading`` can say yes to this reading at all.
+
+        Only if a grace runs for ``bay`` or the reading is of an unreadable pack: almost
+        every reading is neither, and then the caller needs neither the clock nor the
+        session's bays to know (the daemon asks on every reading of every bay).
+        """
+        return bay in self._unreadable_since or (present and battery_id is None)
 
     def wants_reading(
         self,

@@ -177,10 +177,13 @@ class BoardObservations(JournalFirst):
 
     def _identity_to_judge(self, bay: int, snapshot: BaySnapshot) -> bool:
         """Whether this reading starts, ends or drops the ledger's identity grace for ``bay``."""
+        battery_id, present = snapshot.battery_id, snapshot.battery_present
+        if not self.ledger.may_want_reading(bay, battery_id, present=present):
+            return False  # every reading of every bay passes here: the common case is cheap
         return self.ledger.wants_reading(
             bay,
-            snapshot.battery_id,
-            present=snapshot.battery_present,
+            battery_id,
+            present=present,
             now=self.clock.monotonic(),
             attended=self._attended(bay),
         )
@@ -216,7 +219,7 @@ class BoardObservations(JournalFirst):
                 ):
                     self._custody(db, change)
             else:
-                self.ledger.bay_silent(bay)  # unseen meanwhile: a grace starts again
+                self.ledger.bay_silent(bay)  # unseen meanwhile: a wake window when it answers
             self.journal.put_snapshot(db, bay, snapshot)
             self._safety_journal(db, safety)
             if back:

@@ -201,22 +201,9 @@ class ModbusBus:
     _client: BusClient | None = None
     _lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     _quiet_until: float = 0.0  # perf_counter time before which the line must stay silent
-    _gap_s: float = field(init=False, default=0.0)  # inter_frame_gap_s, worked out once
+    _gap_s: float = field(init=False, default=0.0)  # _inter_frame_gap(endpoint), worked out once
 
     # -- connection ---------------------------------------------------------------------
-
-    @property
-    def inter_frame_gap_s(self) -> float:
-        """The silence kept between frames: t3.5 on a serial line, none through a gateway.
-
-        An RTU receiver finds the end of a frame by 3.5 characters of silence (1.75 ms
-        above 19200 baud); a request sent sooner after the previous reply runs into it and
-        both are lost. The bus keeps it here, before each request it sends.
-        A gateway frames the TCP side itself and keeps the gap on its own line.
-        """
-        if isinstance(self.endpoint, SerialEndpoint):
-            return rtu_timing.inter_frame_gap(self.endpoint.baud)
-        return 0.0
 
     async def _keep_inter_frame_gap(self) -> None:
         """Wait until t3.5 has passed since the line's last frame (a no-op if it has)."""
@@ -249,7 +236,7 @@ class ModbusBus:
         return ModbusMaster(timeout_s=self.timeout_s, mbap=mbap)
 
     def __post_init__(self) -> None:
-        self._gap_s = self.inter_frame_gap_s
+        self._gap_s = _inter_frame_gap(self.endpoint)
         if self.client is not None:
             self._client = self.client
 
@@ -561,6 +548,19 @@ def _reply_problem(
     return (
         f"the reply to a write at {echo[0]} echoed {heard[0]}={heard[1]}, not {echo[0]}={echo[1]}"
     )
+
+
+def _inter_frame_gap(endpoint: Endpoint) -> float:
+    """The silence kept between frames: t3.5 on a serial line, none through a gateway.
+
+    An RTU receiver finds the end of a frame by 3.5 characters of silence (1.75 ms above
+    19200 baud); a request sent sooner after the previous reply runs into it and both are
+    lost. The bus keeps it before each request it sends. A gateway frames the TCP side
+    itself and keeps the gap on its own line.
+    """
+    if isinstance(endpoint, SerialEndpoint):
+        return rtu_timing.inter_frame_gap(endpoint.baud)
+    return 0.0
 
 
 def _exact_sleeps() -> None:

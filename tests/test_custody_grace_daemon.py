@@ -26,6 +26,7 @@ from cabinet.daemon.controller import CabinetController
 from cabinet.daemon.journal import Journal, JournalUnwritableError
 from drivers.bus_url import parse_endpoint
 from drivers.modbus_bus import ModbusBus
+from tests.virtual_campaign import VirtualTime  # the daemon's clock, moved by the test
 
 BAY = 10
 OLD = "BAT-0827"
@@ -38,23 +39,8 @@ UNREADABLE = BaySnapshot(online=True, battery_present=True, battery=BatteryObs(N
 UNPLUGGED = BaySnapshot(online=True, battery_present=True, battery=BatteryObs(None, plugged=False))
 
 
-class TestClock:
-    """The daemon's clock, moved by the test."""
-
-    __test__ = False  # not a test class
-
-    def __init__(self) -> None:
-        self.t = 1000.0
-
-    def monotonic(self) -> float:
-        return self.t
-
-    def wall(self) -> float:
-        return 1_800_000_000.0 + self.t
-
-
 @contextmanager
-def controller(path: Path, clock: TestClock) -> Iterator[CabinetController]:
+def controller(path: Path, clock: VirtualTime) -> Iterator[CabinetController]:
     bus = ModbusBus(parse_endpoint("tcp://127.0.0.1:9"))  # never connected: nothing polls
     journal = Journal(path)
     try:
@@ -85,7 +71,7 @@ def run(scenario: Any) -> None:
 @pytest.mark.parametrize("pack", [UNREADABLE, UNPLUGGED], ids=["bms_silent", "unplugged"])
 def test_an_unchanged_unreadable_reading_ends_the_grace(tmp_path: Path, pack: BaySnapshot) -> None:
     async def scenario() -> None:
-        clock = TestClock()
+        clock = VirtualTime()
         with controller(tmp_path / "journal.db", clock) as ctl:
             ctl.observe_bay(BAY, KNOWN)
             ctl.observe_bay(BAY, pack)  # material: journaled, the grace starts
@@ -112,7 +98,7 @@ def test_an_unchanged_unreadable_reading_ends_the_grace(tmp_path: Path, pack: Ba
 
 def test_after_a_restart_the_grace_starts_again_from_the_first_reading(tmp_path: Path) -> None:
     async def scenario() -> None:
-        clock = TestClock()
+        clock = VirtualTime()
         with controller(tmp_path / "journal.db", clock) as ctl:
             ctl.observe_bay(BAY, KNOWN)
             ctl.observe_bay(BAY, UNREADABLE)
@@ -132,7 +118,7 @@ def test_after_a_restart_the_grace_starts_again_from_the_first_reading(tmp_path:
 
 def test_a_board_silent_meanwhile_gives_the_pack_a_wake_window(tmp_path: Path) -> None:
     async def scenario() -> None:
-        clock = TestClock()
+        clock = VirtualTime()
         with controller(tmp_path / "journal.db", clock) as ctl:
             ctl.observe_bay(BAY, KNOWN)
             ctl.observe_bay(BAY, UNREADABLE)
@@ -154,7 +140,7 @@ def test_a_grace_whose_end_cannot_be_journaled_ends_on_a_later_reading(tmp_path:
     """Journal first: memory is not told the battery is missing before the disk is."""
 
     async def scenario() -> None:
-        clock = TestClock()
+        clock = VirtualTime()
         with controller(tmp_path / "journal.db", clock) as ctl:
             ctl.observe_bay(BAY, KNOWN)
             ctl.observe_bay(BAY, UNREADABLE)
@@ -174,7 +160,7 @@ def test_a_grace_whose_end_cannot_be_journaled_ends_on_a_later_reading(tmp_path:
 
 def test_the_battery_read_again_clears_its_alarm(tmp_path: Path) -> None:
     async def scenario() -> None:
-        clock = TestClock()
+        clock = VirtualTime()
         with controller(tmp_path / "journal.db", clock) as ctl:
             ctl.observe_bay(BAY, KNOWN)
             ctl.observe_bay(BAY, UNREADABLE)
@@ -204,7 +190,7 @@ def test_a_pickup_in_doubt_behind_an_unreadable_pack_still_goes_with_the_rider(
     """
 
     async def scenario() -> None:
-        clock = TestClock()
+        clock = VirtualTime()
         with controller(tmp_path / "journal.db", clock) as ctl:
             ctl.observe_bay(BAY, KNOWN)
             ctl.observe_bay(BAY, OFFLINE)
@@ -239,7 +225,7 @@ def test_the_settled_pickup_says_it_comes_from_missing(tmp_path: Path) -> None:
     """Settled after the grace: the trail reads bay -> missing -> rider, the clear after it."""
 
     async def scenario() -> None:
-        clock = TestClock()
+        clock = VirtualTime()
         with controller(tmp_path / "journal.db", clock) as ctl:
             ctl.observe_bay(BAY, KNOWN)
             ctl.observe_bay(BAY, OFFLINE)
@@ -273,7 +259,7 @@ def test_a_battery_missing_before_the_upgrade_clears_its_alarm_when_found(tmp_pa
     path = tmp_path / "j.db"
 
     async def before() -> None:  # what the previous release (schema 4) left in the journal
-        clock = TestClock()
+        clock = VirtualTime()
         with controller(path, clock) as ctl, ctl.journal.transaction() as db:
             ctl.journal.put_custody(db, OLD, Location(Where.MISSING), clock.wall())
             ctl.emit(
@@ -293,7 +279,7 @@ def test_a_battery_missing_before_the_upgrade_clears_its_alarm_when_found(tmp_pa
     db.close()
 
     async def after() -> None:  # the upgraded daemon: the battery turns up in bay 3
-        clock = TestClock()
+        clock = VirtualTime()
         with controller(path, clock) as ctl:
             ctl.observe_bay(UPGRADED_BAY, KNOWN)
             cleared = [e for e in ctl.journal.events(limit=100) if e["type"] == "alarm.cleared"]

@@ -85,6 +85,26 @@ def test_config_check_notes_device_names_that_move_across_boots(tmp_path: Path) 
     assert "note:" not in text
 
 
+@pytest.mark.parametrize("scheme", ["tcp", "modbus-tcp"])
+def test_config_check_notes_a_gateway_whose_line_speed_is_not_given(
+    tmp_path: Path, scheme: str
+) -> None:
+    """Without ``?baud=`` a transparent gateway at 9600 loses every heartbeat broadcast."""
+    scanner = "evdev:///dev/input/by-id/usb-Scan-event-kbd"
+    code, report, text = _check(tmp_path, f"{scheme}://10.0.0.5:502", scanner)
+    notes = {w["key"]: w["message"] for w in report["gateway_line_speed"]}  # type: ignore[attr-defined]
+    assert set(notes) == {"bus.url"}
+    assert f"{scheme}://10.0.0.5:502?baud=" in notes["bus.url"]  # the fix, spelled out
+    assert "heartbeat" in notes["bus.url"]
+    assert f"note: bus.url: {notes['bus.url']}" in text
+    assert code == 0  # a gateway that keeps the line's timing itself works without it
+    _, report, text = _check(tmp_path, f"{scheme}://10.0.0.5:502?baud=9600", scanner)
+    assert report["gateway_line_speed"] == []
+    assert "note:" not in text
+    _, report, _ = _check(tmp_path, "serial:///dev/serial/by-id/usb-FTDI-if00-port0", scanner)
+    assert report["gateway_line_speed"] == []  # a serial line's speed is in its URL anyway
+
+
 def test_an_adapter_that_vanishes_and_comes_back_is_reopened_with_events(tmp_path: Path) -> None:
     link = str(tmp_path / "usb-FTDI_RS485-if00-port0")  # the stable by-id name
     adapters: list[UnpluggableAdapter] = []

@@ -190,6 +190,7 @@ def _config_check(args: argparse.Namespace) -> int:
     from cabinet.daemon.config import (  # noqa: PLC0415
         ConfigError,
         device_name_problems,
+        gateway_speed_problems,
         load,
         secret_problems,
     )
@@ -209,6 +210,7 @@ def _config_check(args: argparse.Namespace) -> int:
     warnings = secret_problems(config, Path(args.config))
     # advice, not a failure: the cabinet works with /dev/ttyUSB0 until the names move
     unstable = device_name_problems(config)
+    gateway = gateway_speed_problems(config)
     if args.json:
         print_json(
             {
@@ -216,13 +218,14 @@ def _config_check(args: argparse.Namespace) -> int:
                 "problems": [],
                 "warnings": [{"key": k, "message": m} for k, m in warnings],
                 "unstable_device_names": [{"key": k, "message": m} for k, m in unstable],
+                "gateway_line_speed": [{"key": k, "message": m} for k, m in gateway],
                 "cabinet_id": config.cabinet.id,
             }
         )
     else:
         for key, message in warnings:
             print(f"warning: {key}: {message}")
-        for key, message in unstable:
+        for key, message in unstable + gateway:
             print(f"note: {key}: {message}")
         print(f"{args.config}: valid (cabinet {config.cabinet.id})", end="")
         print(f", {len(warnings)} warning(s)" if warnings else "")

@@ -25,6 +25,7 @@ from drivers.bus_url import (
     InputDeviceEndpoint,
     ScannerEndpoint,
     SerialEndpoint,
+    TcpEndpoint,
     parse_endpoint,
     parse_scanner_endpoint,
     unstable_device_name,
@@ -377,3 +378,25 @@ def device_name_problems(config: CabinetConfig) -> list[tuple[str, str]]:
                 )
             )
     return problems
+
+
+def gateway_speed_problems(config: CabinetConfig) -> list[tuple[str, str]]:
+    """A gateway URL without the gateway's serial line speed (``?baud=``).
+
+    Not fatal: a gateway that keeps the line's timing itself needs none. A transparent
+    one does: the master cannot see its line, so without the speed it counts the quiet
+    after the heartbeat broadcast from handing the frame over, and at 9600 baud the next
+    request reaches the line during that quiet; the boards then miss every heartbeat and
+    go fail-safe (no charging, doors locked) a few seconds later. docs/hardware.md.
+    """
+    endpoint = parse_endpoint(config.bus.url)
+    if not isinstance(endpoint, TcpEndpoint) or endpoint.baud is not None:
+        return []
+    return [
+        (
+            "bus.url",
+            f"the gateway's serial line speed is not given: write it as {endpoint}?baud=N "
+            "(the gateway's own setting), or a transparent gateway's line may lose the "
+            "heartbeat broadcast (docs/hardware.md, Gateways)",
+        )
+    ]

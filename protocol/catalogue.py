@@ -49,6 +49,8 @@ ALARM_KINDS: dict[str, str] = {
     "mains_lost": "no mains power: every charger off, contactor open, no new swaps",
     "bay_overtemp": "a bay's cell over temperature or rising fast: charger off, bay isolated",
     "safety_write_failed": "a charger-off or contactor-open write is not confirmed by read-back",
+    "heartbeat_unheard": "a bay's board misses the heartbeat broadcast; the daemon writes it"
+    " the heartbeat directly until it hears one again",
     "board_silent": "a bay's board stayed silent `bus.offline_alarm_s`",
     "cabinet_board_silent": "the cabinet board stayed silent `bus.offline_alarm_s`",
     "meter_silent": "the energy meter stayed silent `bus.offline_alarm_s`",

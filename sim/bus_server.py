@@ -249,7 +249,7 @@ class SimulatedBus:
             # pymodbus hands a broadcast to every device in turn; the frame crossed the wire
             # once and nobody replies, so each board just acts on it.
             self.world.sync()
-            if not self.world.unit_silent(unit):
+            if self.world.hears_broadcasts(unit):
                 return self._serve(
                     unit, function_code, (start_address, address, count), registers, set_values
                 )

@@ -139,6 +139,13 @@ class SimulatedCabinet:
         bay = self.bays.get(unit)
         return bay is not None and bay.boot.silent(self._t)
 
+    def hears_broadcasts(self, unit: int) -> bool:
+        """Whether ``unit`` acts on a broadcast frame (answering nothing, as every board)."""
+        if self.unit_silent(unit):
+            return False
+        bay = self.bays.get(unit)
+        return bay is None or FaultKind.BROADCAST_DEAF not in bay.faults
+
     def board_failing(self, unit: int) -> bool:
         """Whether ``unit`` answers every request with exception 0x04 (device failure)."""
         bay = self.bays.get(unit)

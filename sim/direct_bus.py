@@ -93,7 +93,7 @@ class DirectClient:
         """A write as the board would answer it: the spec's echo, or an exception."""
         if device_id == 0:  # broadcast: every board that hears it acts, nobody answers
             for unit in BAY_UNITS:
-                if not self._silent(unit):
+                if not self._silent(unit) and self.world.hears_broadcasts(unit):
                     self.world.write_holding(unit, address, values)
             return None
         if self.wire_delay_s:

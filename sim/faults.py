@@ -23,6 +23,9 @@ class FaultKind(enum.StrEnum):
     CONTACTOR_STUCK = "contactor_stuck"  # the cabinet board acknowledges "open", stays closed
     LOCK_FAILURE = "lock_failure"  # the lock driver is broken: unlocks get 0x04 device failure
     BOARD_FAILURE = "board_failure"  # the board answers every request with 0x04 device failure
+    #: the board ignores broadcast frames (unit 0), so the heartbeat broadcast never reaches
+    #: it: a transparent gateway without its line speed, noise, a firmware quirk
+    BROADCAST_DEAF = "broadcast_deaf"
 
 
 #: Faults that need ``--bay`` (or, for bus faults, ``--unit``).
@@ -39,6 +42,7 @@ BAY_FAULTS = frozenset(
         FaultKind.CHARGER_STUCK,
         FaultKind.LOCK_FAILURE,
         FaultKind.BOARD_FAILURE,
+        FaultKind.BROADCAST_DEAF,
     }
 )
 CABINET_FAULTS = frozenset({FaultKind.SMOKE, FaultKind.MAINS_LOSS, FaultKind.CONTACTOR_STUCK})

@@ -34,6 +34,7 @@ from cabinet.core.bay_tracker import OFFLINE, BaySnapshot, snapshot_from_status
 from cabinet.core.swap_machine import LockJammed, Unlock
 from cabinet.daemon.bus_commands import BusCommand, MakeSafe, OperatorUnlock
 from cabinet.daemon.bus_scheduler import BusScheduler, Priority
+from cabinet.daemon.heartbeat_keeper import HeartbeatKeeper
 from cabinet.daemon.journal import JournalError
 from cabinet.daemon.safety_writes import SafetyWriter
 from drivers.boards import BayBoard, CabinetBoard, EnergyMeter
@@ -110,12 +111,18 @@ class BayPoller:
         #: transaction, and a new job and board object each time showed in its cost
         self._status_reads = {bay: _status_read(scheduler.bus, bay) for bay in BAY_UNITS}
         self._cabinet_read_at = float("-inf")  # when the cabinet board was last asked
-        #: the last status block each bay returned and its snapshot: the board driver hands
-        #: back the same (frozen) object for an unchanged block, so it is reduced only once
-        self._reduced: dict[int, tuple[bay_map.BayStatus, BaySnapshot]] = {}
+        #: the last status block each bay returned, its snapshot and whether the board has
+        #: its heartbeat: the board driver hands back the same (frozen) object for an
+        #: unchanged block, so it is reduced only once
+        self._reduced: dict[int, tuple[bay_map.BayStatus, BaySnapshot, bool]] = {}
         self._commanded: dict[int, tuple[bool, float, float]] = {}
-        self._heartbeat_counter = 0
-        self._heartbeat_failing = False
+        self.heartbeats = HeartbeatKeeper(
+            scheduler=scheduler,
+            clock=controller.clock,
+            journal=controller.journal,
+            record=controller.record,
+            spawn=spawn,
+        )
         self._last_meter = float("-inf")
         self.last_answer_at = self.clock.monotonic()  # a unit answered (any unit, any call)
         self._answers_seen = 0
@@ -261,7 +268,7 @@ class BayPoller:
     async def read_bay(self, bay: int, priority: Priority) -> None:
         """Read one bay board and hand the reading (or its silence) to the controller."""
         c = self.controller
-        self._last_read[bay] = self.clock.monotonic()
+        self._last_read[bay] = started = self.clock.monotonic()
         read = self._status_reads.get(bay) or _status_read(self.scheduler.bus, bay)
         try:
             status = await self.scheduler.submit(priority, read)
@@ -283,13 +290,13 @@ class BayPoller:
             return  # stale: the last snapshot stands until the unit is isolated
         c.bus_truth.unit_answered(bay)
         last = self._reduced.get(bay)
-        if last is not None and last[0] is status:
-            snapshot = last[1]
-        else:
-            snapshot = snapshot_from_status(status)
-            self._reduced[bay] = (status, snapshot)
+        if last is None or last[0] is not status:
+            heard = bay_map.IoFlag.HEARTBEAT_OK in status.io
+            last = self._reduced[bay] = (status, snapshot_from_status(status), heard)
+        if not last[2]:
+            self.heartbeats.missed(bay, started)  # in fail-safe: did it miss a broadcast?
         try:
-            c.observe_bay(bay, snapshot)
+            c.observe_bay(bay, last[1])
         except JournalError:
             return  # not recorded, so not acted on: the next reading retries (journal.py logs it)
 
@@ -390,22 +397,8 @@ class BayPoller:
         self._commanded.pop(bay, None)
 
     async def heartbeat(self, priority: Priority = Priority.ACTIVE) -> None:
-        """One heartbeat broadcast; a failing heartbeat is logged once per episode."""
-        self._heartbeat_counter = (self._heartbeat_counter + 1) & 0xFFFF
-        counter = self._heartbeat_counter
-        try:
-            await self.scheduler.submit(
-                priority,
-                lambda bus: bus.broadcast_register(bay_map.CommandReg.HEARTBEAT, counter),
-            )
-        except BusError as exc:
-            if not self._heartbeat_failing:  # once per episode, not once a second
-                log.warning("heartbeat_failed", error=str(exc))
-            self._heartbeat_failing = True
-        else:
-            if self._heartbeat_failing:
-                log.info("heartbeat_sent_again")
-            self._heartbeat_failing = False
+        """One heartbeat broadcast, confirmed for the boards that missed one (heartbeat_keeper)."""
+        await self.heartbeats.beat(priority)
 
     # -- is the bus there at all ---------------------------------------------------------------
 

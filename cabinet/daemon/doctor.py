@@ -186,6 +186,11 @@ def _alarms(c: CabinetController) -> Iterable[Check]:
         what = "charger off" if kind == "charger" else "main contactor open"
         where = f" (bay {target_bay})" if target_bay is not None else ""
         yield Check("alarm", "fail", f"{what}{where} not confirmed by the board")
+    for bay in sorted(c.poller.heartbeats.unheard):
+        found = True
+        yield Check(
+            "alarm", "warn", f"bay {bay} misses the heartbeat broadcast (written to it directly)"
+        )
     for bay, reason in sorted(c.out_of_service.items()):
         if bay not in c.safety.tripped:
             found = True

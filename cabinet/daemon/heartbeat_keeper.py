@@ -1,0 +1,161 @@
+"""The heartbeat: a broadcast to every board, confirmed where a board says it missed it.
+
+A broadcast is answered by nobody, so sending it proves nothing; a board that hears no
+heartbeat for 5 s cuts its charger and keeps its door locked (docs/hardware.md). Two
+things read it back: every bay reading carries the board's ``HEARTBEAT_OK`` flag, and
+its HEARTBEAT register holds the last value it took. A reading with the flag cleared,
+taken after a broadcast the board should have heard, makes the bay a suspect: it is
+written its heartbeat directly at once (an FC06 whose echo confirms it), and after each
+later broadcast its register is read back. Holding that broadcast's value, it heard it
+(a board that rebooted is in fail-safe until the next broadcast: that is no deafness);
+holding anything else twice in a row, it does not hear broadcasts — a transparent
+gateway without ``?baud=``, noise on its stub, a firmware quirk — and
+``heartbeat_unheard`` is raised for the bay, which keeps getting its own heartbeat after
+every broadcast (one read and one write a second) until a read-back shows it heard one.
+The bays under that alarm are kept in the journal, so a restarted daemon checks them
+first and clears an alarm that no longer holds.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+import structlog
+
+from cabinet.daemon.bus_scheduler import BusScheduler, Priority
+from cabinet.daemon.clock import Clock
+from cabinet.daemon.journal import Journal, JournalError
+from cabinet.daemon.journal_door import Record
+from drivers.boards import BayBoard
+from drivers.modbus_bus import BusError, ModbusBus
+from protocol import bay_map
+from protocol.errors import ProtocolError
+
+log = structlog.get_logger("controller")
+
+#: The journal's runtime state: the bays under ``heartbeat_unheard``, sorted.
+UNHEARD = "heartbeat_unheard"
+#: Read-backs in a row that missed the broadcast before the alarm: one lost broadcast
+#: (a burst of noise) is not deafness.
+MISSES_TO_ALARM = 2
+
+
+class HeartbeatKeeper:
+    """Sends the heartbeat, and makes sure every board took it."""
+
+    def __init__(
+        self,
+        *,
+        scheduler: BusScheduler,
+        clock: Clock,
+        journal: Journal,
+        record: Record,
+        spawn: Callable[[Coroutine[Any, Any, None]], None],
+    ) -> None:
+        self.scheduler = scheduler
+        self.clock = clock
+        self.journal = journal
+        self._record = record
+        self._spawn = spawn
+        self.counter = 0
+        self._failing = False
+        #: when the latest broadcast was on the line (its quiet kept): a reading that
+        #: started later comes from a board that should have heard it
+        self.broadcast_at = float("inf")
+        #: bays whose board missed a broadcast, and how many read-backs in a row it missed
+        self.suspects: dict[int, int] = {}
+        stored = journal.runtime_state(UNHEARD) or []
+        self.unheard: set[int] = {bay for bay in stored if isinstance(bay, int)}
+        for bay in self.unheard:
+            self.suspects[bay] = MISSES_TO_ALARM  # checked at the first beat
+
+    async def beat(self, priority: Priority = Priority.ACTIVE) -> None:
+        """One broadcast, then the read-back of every suspect bay."""
+        self.counter = (self.counter + 1) & 0xFFFF
+        counter = self.counter
+        try:
+            await self.scheduler.submit(
+                priority,
+                lambda bus: bus.broadcast_register(bay_map.CommandReg.HEARTBEAT, counter),
+            )
+        except BusError as exc:
+            if not self._failing:  # once per episode, not once a second
+                log.warning("heartbeat_failed", error=str(exc))
+            self._failing = True
+            return
+        self.broadcast_at = self.clock.monotonic()
+        if self._failing:
+            log.info("heartbeat_sent_again")
+        self._failing = False
+        for bay in sorted(self.suspects):
+            await self._check(bay, counter, priority)
+
+    def missed(self, bay: int, read_started: float) -> None:
+        """A reading of ``bay`` shows its board in heartbeat fail-safe.
+
+        Only a reading that started after a broadcast counts (the board may have read
+        before it); a new suspect is written its heartbeat at once, not a beat later.
+        """
+        if read_started <= self.broadcast_at or bay in self.suspects:
+            return
+        self.suspects[bay] = 0
+        log.warning("heartbeat_missed", bay=bay)
+        self._spawn(self._write_direct(bay, self.counter, Priority.ACTIVE))
+
+    async def _check(self, bay: int, counter: int, priority: Priority) -> None:
+        """Did ``bay`` take broadcast ``counter``? If not, write it to the board directly."""
+        try:
+            (held,) = await self.scheduler.submit(
+                priority,
+                lambda bus: bus.read_holding(bay, bay_map.CommandReg.HEARTBEAT, 1),
+            )
+        except (BusError, ProtocolError, ValueError):
+            return  # a silent board is the bus's news (bay.offline), not this one's
+        if held == counter:
+            self._heard(bay)
+            return
+        await self._write_direct(bay, counter, priority)
+        misses = self.suspects.get(bay, 0) + 1
+        self.suspects[bay] = misses
+        if misses >= MISSES_TO_ALARM and bay not in self.unheard:
+            self._alarm(bay, raised=True)
+
+    async def _write_direct(self, bay: int, counter: int, priority: Priority) -> None:
+        try:
+            await self.scheduler.submit(priority, lambda bus: _direct(bus, bay, counter))
+        except BusError as exc:
+            log.info("heartbeat_direct_failed", bay=bay, error=str(exc))
+
+    def _heard(self, bay: int) -> None:
+        if bay in self.unheard and not self._alarm(bay, raised=False):
+            return  # not journaled: still a suspect, cleared at the next read-back
+        self.suspects.pop(bay, None)
+
+    def _alarm(self, bay: int, *, raised: bool) -> bool:
+        """Journal the alarm with the bays under it; False if the journal refused."""
+        unheard = self.unheard | {bay} if raised else self.unheard - {bay}
+        detail = (
+            f"bay {bay}'s board misses the heartbeat broadcast: the daemon writes it its "
+            "heartbeat directly (check the wiring and, through a transparent gateway, "
+            "the bus URL's ?baud=)"
+            if raised
+            else f"bay {bay}'s board hears the heartbeat broadcast again"
+        )
+        try:
+            self._record(
+                (
+                    "alarm.raised" if raised else "alarm.cleared",
+                    {"kind": "heartbeat_unheard", "bay": bay, "detail": detail},
+                ),
+                change=lambda db: self.journal.put_runtime_state(db, UNHEARD, sorted(unheard)),
+            )
+        except JournalError:
+            return False  # journal_unwritable is its own alarm; tried again at the next beat
+        self.unheard = unheard
+        (log.warning if raised else log.info)("heartbeat_unheard", bay=bay, active=raised)
+        return True
+
+
+async def _direct(bus: ModbusBus, bay: int, counter: int) -> None:
+    await BayBoard(bus, bay).heartbeat(counter)

@@ -143,6 +143,7 @@ def test_deafness_is_an_alarm_only_after_read_backs_missed_twice(tmp_path: Path)
             await ctl.poller.heartbeat()  # unheard by the deaf board: it is in fail-safe
             await _read(ctl, BAY)
             assert world.snapshot()["bays"][BAY - 1]["heartbeat_ok"]  # written directly
+            await ctl.poller.heartbeat()  # no verdict: written directly since the broadcast
             await ctl.poller.heartbeat()  # read-back 1 missed: one lost broadcast is noise
             assert _journaled(ctl, "alarm.raised") == []
             await ctl.poller.heartbeat()  # read-back 2 missed: deaf
@@ -155,7 +156,9 @@ def test_deafness_is_an_alarm_only_after_read_backs_missed_twice(tmp_path: Path)
             # the other boards heard every broadcast: none was ever read back
             assert set(ctl.poller.heartbeats.suspects) == {BAY}
             world.heal(FaultKind.BROADCAST_DEAF, bay=BAY)
-            await ctl.poller.heartbeat()
+            await ctl.poller.heartbeat()  # the first broadcast it hears...
+            assert _journaled(ctl, "alarm.cleared") == []
+            await ctl.poller.heartbeat()  # ...is read back before the next one
             assert [a["bay"] for a in _journaled(ctl, "alarm.cleared")] == [BAY]
             assert ctl.poller.heartbeats.suspects == {}
 

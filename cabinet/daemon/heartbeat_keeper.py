@@ -5,19 +5,22 @@ heartbeat for 5 s cuts its charger and keeps its door locked (docs/hardware.md).
 things read it back: every bay reading carries the board's ``HEARTBEAT_OK`` flag, and
 its HEARTBEAT register holds the last value it took. A reading with the flag cleared,
 taken after a broadcast the board should have heard, makes the bay a suspect: it is
-written its heartbeat directly at once (an FC06 whose echo confirms it), and after each
-later broadcast its register is read back. Holding that broadcast's value, it heard it
-(a board that rebooted is in fail-safe until the next broadcast: that is no deafness);
-holding anything else twice in a row, it does not hear broadcasts — a transparent
-gateway without ``?baud=``, noise on its stub, a firmware quirk — and
-``heartbeat_unheard`` is raised for the bay, which keeps getting its own heartbeat after
-every broadcast (one read and one write a second) until a read-back shows it heard one.
-The bays under that alarm are kept in the journal, so a restarted daemon checks them
-first and clears an alarm that no longer holds.
+written its heartbeat directly at once (an FC06 whose echo confirms it, with the top
+bit set, a value no broadcast carries). Before each later broadcast its register is read
+back: holding the previous broadcast's value, it heard that one (a board that rebooted
+is in fail-safe until the next broadcast: that is no deafness); holding anything else
+in two read-backs in a row, it does not hear broadcasts -- a transparent gateway without
+``?baud=``, noise on its stub, a firmware quirk -- and ``heartbeat_unheard`` is raised
+for the bay, which keeps getting its heartbeat directly (one read and one write a
+second) until a read-back shows it heard one. The read-back comes a second after the
+broadcast it checks, never straight after it, where a gateway that does not keep the
+broadcast's quiet would garble it. The bays under the alarm are kept in the journal, so
+a restarted daemon checks them first and clears an alarm that no longer holds.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Coroutine
 from typing import Any
 
@@ -39,6 +42,10 @@ UNHEARD = "heartbeat_unheard"
 #: Read-backs in a row that missed the broadcast before the alarm: one lost broadcast
 #: (a burst of noise) is not deafness.
 MISSES_TO_ALARM = 2
+#: Broadcast values count in the low 15 bits; a value written to one board directly has
+#: the top bit set, so a read-back can tell the two apart ("any value", docs/hardware.md).
+COUNTER_MASK = 0x7FFF
+DIRECT = 0x8000
 
 
 class HeartbeatKeeper:
@@ -58,22 +65,26 @@ class HeartbeatKeeper:
         self.journal = journal
         self._record = record
         self._spawn = spawn
-        self.counter = 0
+        self.counter = 0  # the value of the latest broadcast on the line
+        self.sent = 0  # broadcasts on the line so far
         self._failing = False
         #: when the latest broadcast was on the line (its quiet kept): a reading that
         #: started later comes from a board that should have heard it
         self.broadcast_at = float("inf")
         #: bays whose board missed a broadcast, and how many read-backs in a row it missed
         self.suspects: dict[int, int] = {}
+        #: ``sent`` when a suspect was last written directly: no verdict before the next
+        self._written: dict[int, int] = {}
         stored = journal.runtime_state(UNHEARD) or []
         self.unheard: set[int] = {bay for bay in stored if isinstance(bay, int)}
         for bay in self.unheard:
-            self.suspects[bay] = MISSES_TO_ALARM  # checked at the first beat
+            self.suspects[bay] = MISSES_TO_ALARM  # written and checked from the first beat
 
     async def beat(self, priority: Priority = Priority.ACTIVE) -> None:
-        """One broadcast, then the read-back of every suspect bay."""
-        self.counter = (self.counter + 1) & 0xFFFF
-        counter = self.counter
+        """The read-back of every suspect bay, then one broadcast."""
+        for bay in sorted(self.suspects):
+            await self._check(bay, priority)
+        counter = (self.counter + 1) & COUNTER_MASK
         try:
             await self.scheduler.submit(
                 priority,
@@ -84,12 +95,12 @@ class HeartbeatKeeper:
                 log.warning("heartbeat_failed", error=str(exc))
             self._failing = True
             return
+        self.counter = counter
+        self.sent += 1
         self.broadcast_at = self.clock.monotonic()
         if self._failing:
             log.info("heartbeat_sent_again")
         self._failing = False
-        for bay in sorted(self.suspects):
-            await self._check(bay, counter, priority)
 
     def missed(self, bay: int, read_started: float) -> None:
         """A reading of ``bay`` shows its board in heartbeat fail-safe.
@@ -101,36 +112,44 @@ class HeartbeatKeeper:
             return
         self.suspects[bay] = 0
         log.warning("heartbeat_missed", bay=bay)
-        self._spawn(self._write_direct(bay, self.counter, Priority.ACTIVE))
+        self._spawn(self._write_direct(bay, Priority.ACTIVE))
 
-    async def _check(self, bay: int, counter: int, priority: Priority) -> None:
-        """Did ``bay`` take broadcast ``counter``? If not, write it to the board directly."""
-        try:
-            (held,) = await self.scheduler.submit(
-                priority,
-                lambda bus: bus.read_holding(bay, bay_map.CommandReg.HEARTBEAT, 1),
-            )
-        except (BusError, ProtocolError, ValueError):
-            return  # a silent board is the bus's news (bay.offline), not this one's
-        if held == counter:
+    async def _check(self, bay: int, priority: Priority) -> None:
+        """Did ``bay`` take the latest broadcast? If not, write it its heartbeat directly."""
+        if self._written.get(bay) == self.sent:
+            return  # written directly since the latest broadcast: nothing to judge yet
+        held = None
+        if self.sent:
+            with contextlib.suppress(BusError, ProtocolError, ValueError):
+                # lost or garbled: no verdict, and the board is written directly all the same
+                (held,) = await self.scheduler.submit(
+                    priority, lambda bus: bus.read_holding(bay, bay_map.CommandReg.HEARTBEAT, 1)
+                )
+        if held == self.counter:
             self._heard(bay)
             return
-        await self._write_direct(bay, counter, priority)
+        await self._write_direct(bay, priority)
+        if held is None:
+            return
         misses = self.suspects.get(bay, 0) + 1
         self.suspects[bay] = misses
         if misses >= MISSES_TO_ALARM and bay not in self.unheard:
             self._alarm(bay, raised=True)
 
-    async def _write_direct(self, bay: int, counter: int, priority: Priority) -> None:
+    async def _write_direct(self, bay: int, priority: Priority) -> None:
+        value = self.counter | DIRECT
         try:
-            await self.scheduler.submit(priority, lambda bus: _direct(bus, bay, counter))
+            await self.scheduler.submit(priority, lambda bus: _direct(bus, bay, value))
         except BusError as exc:
-            log.info("heartbeat_direct_failed", bay=bay, error=str(exc))
+            log.debug("heartbeat_direct_failed", bay=bay, error=str(exc))  # a silent board
+            return
+        self._written[bay] = self.sent
 
     def _heard(self, bay: int) -> None:
         if bay in self.unheard and not self._alarm(bay, raised=False):
             return  # not journaled: still a suspect, cleared at the next read-back
         self.suspects.pop(bay, None)
+        self._written.pop(bay, None)
 
     def _alarm(self, bay: int, *, raised: bool) -> bool:
         """Journal the alarm with the bays under it; False if the journal refused."""

@@ -68,7 +68,12 @@ def text_of(screen: Screen) -> str:
 
 @contextmanager
 def cabinet_with_screen(
-    tmp: Path, *, seed: int = 3, display: dict[str, Any] | None = None, require: bool = True
+    tmp: Path,
+    *,
+    seed: int = 3,
+    display: dict[str, Any] | None = None,
+    require: bool = True,
+    env: dict[str, str] | None = None,
 ) -> Iterator[tuple[Cabinet, Backend, str]]:
     """Broker + simulator + daemon with the display on; yields (cabinet, backend, page URL)."""
     broker = Mosquitto(tmp)
@@ -82,7 +87,7 @@ def cabinet_with_screen(
         }
         backend = Backend("127.0.0.1", broker.port)
         try:
-            with running_cabinet(tmp, seed=seed, extra=extra) as cab:
+            with running_cabinet(tmp, seed=seed, extra=extra, env=env) as cab:
                 url = f"http://127.0.0.1:{port}/"
                 wait_until("the screen to answer", lambda: _answers(url))
                 yield cab, backend, url

@@ -6,7 +6,8 @@ the modules: the real daemon, started as systemd starts it, reports every module
 loads (Python's ``-v``, on stderr) while it starts, answers a technician and begins a
 swap; none of them may belong only to another command or to the optional web display,
 and a cabinet without TLS (no fleet link, or one on mqtt://) loads no OpenSSL - while one
-configured for TLS still speaks it.
+configured for TLS still speaks it. A daemon with the rider's screen loads the screen's
+own two libraries (h11, segno's encoder) and no web framework.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import io
 import json
 import re
 import sys
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -27,12 +29,13 @@ from cabinet.daemon.journal import Journal
 from cabinet.demo.backend import Backend
 from tests.conftest import cabinet_cmd
 from tests.daemon_harness import Cabinet, running_cabinet, wait_until
+from tests.display_helpers import ScreenWatcher, cabinet_with_screen, get_json
 from tests.mqtt_broker import Mosquitto, client_cert_broker
 from tests.tls_certs import make_pki
 
 #: Loaded only by other commands (demo, sim, watch, fleet sim, firmware and technician
-#: commands), by the web display when enabled, or by nobody at run time (rich: structlog
-#: renders tracebacks with it on a terminal; the daemon logs JSON lines). Ed25519 is
+#: commands), or by nobody at run time (rich: structlog renders tracebacks with it on a
+#: terminal; the daemon logs JSON lines). Ed25519 is
 #: PyNaCl's everywhere (cabinet/daemon/tokens.py): ``cryptography``, ~5 MB more resident
 #: for the same signatures, is only the tests' certificate maker (tests/tls_certs.py).
 #: ``TypeAdapter`` and ``create_model`` build the per-type event schemas for the schema
@@ -41,7 +44,7 @@ from tests.tls_certs import make_pki
 #: ``urllib.request`` (with ``http.client``) is read by paho's proxy support only, which the
 #: daemon leaves off (drivers/paho_without_proxy_support.py); ``importlib.metadata`` by
 #: pydantic's plugin scan only, which the daemon skips (console/pydantic_without_plugin_scan.py).
-NOT_IN_THE_DAEMON = (
+OTHER_COMMANDS = (
     "shutil",
     "ctypes",
     "urllib.request",
@@ -50,8 +53,6 @@ NOT_IN_THE_DAEMON = (
     "socks",
     "pymodbus",
     "amqtt",
-    "aiohttp",
-    "segno",
     "rich",
     "pygments",
     "sim",
@@ -59,10 +60,40 @@ NOT_IN_THE_DAEMON = (
     "cabinet.operator",
     "cabinet.console.firmware_cli",
     "cabinet.console.technician_cli",
-    "cabinet.daemon.display.server",
     "cryptography",
     "pydantic.type_adapter",
 )
+
+#: The rider's screen's own code: only a daemon with ``[display] enabled`` loads it.
+DISPLAY_ONLY = (
+    "segno",
+    "h11",
+    "cabinet.daemon.display.server",
+    "cabinet.daemon.display.http_server",
+    "cabinet.daemon.display.qr_code",
+)
+
+#: Not even a daemon with the rider's screen loads these. A web framework and what it brings
+#: (~10 MB resident: aiohttp's C parser, multidict, yarl, ``http.cookies``, ``email``...): the
+#: page is served by h11 on asyncio's own streams (display/http_server.py). segno's file
+#: writers and theirs (``gzip``, ``xml.sax``, and through it ``urllib.request`` and
+#: ``email``: ~3 MB): the QR code is drawn by display/qr_code.py.
+NOT_FOR_THE_SCREEN = (
+    "aiohttp",
+    "multidict",
+    "yarl",
+    "propcache",
+    "aiohappyeyeballs",
+    "aiosignal",
+    "frozenlist",
+    "email",
+    "http.cookies",
+    "segno.writers",
+    "xml",
+    "gzip",
+)
+
+NOT_IN_THE_DAEMON = (*OTHER_COMMANDS, *NOT_FOR_THE_SCREEN, *DISPLAY_ONLY)
 
 #: OpenSSL (libcrypto and libssl, ~4 MB resident): only in a daemon whose configuration may
 #: need it (mqtts://, firmware downloads), though asyncio, http.client, paho and pydantic
@@ -106,6 +137,22 @@ def test_a_running_daemon_loads_no_other_commands_code(tmp_path: Path) -> None:
     assert loaded == [], f"`cabinet run` loaded {loaded}"
     # no [mqtt]: no fleet link, and nothing that speaks TLS
     assert _loaded(cab, ("paho", *OPENSSL)) == []
+
+
+def test_a_daemon_with_the_riders_screen_loads_no_web_framework(tmp_path: Path) -> None:
+    """The page, its event stream and its JSON served, by h11 and segno alone."""
+    with cabinet_with_screen(tmp_path, seed=42, env={"PYTHONVERBOSE": "1"}) as (cab, _, url):
+        with urllib.request.urlopen(url, timeout=5) as page:
+            assert "EventSource" in page.read().decode()
+        assert get_json(url + "screen.json")["qr_svg"].startswith("<svg")
+        watcher = ScreenWatcher(url)
+        try:
+            watcher.wait_for("a screen pushed", lambda s: s["kind"] == "idle")
+        finally:
+            watcher.stop()
+    assert _loaded(cab, NOT_FOR_THE_SCREEN + OTHER_COMMANDS) == []
+    assert {"h11", "segno"} <= set(_loaded(cab, DISPLAY_ONLY))
+    assert _loaded(cab, OPENSSL) == []  # the page is plain HTTP, the fleet link mqtt://
 
 
 def _answers_commands(backend: Backend) -> None:

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 from cabinet.demo.backend import scan_screen
-from tests.daemon_harness import running_cabinet, wait_until
+from tests.daemon_harness import wait_until
 from tests.display_helpers import ScreenWatcher, cabinet_with_screen, get_json, text_of
 from tests.test_swap_end_to_end import collect, deposit
 
@@ -141,11 +141,3 @@ def test_a_restart_does_not_accept_a_code_shown_before_it(tmp_path: Path) -> Non
 
 def _read(path: Path) -> str:
     return path.read_text(encoding="utf-8") if path.exists() else ""
-
-
-def test_without_a_display_the_web_server_is_never_loaded(tmp_path: Path) -> None:
-    with running_cabinet(tmp_path, seed=35) as cab:
-        assert cab.daemon is not None
-        maps = Path(f"/proc/{cab.daemon.pid}/maps").read_text()
-        assert "cabinet.started" in {e["type"] for e in cab.events()}
-        assert "aiohttp" not in maps  # its C parser would be mapped had it been imported

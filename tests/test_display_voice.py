@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from cabinet.daemon.display.voice import Voice, in_quiet_hours
+from cabinet.daemon.display.voice import Voice, find_program, in_quiet_hours
 
 WRITER = f"{sys.executable} -c \"import sys; open(sys.argv[1], 'a').write(sys.argv[2] + '\\n')\""
 
@@ -87,3 +87,21 @@ def test_quiet_hours_and_volume_zero_keep_it_silent(tmp_path: Path) -> None:
     assert in_quiet_hours("22:00-07:00", dt.time(6, 59))
     assert not in_quiet_hours("22:00-07:00", dt.time(7, 0))
     assert in_quiet_hours("12:00-13:00", dt.time(12, 30))
+
+
+def test_espeak_ng_is_found_on_path_as_shutil_finds_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The voice's own PATH lookup (no shutil in the daemon) agrees with shutil.which."""
+    bin_dir, other = tmp_path / "bin", tmp_path / "other"
+    bin_dir.mkdir()
+    other.mkdir()
+    (other / "espeak-ng").write_text("not executable")  # skipped, as shutil.which skips it
+    program = bin_dir / "espeak-ng"
+    program.write_text("#!/bin/sh\n")
+    program.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{other}:{bin_dir}")
+    assert find_program("espeak-ng") == shutil.which("espeak-ng") == str(program)
+    assert Voice("aplay -q {file}", tmp_path / "clips").espeak == str(program)
+    monkeypatch.setenv("PATH", str(other))
+    assert find_program("espeak-ng") is shutil.which("espeak-ng") is None

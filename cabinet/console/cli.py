@@ -282,7 +282,7 @@ def _needs_openssl(config: CabinetConfig) -> bool:
     A fleet link on ``mqtts://`` does, and so do firmware downloads (``[firmware]
     allowed_hosts``: a URL may be https). A link on ``mqtt://`` does not: paho's plain socket
     reads get the names they expect from ``drivers.paho_without_openssl``. The web display
-    serves plain HTTP (aiohttp runs without ``ssl``), and nothing else speaks TLS.
+    serves plain HTTP (h11 on asyncio's streams, no ``ssl``), and nothing else speaks TLS.
     """
     mqtts = config.mqtt is not None and config.mqtt.url.startswith("mqtts:")
     return mqtts or bool(config.firmware.allowed_hosts)

@@ -356,7 +356,7 @@ def rider_side(
 ) -> None:
     """The QR challenges (when shown or required) and the rider's kiosk page (when enabled).
 
-    aiohttp and segno are imported only here, only with ``[display] enabled``: a
+    h11 and segno are imported only here, only with ``[display] enabled``: a
     cabinet without a screen stays lean.
     """
     settings = config.display

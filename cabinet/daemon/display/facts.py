@@ -1,7 +1,7 @@
 """Reading the controller into the view model's ``Facts`` (and remembering the last session).
 
 Kept apart from the pure ``view`` so the mapping from controller internals to what a
-rider is shown is in one place, and apart from ``server`` so it needs no aiohttp.
+rider is shown is in one place, and apart from ``server`` so it needs no HTTP server.
 """
 
 from __future__ import annotations

@@ -1,10 +1,11 @@
 """The kiosk page's HTTP server: the page, its server-sent events, the current challenge.
 
-aiohttp runs on the daemon's own asyncio loop (no thread, no second process) and is
-imported only from here, which the daemon imports only when ``[display]`` is enabled.
-One loop re-reads the controller every ``TICK_S`` (well inside the 200 ms the screen
-may lag a change), rotates the QR challenge, and pushes a screen to every page only
-when it changed; the voice speaks each new prompt.
+The HTTP is ``http_server`` (h11 on asyncio's streams), on the daemon's own loop (no
+thread, no second process); the QR code is ``qr_code`` (segno's encoder). h11 and segno
+are imported only from here, which the daemon imports only when ``[display]`` is enabled.
+One loop re-reads the controller every ``TICK_S`` (well inside the 200 ms the screen may
+lag a change), rotates the QR challenge, and pushes a screen to every page only when it
+changed; the voice speaks each new prompt.
 """
 
 from __future__ import annotations
@@ -14,12 +15,12 @@ import contextlib
 import json
 from typing import TYPE_CHECKING, Any
 
-import segno
 import structlog
-from aiohttp import web
 
 from cabinet.daemon.display.facts import FactsReader
+from cabinet.daemon.display.http_server import HttpServer, Reply, Request, Send, Stream
 from cabinet.daemon.display.page import render
+from cabinet.daemon.display.qr_code import qr_svg
 from cabinet.daemon.display.view import Screen, screen
 
 if TYPE_CHECKING:
@@ -32,12 +33,12 @@ log = structlog.get_logger(__name__)
 
 TICK_S = 0.1
 KEEPALIVE_S = 15.0
+#: a kiosk's event stream never ends by itself: it may hold up a daemon stop this long
 SHUTDOWN_S = 0.5
-
-
-def qr_svg(data: str) -> str:
-    """The QR code as inline SVG (black on white, quiet zone kept for phone cameras)."""
-    return str(segno.make(data, error="m", micro=False).svg_inline(border=4, omitsize=True))
+#: screens a page may be behind before the oldest is dropped (it gets the newest, not a backlog)
+BACKLOG = 4
+NO_STORE = (("Cache-Control", "no-store"),)
+JSON = "application/json; charset=utf-8"
 
 
 class DisplayServer:
@@ -56,7 +57,7 @@ class DisplayServer:
         self.voice = voice
         self.reader = FactsReader(controller, settings.language)
         self.current: Screen | None = None
-        self._clients: set[asyncio.Queue[str]] = set()
+        self._clients: set[asyncio.Queue[str]] = set()  # one per open event stream
         self._qr: tuple[str, str] = ("", "")
         self.port: int | None = None
 
@@ -82,24 +83,24 @@ class DisplayServer:
                 self.voice.say(new.prompt_code, new.language, new.lines)
         return new
 
+    @property
+    def event_streams(self) -> int:
+        """Pages following the screen now (one per open ``/events`` stream)."""
+        return len(self._clients)
+
     async def run(self) -> None:
         """Serve until cancelled (supervised by the daemon)."""
-        app = web.Application()
-        app.router.add_get("/", self._page)
-        app.router.add_get("/events", self._events)
-        app.router.add_get("/screen.json", self._screen)
-        app.router.add_get("/challenge", self._challenge)
-        # a kiosk's event stream never ends by itself: don't let it hold up a daemon stop
-        runner = web.AppRunner(
-            app, access_log=None, handle_signals=False, shutdown_timeout=SHUTDOWN_S
+        http = HttpServer(
+            {
+                "/": self._page,
+                "/events": self._events,
+                "/screen.json": self._screen,
+                "/challenge": self._challenge,
+            },
+            shutdown_s=SHUTDOWN_S,
         )
-        await runner.setup()
         try:
-            site = web.TCPSite(runner, self.settings.bind, self.settings.port, reuse_address=True)
-            await site.start()
-            server = site._server
-            sockets = getattr(server, "sockets", None) or []
-            self.port = sockets[0].getsockname()[1] if sockets else self.settings.port
+            self.port = await http.start(self.settings.bind, self.settings.port)
             log.info("display_listening", url=f"http://{self.settings.bind}:{self.port}/")
             while True:
                 self.refresh()
@@ -107,22 +108,18 @@ class DisplayServer:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self.controller.next_event(), TICK_S)
         finally:
-            await runner.cleanup()
+            await http.close()
 
-    async def _page(self, request: web.Request) -> web.Response:
+    def _page(self, request: Request) -> Reply:
         # ?orientation= previews the other layout (a technician's laptop, the screenshots)
         wanted = request.query.get("orientation", self.settings.orientation)
         orientation = wanted if wanted in ("landscape", "portrait") else "landscape"
-        return web.Response(
-            text=render(orientation),
-            content_type="text/html",
-            headers={"Cache-Control": "no-store"},
-        )
+        return Reply(render(orientation).encode(), "text/html; charset=utf-8", headers=NO_STORE)
 
-    async def _screen(self, _request: web.Request) -> web.Response:
-        return web.json_response((self.current or self.refresh()).to_json())
+    def _screen(self, _request: Request) -> Reply:
+        return _json((self.current or self.refresh()).to_json())
 
-    async def _challenge(self, _request: web.Request) -> web.Response:
+    def _challenge(self, _request: Request) -> Reply:
         """What the QR code encodes now: for the backend stand-in playing the app."""
         shown = self.challenges.shown()
         body: dict[str, Any] = {
@@ -132,34 +129,32 @@ class DisplayServer:
             "issued_at": shown.issued_at,
             "rotates_at": shown.rotates_at,
         }
-        return web.json_response(body, headers={"Cache-Control": "no-store"})
+        return _json(body, headers=NO_STORE)
 
-    async def _events(self, request: web.Request) -> web.StreamResponse:
-        response = web.StreamResponse(
-            headers={
-                "Content-Type": "text/event-stream; charset=utf-8",
-                "Cache-Control": "no-store",
-            }
-        )
-        await response.prepare(request)
-        queue: asyncio.Queue[str] = asyncio.Queue(maxsize=4)
+    def _events(self, _request: Request) -> Stream:
+        return Stream(self._follow, "text/event-stream; charset=utf-8", headers=NO_STORE)
+
+    async def _follow(self, send: Send) -> None:
+        """One page's event stream: the screen now, then each change, until it goes."""
+        queue: asyncio.Queue[str] = asyncio.Queue(maxsize=BACKLOG)
         self._clients.add(queue)
         try:
-            await response.write(b"retry: 1000\n\n")
+            await send(b"retry: 1000\n\n")
             current = self.current or self.refresh()
-            await response.write(_sse(json.dumps(current.to_json(), ensure_ascii=False)))
+            await send(_sse(json.dumps(current.to_json(), ensure_ascii=False)))
             while True:
                 try:
                     data = await asyncio.wait_for(queue.get(), KEEPALIVE_S)
                 except TimeoutError:
-                    await response.write(b": keepalive\n\n")
+                    await send(b": keepalive\n\n")
                     continue
-                await response.write(_sse(data))
-        except ConnectionResetError:
-            pass  # the page went away; it reconnects by itself
+                await send(_sse(data))
         finally:
-            self._clients.discard(queue)
-        return response
+            self._clients.discard(queue)  # the page went (it reconnects by itself)
+
+
+def _json(body: dict[str, Any], headers: tuple[tuple[str, str], ...] = ()) -> Reply:
+    return Reply(json.dumps(body).encode(), JSON, headers=headers)
 
 
 def _sse(data: str) -> bytes:

@@ -1,0 +1,77 @@
+"""The dynamic QR code as inline SVG: segno's encoder, without segno's file writers.
+
+Why: segno's ``writers`` module (PNG, PDF, EPS, terminal... 1,600 lines) and what it
+imports - ``gzip``, ``xml.sax``, and through ``xml.sax.saxutils`` ``urllib.request``,
+``http.client`` and most of ``email`` - cost the daemon ~3 MB resident (issue 14: with the
+rider's screen on too, ``cabinet run`` must fit in 40 MB), for one SVG path. segno's package
+imports ``writers`` at its top but reads it only in the methods that save, print or
+serialise a code, none of which is called here.
+
+``importing_segno`` gives that import a module that stays empty, and takes it out of
+``sys.modules`` again afterwards (as drivers/paho_without_proxy_support.py does for
+paho's ``urllib.request``): whatever imports ``segno.writers`` later gets the real one, and
+so does segno (it reads the attribute off its package at call time). ``qr_svg`` draws the
+matrix segno encodes as segno's own SVG writer would, byte for byte (one stroke per run of
+dark modules in a row, relative moves): tests/test_display_qr.py checks it against that
+writer.
+"""
+
+from __future__ import annotations
+
+import itertools
+import sys
+import types
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+_WRITERS = "segno.writers"
+#: modules of white around the code: phone cameras need the quiet zone to find it
+QUIET_ZONE = 4
+
+
+@contextmanager
+def importing_segno() -> Iterator[bool]:
+    """Around segno's import: ``segno.writers`` not loaded for it; yields whether it was not."""
+    if "segno" in sys.modules or _WRITERS in sys.modules:
+        yield False  # imported already (a test, the demo): nothing to save
+        return
+    empty = types.ModuleType(_WRITERS, "Never read: the QR code is drawn by qr_code.qr_svg.")
+    sys.modules[_WRITERS] = empty
+    try:
+        yield True
+    finally:
+        if sys.modules.get(_WRITERS) is empty:
+            del sys.modules[_WRITERS]
+
+
+with importing_segno():
+    import segno
+
+
+def qr_svg(data: str) -> str:
+    """``data`` as a QR code (level M, never micro): inline SVG, black on no background."""
+    matrix = segno.make(data, error="m", micro=False).matrix
+    size = len(matrix) + 2 * QUIET_ZONE
+    steps: list[str] = []
+    at = (0, 0)  # where the pen is, in modules; strokes run along the middle of a row
+    for row, line in enumerate(matrix, start=QUIET_ZONE):
+        for column, length in _dark_runs(line, QUIET_ZONE):
+            move = (column - at[0], row - at[1])
+            if steps:
+                steps.append(f"m{move[0]} {move[1]}h{length}")
+            else:
+                steps.append(f"M{move[0]} {move[1] + 0.5}h{length}")
+            at = (column + length, row)
+    return (
+        f'<svg viewBox="0 0 {size} {size}" class="segno">'
+        f'<path class="qrline" stroke="#000" d="{"".join(steps)}"/></svg>'
+    )
+
+
+def _dark_runs(line: bytes | bytearray, column: int) -> Iterator[tuple[int, int]]:
+    """(first column, length) of each run of dark modules in one row of the matrix."""
+    for dark, run in itertools.groupby(line):
+        length = sum(1 for _ in run)
+        if dark:
+            yield column, length
+        column += length

@@ -44,6 +44,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/outbox.py
 	$(BIN)/python bench/firmware.py
 	$(BIN)/python bench/daemon_resources.py
+	$(BIN)/python bench/daemon_resources.py --display --fleet
 	$(BIN)/python bench/fleet.py
 	$(BIN)/python bench/broker_cost.py
 

@@ -19,6 +19,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+from cabinet.daemon.bus_commands import OperatorUnlock
 from cabinet.daemon.bus_scheduler import BusScheduler, Priority
 from cabinet.daemon.controller import CabinetController
 from cabinet.daemon.heartbeat_keeper import MISSES_TO_ALARM
@@ -174,5 +175,25 @@ def test_a_reading_taken_before_the_broadcast_proves_nothing(tmp_path: Path) -> 
             assert keeper.suspects == {}
             await _read(ctl, BAY)  # read after the last broadcast: a suspect now
             assert set(keeper.suspects) == {BAY}
+
+    asyncio.run(scenario())
+
+
+def test_a_technicians_open_reaches_a_board_in_fail_safe_that_hears_no_broadcast(
+    tmp_path: Path,
+) -> None:
+    """A board in fail-safe refuses the unlock (0x06) until it gets a heartbeat: directly."""
+
+    async def scenario() -> None:
+        async with poller_and_boards(tmp_path) as (ctl, (world, clock)):
+            world.inject(FaultKind.BROADCAST_DEAF, bay=BAY)
+            clock.advance(BOARD_TIMEOUT_S + 0.1)
+            await ctl.poller.heartbeat()  # unheard: the board stays in fail-safe
+            assert not world.snapshot()["bays"][BAY - 1]["heartbeat_ok"]
+            ctl.poller.carry_out([OperatorUnlock(BAY)])  # `cabinet bay open 3`
+            await ctl.drain()
+            assert world.snapshot()["bays"][BAY - 1]["door"] == "open"
+            assert [e for e in ctl.journal.events(limit=1000) if e["type"] == "bay.fault"] == []
+            assert set(ctl.poller.heartbeats.suspects) == {BAY}  # and watched from now on
 
     asyncio.run(scenario())

@@ -152,14 +152,7 @@ class BayPoller:
             return True
 
         try:
-            try:
-                sent = await self.scheduler.submit(Priority.UNLOCK, unlock_if_still_wanted)
-            except ExceptionReplyError as exc:
-                if exc.code != HEARTBEAT_FAILSAFE_CODE:
-                    raise
-                # the board is in heartbeat fail-safe, not jammed: heartbeat, then once more
-                await self.heartbeat(Priority.UNLOCK)
-                sent = await self.scheduler.submit(Priority.UNLOCK, unlock_if_still_wanted)
+            sent = await self._through_failsafe(bay, unlock_if_still_wanted)
         except ExceptionReplyError as exc:
             failsafe = exc.code == HEARTBEAT_FAILSAFE_CODE
             log.warning(
@@ -181,9 +174,23 @@ class BayPoller:
             self.on_unlock_sent(bay)
         await self.read_bay(bay, Priority.ACTIVE)
 
+    async def _through_failsafe(self, bay: int, unlock: Callable[[ModbusBus], Awaitable[_T]]) -> _T:
+        """Unlock ``bay``; refused in heartbeat fail-safe (0x06), revive the board, once more.
+
+        The board is not jammed then, it wants a heartbeat (docs/hardware.md): written to
+        it directly, so a board deaf to the broadcast gets it too (heartbeat_keeper).
+        """
+        try:
+            return await self.scheduler.submit(Priority.UNLOCK, unlock)
+        except ExceptionReplyError as exc:
+            if exc.code != HEARTBEAT_FAILSAFE_CODE:
+                raise
+        await self.heartbeats.revive(bay, Priority.UNLOCK)
+        return await self.scheduler.submit(Priority.UNLOCK, unlock)
+
     async def _operator_unlock(self, bay: int) -> None:
         try:
-            await self.scheduler.submit(Priority.UNLOCK, lambda bus: BayBoard(bus, bay).unlock())
+            await self._through_failsafe(bay, lambda bus: BayBoard(bus, bay).unlock())
         except BusError as exc:
             self.controller.record(
                 ("bay.fault", {"bay": bay, "reason": f"remote open failed: {exc}"})

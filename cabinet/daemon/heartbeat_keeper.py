@@ -114,6 +114,18 @@ class HeartbeatKeeper:
         log.warning("heartbeat_missed", bay=bay)
         self._spawn(self._write_direct(bay, Priority.ACTIVE))
 
+    async def revive(self, bay: int, priority: Priority) -> None:
+        """``bay``'s board refused an unlock in fail-safe: its heartbeat, straight to it.
+
+        Directly rather than one more broadcast: the echo confirms the board took it, and
+        a board deaf to broadcasts hears only this. A broadcast should have reached it by
+        now, so it is a suspect too (read back from the next beat on).
+        """
+        if self.clock.monotonic() > self.broadcast_at and bay not in self.suspects:
+            self.suspects[bay] = 0
+            log.warning("heartbeat_missed", bay=bay)
+        await self._write_direct(bay, priority)
+
     async def _check(self, bay: int, priority: Priority) -> None:
         """Did ``bay`` take the latest broadcast? If not, write it its heartbeat directly."""
         if self._written.get(bay) == self.sent:

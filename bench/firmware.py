@@ -23,6 +23,9 @@ The floors, all from ``protocol/rtu_timing.py`` (docs/hardware.md, "Wire-time mo
 The goal (<= 1.25 x the transfer floor) is held against the **transfer**: from the
 board accepting BEGIN (the CLI's first ``sending`` line) to the last chunk's echo (its
 first ``verifying`` line). The whole update (CLI start to exit) is printed beside it.
+(The daemon also sends shortened chunks, 1-240 bytes, to fill the end of each lend:
+each carries the same 23 bytes of frame overhead, so the floors, counted in whole
+chunks, stay floors.)
 For the transfer window the simulator's counters give the breakdown of the line: bytes
 of chunks on the wire, the chunks' line time, polling's line time (every other unit and
 the broadcasts), and the idle rest (the daemon's own time between frames, and pacing).

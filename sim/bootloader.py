@@ -4,21 +4,31 @@ It is deliberately strict, like a real one should be: a chunk at the wrong offse
 refused, a commit hashes the staged bytes, an image that does not boot (fault
 ``firmware_bad``) or is not confirmed in time is replaced by the previous one, and
 the staged bytes survive a power cut so a transfer can resume where it stopped.
+Two more faults make the new image misbehave after it booted, so the daemon's
+handling of an activated image it cannot confirm can be tried over the bus:
+``firmware_hangs`` (CONFIRM or ROLLBACK is never answered: the image hangs, its
+watchdog resets the board and the bootloader boots the previous image) and
+``firmware_mislabelled`` (the image reports the version it replaced, so the daemon
+rolls it back).
 """
 
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Collection
 from dataclasses import dataclass, field
 
 from protocol import firmware_map as fw
 from protocol.firmware_map import Command, State
-from sim.faults import ILLEGAL_ADDRESS, ILLEGAL_VALUE, WriteRefusedError
+from sim.faults import ILLEGAL_ADDRESS, ILLEGAL_VALUE, FaultKind, WriteRefusedError
 
 FIRMWARE_VERSION = 0x0103  # 1.3: what every board runs out of the factory
 REBOOT_S = 1.5  # from ACTIVATE (or power back) to answering on the bus again
 ACK_S = 0.05  # a board acknowledges ACTIVATE / ROLLBACK before it resets
 CONFIRM_WINDOW_S = 30.0  # a new image not confirmed by then is rolled back
+#: A hung image (fault ``firmware_hangs``) is reset by the board's watchdog after this long;
+#: longer than the daemon's bounded CONFIRM tries, so they all go unanswered
+WATCHDOG_S = 4.0
 
 
 @dataclass(slots=True)
@@ -36,9 +46,18 @@ class Bootloader:
     confirm_deadline: float | None = None
     booting_bad_image: bool = False  # the image being booted will not come up
     next_image_bad: bool = False  # fault firmware_bad: the next activation fails
+    next_image_hangs: bool = False  # fault firmware_hangs: the next image hangs at CONFIRM
+    next_image_mislabelled: bool = False  # fault firmware_mislabelled
+    image_hangs: bool = False  # the image pending confirmation hangs at CONFIRM / ROLLBACK
     powered: bool = True
     bytes_received: int = 0  # over the bus, all transfers: a resume shows as less than 2x
     activations: int = 0
+
+    def set_faults(self, faults: Collection[FaultKind]) -> None:
+        """Arm (or disarm) the faults that act on the next activated image, as injected."""
+        self.next_image_bad = FaultKind.FIRMWARE_BAD in faults
+        self.next_image_hangs = FaultKind.FIRMWARE_HANGS in faults
+        self.next_image_mislabelled = FaultKind.FIRMWARE_MISLABELLED in faults
 
     def silent(self, now: float) -> bool:
         """Rebooting or without power: nothing answers."""
@@ -115,6 +134,10 @@ class Bootloader:
             self._commit()
         elif command is Command.ACTIVATE:
             self._activate(now)
+        elif command in (Command.CONFIRM, Command.ROLLBACK) and self.image_hangs:
+            if self.state is not State.PENDING_CONFIRM:
+                raise WriteRefusedError(ILLEGAL_VALUE, "no new image to confirm or roll back")
+            self._hang(now)
         elif command is Command.CONFIRM:
             if self.state is not State.PENDING_CONFIRM:
                 raise WriteRefusedError(ILLEGAL_VALUE, "nothing to confirm")
@@ -157,6 +180,10 @@ class Bootloader:
             raise WriteRefusedError(ILLEGAL_VALUE, "only a verified image can be activated")
         self.activations += 1
         self.previous_version, self.active_version = self.active_version, self.header.version
+        if self.next_image_mislabelled:  # the build still says the version it replaces
+            self.next_image_mislabelled = False
+            self.active_version = self.previous_version
+        self.image_hangs, self.next_image_hangs = self.next_image_hangs, False
         self._reboot(now, ack=True)
         if self.next_image_bad:
             self.next_image_bad = False
@@ -165,6 +192,22 @@ class Bootloader:
             return
         self.state = State.PENDING_CONFIRM
         self.confirm_deadline = self.reboot_until + CONFIRM_WINDOW_S
+
+    def _hang(self, now: float) -> None:
+        """The new image hangs on the command: silent at once, so its reply is never sent.
+
+        The watchdog resets the board after ``WATCHDOG_S``; the bootloader, finding the
+        image unconfirmed, boots the previous one (``rolled_back``) in a normal reboot.
+        The RTU server (``sim/bus_server.py``) drops the reply of a unit silent by the
+        time it goes out; the in-process ``DirectClient`` looks only before a request,
+        so there the command's reply still comes.
+        """
+        self.image_hangs = False
+        self.active_version, self.previous_version = self.previous_version, 0
+        self.state = State.ROLLED_BACK
+        self.confirm_deadline = None
+        self.reboot_from = now
+        self.reboot_until = now + WATCHDOG_S + REBOOT_S
 
     def _revert(self, now: float) -> None:
         self.active_version, self.previous_version = self.previous_version, 0

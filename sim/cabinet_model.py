@@ -501,7 +501,7 @@ class SimulatedCabinet:
             bay.heartbeat_counter, bay.last_heartbeat = 0, None  # no charging
             bay.charger_enabled = False
         bay.boot.power(on=powered, now=self._t)
-        bay.boot.next_image_bad = FaultKind.FIRMWARE_BAD in bay.faults
+        bay.boot.set_faults(bay.faults)
         if FaultKind.DOOR_SENSOR_STUCK in bay.faults:
             if bay.stuck_door_reading is None:
                 bay.stuck_door_reading = bay.door_closed

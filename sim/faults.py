@@ -19,6 +19,12 @@ class FaultKind(enum.StrEnum):
     MAINS_LOSS = "mains_loss"  # mains power disappears: chargers and meter go dead
     POWER_CUT = "power_cut"  # the bay board loses power (flash kept); back on heal
     FIRMWARE_BAD = "firmware_bad"  # the next image activated on the bay will not boot
+    #: the next image activated on the bay hangs when told to CONFIRM or ROLLBACK: no reply,
+    #: silent until its watchdog resets it and the bootloader boots the previous image
+    FIRMWARE_HANGS = "firmware_hangs"
+    #: the next image activated on the bay reports the version it replaced (a build whose
+    #: version was not bumped): the daemon rolls it back
+    FIRMWARE_MISLABELLED = "firmware_mislabelled"
     CHARGER_STUCK = "charger_stuck"  # the board acknowledges charger-off writes, ignores them
     CONTACTOR_STUCK = "contactor_stuck"  # the cabinet board acknowledges "open", stays closed
     LOCK_FAILURE = "lock_failure"  # the lock driver is broken: unlocks get 0x04 device failure
@@ -39,6 +45,8 @@ BAY_FAULTS = frozenset(
         FaultKind.BMS_FAULT,
         FaultKind.POWER_CUT,
         FaultKind.FIRMWARE_BAD,
+        FaultKind.FIRMWARE_HANGS,
+        FaultKind.FIRMWARE_MISLABELLED,
         FaultKind.CHARGER_STUCK,
         FaultKind.LOCK_FAILURE,
         FaultKind.BOARD_FAILURE,

@@ -19,7 +19,7 @@ from firmware_bridge.image import (
     parse_image,
     parse_version,
 )
-from firmware_bridge.updater import BayUpdater, Progress, UpdateFailedError
+from firmware_bridge.updater import BayUpdater, Progress, UpdateFailedError, chunk_length
 from protocol import firmware_map as fw
 from sim.faults import FaultKind
 from tests.conftest import master, running_sim
@@ -120,6 +120,25 @@ def test_an_update_flashes_verifies_activates_and_confirms() -> None:
         assert sim.world.bays[4].boot.active_version == 0x0103  # the neighbours untouched
 
     run(scenario)
+
+
+def test_shortened_chunks_carry_the_image_intact() -> None:
+    """Chunks sized by the share of a lend left (1-240 bytes, docs/firmware.md) add up.
+
+    The daemon fills the end of each lend with a shorter chunk (``bulk_share``): the
+    board must stage every byte once, in order, and verify the image's hash.
+    """
+    shares = iter([None, 0.3, 0.9, None, 0.25] * 100)
+
+    async def scenario(sim: Any, bus: ModbusBus) -> None:
+        updater = BayUpdater(direct(bus), 2, parse_image(image()), chunk_share=lambda: next(shares))
+        await updater.run(0x0103)
+        boot = sim.world.bays[2].boot
+        assert boot.active_version == V14 and boot.state is fw.State.IDLE
+        assert boot.bytes_received == len(PAYLOAD)  # every byte sent exactly once
+
+    run(scenario)
+    assert [chunk_length(s) for s in (None, 1.0, 0.5, 0.25)] == [240, 240, 108, 42]
 
 
 def test_a_reply_lost_before_the_first_chunk_resumes_the_update() -> None:

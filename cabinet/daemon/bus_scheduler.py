@@ -10,6 +10,9 @@ lends it the line (``lend_to_bulk``): between two poll cycles, up to the moment 
 next cycle is due. A bulk job starts only if it is expected to end by then, so the
 next cycle's first read never waits for a chunk on the wire, and every bay keeps its
 once-a-second read however long the transfer is (docs/firmware.md, "Sharing the line").
+The rest of a lend too short for a whole job is not left idle: a job may still start
+there, told what share of a whole job's time it has (``bulk_share``), and fits itself
+to it (a shorter image chunk).
 
 One job is on the bus at a time, whoever runs it. Mostly the worker does; but a job
 submitted while the line is idle and nothing is queued is run by the caller itself
@@ -38,6 +41,10 @@ T = TypeVar("T")
 #: Bulk jobs whose length predicts the next one's: a chunk is as long as the last few
 #: (the same frame size), and one slow job (a CPU wait) is forgotten after this many.
 BULK_JOBS_REMEMBERED = 8
+#: The least share of a whole bulk job's time worth a shortened one at the end of a lend:
+#: a chunk's frame overhead (23 of its 263 bytes, the gaps, the turnaround) on a few
+#: bytes of image would cost more line than it moves
+BULK_MIN_SHARE = 0.25
 
 
 class Priority(enum.IntEnum):
@@ -82,6 +89,8 @@ class BusScheduler:
         self._bulk_lengths: collections.deque[float] = collections.deque(
             maxlen=BULK_JOBS_REMEMBERED
         )
+        #: the bulk job on the wire fits this share of a whole one's time; None: whole
+        self._bulk_share: float | None = None
         self._lend_given_back = asyncio.Event()
 
     async def submit(self, priority: Priority, job: Callable[[ModbusBus], Awaitable[T]]) -> T:
@@ -116,6 +125,17 @@ class BusScheduler:
     def waiting(self, priority: Priority) -> bool:
         """Whether a job of ``priority`` is queued: the poller stretches its pacing for bulk."""
         return any(queued[0] == priority and not queued[3].done() for queued in self._queue)
+
+    def bulk_share(self) -> float | None:
+        """The share of a whole bulk job's time the bulk job now running may take.
+
+        None: a whole job (it fits the lend, nobody lends, or it is the lend's first and
+        the lend has no room even for a shortened one: the transfer still moves on).
+        A number (``BULK_MIN_SHARE`` to 1): the job starts in the last part of a lend too
+        short for a whole one and must fit itself to it, so the lend's rest goes to the
+        transfer instead of to an early poll cycle (docs/firmware.md, "Sharing the line").
+        """
+        return self._bulk_share
 
     def lend_to_bulk(self, for_s: float) -> None:
         """Let bulk jobs use the line for the next ``for_s`` seconds, then hold them.
@@ -164,12 +184,17 @@ class BusScheduler:
             return False
         if self._on_the_wire:  # a caller's own job: its end wakes the worker
             return False
+        self._bulk_share = None
         if self._queue[0][0] != Priority.BULK or self._bulk_until is None:
             return True
-        if not self._bulk_started_since_lend:
-            return True
         expected = max(self._bulk_lengths, default=0.0)
-        if self._clock() + expected <= self._bulk_until:
+        room = self._bulk_until - self._clock()
+        if expected <= room:
+            return True
+        if expected > 0 and room >= BULK_MIN_SHARE * expected:
+            self._bulk_share = room / expected  # a shortened job fills the rest
+            return True
+        if not self._bulk_started_since_lend:  # no room: one whole job all the same
             return True
         self._lend_given_back.set()
         return False
@@ -197,9 +222,12 @@ class BusScheduler:
                 if not future.done():
                     future.set_exception(exc)
             else:
-                if bulk:  # only jobs that went through: a timed-out one says nothing of the next
+                # only whole jobs that went through: a timed-out or shortened one says
+                # nothing of the next whole one
+                if bulk and self._bulk_share is None:
                     self._bulk_lengths.append(self._clock() - started)
                 if not future.done():
                     future.set_result(result)
             finally:
                 self._on_the_wire = False
+                self._bulk_share = None

@@ -30,7 +30,7 @@ from typing import Any
 import structlog
 from nacl.signing import VerifyKey as Ed25519PublicKey  # the one Ed25519 library: PyNaCl
 
-from cabinet.core.swap_machine import Phase
+from cabinet.core.swap_machine import BOARD_SILENT, Phase
 from cabinet.daemon.bus_scheduler import Priority
 from cabinet.daemon.controller import CabinetController
 from cabinet.daemon.firmware_download import (
@@ -52,7 +52,13 @@ from firmware_bridge.image import (
     parse_image,
 )
 from firmware_bridge.image_file import ImageSourceError, inside, open_image, read_image
-from firmware_bridge.updater import BayUpdater, Progress, UpdateFailedError, read_status
+from firmware_bridge.updater import (
+    BayUpdater,
+    Progress,
+    UnconfirmedError,
+    UpdateFailedError,
+    read_status,
+)
 from protocol import bay_map
 from protocol import firmware_map as fw
 from protocol.errors import CodedError, ProtocolError
@@ -247,12 +253,17 @@ class FirmwareService:
         started = time.monotonic()
         try:
             outcome = await BayUpdater(
-                self._submit, bay, image, on_progress=progress, submit_chunk=self._submit_chunk
+                self._submit,
+                bay,
+                image,
+                on_progress=progress,
+                submit_chunk=self._submit_chunk,
+                chunk_share=c.scheduler.bulk_share,
             ).run(board.firmware_version)
         except UpdateFailedError as exc:
             self.event("firmware.failed", {"bay": bay, "reason": exc.reason, "detail": str(exc)})
-            if was_in_service and exc.reason != "board_lost":
-                c.set_bay_service(bay, in_service=True, reason="firmware unchanged", by="firmware")
+            if was_in_service:
+                self._after_failure(bay, exc)
             return BayResult(bay, "failed", f"{exc.reason}: {exc}")
         duration = round(time.monotonic() - started, 1)
         self.event(
@@ -270,6 +281,21 @@ class FirmwareService:
         return BayResult(
             bay, "updated", f"{running} -> {image.version_str}", image.version_str, duration
         )
+
+    def _after_failure(self, bay: int, failure: UpdateFailedError) -> None:
+        """The service of a bay whose update failed, by what its board is left running.
+
+        The old image (the update failed before ACTIVATE, or was rolled back): back in
+        service. A new image not confirmed: its bootloader reverts it by itself, with a
+        reboot, at the end of its confirm window, so the bay is handed to the poller as a
+        silent board: back in service at the board's next answered reading, which the
+        poller's rules judge like any other. A board that never came back: left out.
+        """
+        c = self.controller
+        if isinstance(failure, UnconfirmedError):
+            c.set_bay_service(bay, in_service=False, reason=BOARD_SILENT, by="firmware")
+        elif failure.reason != "board_lost":
+            c.set_bay_service(bay, in_service=True, reason="firmware unchanged", by="firmware")
 
     @property
     def busy(self) -> bool:

@@ -57,3 +57,24 @@ def test_drawing_the_code_loads_no_file_writer() -> None:
         [sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, check=True
     ).stdout
     assert out.strip() in {"['urllib', 'urllib.parse']", "[]"}, out
+
+
+def test_segnos_own_writers_still_work_after_the_daemon_drew_a_code() -> None:
+    """A save or a terminal code later in the same process (a test, the demo) gets the writer."""
+    script = textwrap.dedent(
+        """
+        import sys
+        from cabinet.daemon.display.qr_code import qr_svg
+        qr_svg("swapcab:1:cab:abc")
+        assert "segno.writers" not in sys.modules and "gzip" not in sys.modules
+        import segno
+        from segno import writers
+        assert segno.make("x").svg_inline().startswith("<svg")
+        assert callable(writers.save) and "gzip" in sys.modules
+        print("ok")
+        """
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, check=True
+    ).stdout
+    assert out.strip() == "ok"

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import os
 import shutil
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -13,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from cabinet.daemon.display.voice import Voice, find_program, in_quiet_hours
+from tests.conftest import REPO
 
 WRITER = f"{sys.executable} -c \"import sys; open(sys.argv[1], 'a').write(sys.argv[2] + '\\n')\""
 
@@ -105,3 +108,24 @@ def test_espeak_ng_is_found_on_path_as_shutil_finds_it(
     assert Voice("aplay -q {file}", tmp_path / "clips").espeak == str(program)
     monkeypatch.setenv("PATH", str(other))
     assert find_program("espeak-ng") is shutil.which("espeak-ng") is None
+
+
+def test_a_path_entry_it_may_not_enter_is_skipped(tmp_path: Path) -> None:
+    """PATH inherited from root (``/root/.local/bin``): skipped, as shutil.which skips it.
+
+    A PermissionError there escaped the voice's lookup and stopped the daemon at start.
+    Run as nobody: root enters any directory.
+    """
+    locked = tmp_path / "locked"
+    (locked / "inner").mkdir(parents=True)
+    locked.chmod(0o700)
+    script = "from cabinet.daemon.display.voice import find_program; print(find_program('sh'))"
+    command = [sys.executable, "-c", script]
+    if os.geteuid() == 0:
+        if shutil.which("setpriv") is None:
+            pytest.skip("running as root without setpriv to drop to nobody")
+        command = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", *command]
+    env = {"PATH": f"{locked / 'inner'}:/usr/bin:/bin", "PYTHONPATH": str(REPO)}
+    result = subprocess.run(command, check=False, env=env, cwd="/", capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "/usr/bin/sh"

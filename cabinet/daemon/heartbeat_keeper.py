@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
 from typing import Any
 
 import structlog
@@ -42,10 +43,25 @@ UNHEARD = "heartbeat_unheard"
 #: Read-backs in a row that missed the broadcast before the alarm: one lost broadcast
 #: (a burst of noise) is not deafness.
 MISSES_TO_ALARM = 2
-#: Broadcast values count in the low 15 bits; a value written to one board directly has
-#: the top bit set, so a read-back can tell the two apart ("any value", docs/hardware.md).
+#: Read-backs in a row that heard the broadcast before the alarm clears: a board that
+#: loses most broadcasts (noise on its stub) keeps its alarm rather than raising and
+#: clearing it every few seconds (10 s without a lost broadcast).
+HEARD_TO_CLEAR = 10
+#: Broadcast values count 1..0x7FFF (never 0, the register's power-up value: a board that
+#: restarted must not read as one that heard); a value written to one board directly has
+#: the top bit set, so a read-back tells the two apart ("any value", docs/hardware.md).
 COUNTER_MASK = 0x7FFF
 DIRECT = 0x8000
+
+
+@dataclass(slots=True)
+class Suspect:
+    """A board that was seen in fail-safe after a broadcast, until it hears them again."""
+
+    misses: int = 0  # read-backs in a row that missed the broadcast
+    heard: int = 0  # read-backs in a row that heard it
+    written: int | None = None  # ``sent`` when last written directly: no verdict before
+    checked: int | None = None  # ``sent`` at its last verdict: one verdict per broadcast
 
 
 class HeartbeatKeeper:
@@ -65,26 +81,24 @@ class HeartbeatKeeper:
         self.journal = journal
         self._record = record
         self._spawn = spawn
-        self.counter = 0  # the value of the latest broadcast on the line
+        self.counter = 0  # the value of the latest broadcast on the line (0: none yet)
         self.sent = 0  # broadcasts on the line so far
         self._failing = False
         #: when the latest broadcast was on the line (its quiet kept): a reading that
-        #: started later comes from a board that should have heard it
+        #: started later, within a board's timeout, comes from a board that should have
+        #: heard it
         self.broadcast_at = float("inf")
-        #: bays whose board missed a broadcast, and how many read-backs in a row it missed
-        self.suspects: dict[int, int] = {}
-        #: ``sent`` when a suspect was last written directly: no verdict before the next
-        self._written: dict[int, int] = {}
+        self.suspects: dict[int, Suspect] = {}
         stored = journal.runtime_state(UNHEARD) or []
         self.unheard: set[int] = {bay for bay in stored if isinstance(bay, int)}
-        for bay in self.unheard:
-            self.suspects[bay] = MISSES_TO_ALARM  # written and checked from the first beat
+        for bay in self.unheard:  # written and checked from the first beat
+            self.suspects[bay] = Suspect(misses=MISSES_TO_ALARM)
 
     async def beat(self, priority: Priority = Priority.ACTIVE) -> None:
         """The read-back of every suspect bay, then one broadcast."""
         for bay in sorted(self.suspects):
             await self._check(bay, priority)
-        counter = (self.counter + 1) & COUNTER_MASK
+        counter = self.counter % COUNTER_MASK + 1
         try:
             await self.scheduler.submit(
                 priority,
@@ -105,12 +119,15 @@ class HeartbeatKeeper:
     def missed(self, bay: int, read_started: float) -> None:
         """A reading of ``bay`` shows its board in heartbeat fail-safe.
 
-        Only a reading that started after a broadcast counts (the board may have read
-        before it); a new suspect is written its heartbeat at once, not a beat later.
+        Only a reading that started after a broadcast, within a board's timeout of it,
+        counts: before it the board may not have had it yet, and after our own gap (an
+        adapter lost, broadcasts failing) every board is in fail-safe through no fault of
+        its own. A new suspect is written its heartbeat at once, not a beat later.
         """
-        if read_started <= self.broadcast_at or bay in self.suspects:
+        since = read_started - self.broadcast_at
+        if not 0.0 < since < bay_map.HEARTBEAT_TIMEOUT_S or bay in self.suspects:
             return
-        self.suspects[bay] = 0
+        self.suspects[bay] = Suspect()
         log.warning("heartbeat_missed", bay=bay)
         self._spawn(self._write_direct(bay, Priority.ACTIVE))
 
@@ -122,14 +139,16 @@ class HeartbeatKeeper:
         now, so it is a suspect too (read back from the next beat on).
         """
         if self.clock.monotonic() > self.broadcast_at and bay not in self.suspects:
-            self.suspects[bay] = 0
+            self.suspects[bay] = Suspect()
             log.warning("heartbeat_missed", bay=bay)
         await self._write_direct(bay, priority)
 
     async def _check(self, bay: int, priority: Priority) -> None:
         """Did ``bay`` take the latest broadcast? If not, write it its heartbeat directly."""
-        if self._written.get(bay) == self.sent:
-            return  # written directly since the latest broadcast: nothing to judge yet
+        suspect = self.suspects.get(bay)
+        if suspect is None or self.sent in (suspect.written, suspect.checked):
+            return  # written directly since the latest broadcast, or judged on it already
+        suspect.checked = self.sent
         held = None
         if self.sent:
             with contextlib.suppress(BusError, ProtocolError, ValueError):
@@ -138,14 +157,15 @@ class HeartbeatKeeper:
                     priority, lambda bus: bus.read_holding(bay, bay_map.CommandReg.HEARTBEAT, 1)
                 )
         if held == self.counter:
-            self._heard(bay)
+            suspect.misses, suspect.heard = 0, suspect.heard + 1
+            if bay not in self.unheard or suspect.heard >= HEARD_TO_CLEAR:
+                self._heard(bay)
             return
         await self._write_direct(bay, priority)
         if held is None:
             return
-        misses = self.suspects.get(bay, 0) + 1
-        self.suspects[bay] = misses
-        if misses >= MISSES_TO_ALARM and bay not in self.unheard:
+        suspect.misses, suspect.heard = suspect.misses + 1, 0
+        if suspect.misses >= MISSES_TO_ALARM and bay not in self.unheard:
             self._alarm(bay, raised=True)
 
     async def _write_direct(self, bay: int, priority: Priority) -> None:
@@ -155,13 +175,13 @@ class HeartbeatKeeper:
         except BusError as exc:
             log.debug("heartbeat_direct_failed", bay=bay, error=str(exc))  # a silent board
             return
-        self._written[bay] = self.sent
+        if (suspect := self.suspects.get(bay)) is not None:
+            suspect.written = self.sent
 
     def _heard(self, bay: int) -> None:
         if bay in self.unheard and not self._alarm(bay, raised=False):
             return  # not journaled: still a suspect, cleared at the next read-back
         self.suspects.pop(bay, None)
-        self._written.pop(bay, None)
 
     def _alarm(self, bay: int, *, raised: bool) -> bool:
         """Journal the alarm with the bays under it; False if the journal refused."""

@@ -122,6 +122,10 @@ class HttpServer:
             await self._serve(conn, reader, writer)
         except (ConnectionError, TimeoutError):
             pass  # the client went, or stalled: nothing to answer
+        except asyncio.CancelledError:
+            # close() drops the client: end quietly (Python 3.11's start_server logs a
+            # connection task that ends cancelled as an error, with a traceback)
+            pass
         except Exception as exc:  # noqa: BLE001 - a bug here costs one connection, not the daemon
             log.error("display_http_failed", error=f"{type(exc).__name__}: {exc}")
         finally:
@@ -191,7 +195,10 @@ async def _read_request(conn: h11.Connection, reader: asyncio.StreamReader) -> R
             body += len(done.data)
             if body > MAX_BODY_BYTES:
                 raise _RequestTooLargeError
-    target = urlsplit(event.target.decode("ascii"))
+    try:
+        target = urlsplit(event.target.decode("ascii"))
+    except ValueError as exc:  # "http://[::1/": no URL at all
+        raise h11.RemoteProtocolError(f"bad target: {exc}", error_status_hint=400) from exc
     return Request(
         method=event.method.decode("ascii"),
         path=target.path,

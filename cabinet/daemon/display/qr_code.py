@@ -7,10 +7,11 @@ rider's screen on too, ``cabinet run`` must fit in 40 MB), for one SVG path. seg
 imports ``writers`` at its top but reads it only in the methods that save, print or
 serialise a code, none of which is called here.
 
-``importing_segno`` gives that import a module that stays empty, and takes it out of
-``sys.modules`` again afterwards (as drivers/paho_without_proxy_support.py does for
-paho's ``urllib.request``): whatever imports ``segno.writers`` later gets the real one, and
-so does segno (it reads the attribute off its package at call time). ``qr_svg`` draws the
+``importing_segno`` gives that import a stand-in that loads the real module the first
+time anything reads from it, and takes it out of ``sys.modules`` again afterwards (as
+drivers/paho_without_proxy_support.py does for paho's ``urllib.request``): a save, a print
+or ``from segno import writers`` later in the same process (a test, the demo) still works,
+and the daemon, which reads nothing from it, never loads it. ``qr_svg`` draws the
 matrix segno encodes as segno's own SVG writer would, byte for byte (one stroke per run of
 dark modules in a row, relative moves): tests/test_display_qr.py checks it against that
 writer.
@@ -18,6 +19,7 @@ writer.
 
 from __future__ import annotations
 
+import importlib
 import itertools
 import sys
 import types
@@ -35,13 +37,28 @@ def importing_segno() -> Iterator[bool]:
     if "segno" in sys.modules or _WRITERS in sys.modules:
         yield False  # imported already (a test, the demo): nothing to save
         return
-    empty = types.ModuleType(_WRITERS, "Never read: the QR code is drawn by qr_code.qr_svg.")
-    sys.modules[_WRITERS] = empty
+    stand_in = _WritersOnFirstUse(_WRITERS, "segno.writers, loaded when first read")
+    sys.modules[_WRITERS] = stand_in
     try:
         yield True
     finally:
-        if sys.modules.get(_WRITERS) is empty:
+        if sys.modules.get(_WRITERS) is stand_in:
             del sys.modules[_WRITERS]
+
+
+class _WritersOnFirstUse(types.ModuleType):
+    """What segno's package binds as ``writers``: the real module, once something reads it.
+
+    segno's ``__init__`` does ``from . import writers``, so its ``writers`` name (and
+    ``from segno import writers`` elsewhere) is this object for good: a save, a print or
+    a terminal code (a test, the demo) reads an attribute, and gets the real module's.
+    """
+
+    def __getattr__(self, name: str) -> object:
+        if sys.modules.get(_WRITERS) is self:
+            del sys.modules[_WRITERS]
+        real = importlib.import_module(_WRITERS)  # rebinds segno.writers to it, too
+        return getattr(real, name)
 
 
 with importing_segno():

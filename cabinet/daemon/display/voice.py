@@ -35,7 +35,11 @@ def find_program(name: str) -> str | None:
     """
     for directory in os.get_exec_path():
         path = Path(directory or ".") / name
-        if path.is_file() and os.access(path, os.X_OK):
+        try:
+            found = path.is_file() and os.access(path, os.X_OK)
+        except OSError:  # a directory on PATH we may not enter: skipped, as shutil skips it
+            continue
+        if found:
             return str(path)
     return None
 

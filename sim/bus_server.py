@@ -10,6 +10,14 @@ real bus is. ``trace_packet`` on the way out silences units (a dead board, or a
 unit id nobody answers to) and corrupts CRCs, which is where those faults live on
 a real line too.
 
+A master's frames can reach the simulator in one read of its socket: a request sent
+10 ms after a heartbeat broadcast (nobody answers a broadcast, so the master does not
+wait for one) meets a simulator held off the CPU for longer. pymodbus' RTU framer takes
+the first frame of a read and drops the rest as noise, so the request was lost and a
+healthy board "did not answer". The line hears every frame: ``_trace_packet`` hands
+pymodbus one request at a time, and each connection takes the next one left in its
+buffer as soon as the previous one is served (``_LineConnection``).
+
 Behind a pty (``cabinet sim --bus pty:///...``) the replies do not travel back over
 TCP: the gateway takes each one from ``trace_packet`` with the instant the model says
 its last byte arrives (``deliver_replies_to``) and writes it to the pty then, so the
@@ -32,6 +40,7 @@ from typing import Any
 from pymodbus.constants import ExcCodes
 from pymodbus.framer import FramerRTU, FramerType
 from pymodbus.server import ModbusTcpServer
+from pymodbus.server.requesthandler import ServerRequestHandler
 from pymodbus.simulator import DataType, SimData, SimDevice
 
 from protocol import bay_map, cabinet_map, firmware_map, meter_map, rtu_timing
@@ -102,6 +111,60 @@ class UnitCounters:
 
 def _block(start: int, count: int) -> SimData:
     return SimData(start, count=count, values=0, datatype=DataType.REGISTERS)
+
+
+def _first_request(data: bytes) -> bytes:
+    """The first whole request frame of ``data`` (a function our boards serve), else ``data``."""
+    if len(data) < rtu_timing.READ_REQUEST_BYTES:
+        return data
+    function_code = data[1]
+    if function_code in READ_FUNCTIONS or function_code == WRITE_SINGLE:
+        size = rtu_timing.READ_REQUEST_BYTES
+    elif function_code == WRITE_MULTIPLE:
+        size = rtu_timing.write_multiple_request_bytes(int.from_bytes(data[4:6], "big"))
+    else:
+        return data  # pymodbus frames (or refuses) what the boards do not serve
+    return data[:size] if size < len(data) else data
+
+
+class _LineConnection(ServerRequestHandler):
+    """One master's connection: every request it sent is served, one after the other.
+
+    pymodbus keeps what follows a frame in its receive buffer, which its next send
+    clears, and looks at it again only when more bytes come: requests that came in
+    one read wait here instead, and the next is taken as soon as one is served.
+    """
+
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)  # type: ignore[no-untyped-call]
+        self._queued = b""  # whole requests (and anything after them) not yet served
+
+    def callback_data(self, data: bytes, addr: tuple[str, int] | None = None) -> int:
+        if self._queued:  # an earlier request is still being served: these wait their turn
+            self._queued += data
+            return len(data)
+        used: int = super().callback_data(data, addr)
+        if 0 < used < len(data):
+            if self.last_pdu is None:  # that was no request (noise, a bad CRC): go on
+                return used + self.callback_data(data[used:], addr)
+            self._queued = data[used:]
+            return len(data)
+        return used
+
+    async def handle_request(self) -> None:
+        try:
+            await super().handle_request()  # type: ignore[no-untyped-call]
+        finally:
+            queued, self._queued = self._queued, b""
+            if queued:
+                self.datagram_received(queued, self.last_addr)
+
+
+class _LineServer(ModbusTcpServer):
+    """pymodbus' TCP server with connections that leave no request unserved."""
+
+    def callback_new_connection(self) -> ServerRequestHandler:
+        return _LineConnection(self, self.trace_packet, self.trace_pdu, self.trace_connect)
 
 
 def _frame_bytes(function_code: int, count: int) -> tuple[int, int]:
@@ -331,7 +394,8 @@ class SimulatedBus:
     def _trace_packet(self, sending: bool, data: bytes) -> bytes:
         """Note requests; pass replies through the line's faults (and to a serial gateway)."""
         if not sending:
-            return self._request_heard(data)
+            # one request at a time: pymodbus would take the first and drop the rest
+            return self._request_heard(_first_request(data))
         reply = self._on_the_line(data)
         if self._reply_sink is None or not reply:
             # pymodbus writes what this returns to the connection in the same call
@@ -459,7 +523,7 @@ class SimulatedBus:
         # id 0 is pymodbus' catch-all: it serves unit ids nobody has, and _trace_packet then
         # drops the reply, so a scan of an empty address hears silence as on a real line.
         nobody = SimDevice(id=0, simdata=[SimData(0, values=0, datatype=DataType.REGISTERS)])
-        self._server = ModbusTcpServer(
+        self._server = _LineServer(
             [self._device(unit) for unit in ALL_UNITS] + [nobody],
             framer=FramerType.SOCKET if mbap else FramerType.RTU,
             address=(host, port),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+import tomllib
 import urllib.request
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -90,11 +91,29 @@ def cabinet_with_screen(
             with running_cabinet(tmp, seed=seed, extra=extra, env=env) as cab:
                 url = f"http://127.0.0.1:{port}/"
                 wait_until("the screen to answer", lambda: _answers(url))
+                wait_online(cab, backend)
                 yield cab, backend, url
         finally:
             backend.close()
     finally:
         broker.stop()
+
+
+def wait_online(cab: Cabinet, backend: Backend) -> None:
+    """Until the backend sees this run of the cabinet online, as a backend sends commands.
+
+    The screen comes up before the fleet link, and a command sent to a cabinet that is
+    not online is not delivered (docs/mqtt.md §3.1): a loaded run lost a ``swap.start``
+    sent as soon as a restarted cabinet's screen showed its new code.
+    """
+    cabinet_id = tomllib.loads(cab.config.read_text())["cabinet"]["id"]
+    boot_id = cab.events("cabinet.started")[-1]["boot_id"]
+
+    def online() -> bool:
+        status = backend.status.get(cabinet_id, {})
+        return bool(status.get("online")) and status.get("boot_id") == boot_id
+
+    wait_until("the cabinet online", online)
 
 
 def _answers(url: str) -> bool:

@@ -12,7 +12,13 @@ from pathlib import Path
 
 from cabinet.demo.backend import scan_screen
 from tests.daemon_harness import wait_until
-from tests.display_helpers import ScreenWatcher, cabinet_with_screen, get_json, text_of
+from tests.display_helpers import (
+    ScreenWatcher,
+    cabinet_with_screen,
+    get_json,
+    text_of,
+    wait_online,
+)
 from tests.test_swap_end_to_end import collect, deposit
 
 
@@ -135,6 +141,7 @@ def test_a_restart_does_not_accept_a_code_shown_before_it(tmp_path: Path) -> Non
         cab.stop()
         cab.start()
         wait_until("the screen to show a new code", lambda: _code(url) not in (None, before))
+        wait_online(cab, backend)
         reply = backend.authorise_swap(cabinet_id, "R-photo", challenge=before)
         assert (reply["ok"], reply["error"]["code"]) == (False, "stale_challenge")
 

@@ -35,7 +35,9 @@ async def gateway_and_master() -> AsyncIterator[tuple[SimulatedCabinet, Simulate
     world = SimulatedCabinet(clock=time.monotonic, seed=7)
     line = SimulatedBus(world, baud=115200, reply_delay_s=0.0, seed=7)
     port = await line.start("127.0.0.1", 0, mbap=True)
-    bus = ModbusBus(parse_endpoint(f"modbus-tcp://127.0.0.1:{port}"), timeout_s=0.1)
+    # the daemon's default timeout, not 100 ms: the in-process gateway shares this event loop,
+    # and a CPU-starved worker timed out a healthy board (as test_bus_drivers' did)
+    bus = ModbusBus(parse_endpoint(f"modbus-tcp://127.0.0.1:{port}"), timeout_s=0.25)
     await bus.connect()
     try:
         yield world, line, bus

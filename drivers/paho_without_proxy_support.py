@@ -26,6 +26,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Final
 
+from drivers.module_stand_in import standing_in
+
 #: What reads paho's ``urllib`` (qualified names in ``paho.mqtt.client``).
 URLLIB_READERS: Final = frozenset({"Client._get_proxy"})
 _NAME = "urllib.request"
@@ -45,9 +47,5 @@ def importing_paho() -> Iterator[bool]:
         yield False  # loaded already (nothing to save), or paho's proxy support may need it
         return
     empty = types.ModuleType(_NAME, "Never read: paho's proxy support is off (no socks).")
-    sys.modules[_NAME] = empty
-    try:
+    with standing_in(_NAME, empty):
         yield True
-    finally:
-        if sys.modules.get(_NAME) is empty:
-            del sys.modules[_NAME]

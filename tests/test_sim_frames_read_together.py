@@ -24,19 +24,12 @@ import pytest
 
 from drivers.modbus_bus import ModbusBus, UnitNoAnswerError
 from protocol import bay_map
-from tests.conftest import SimProcess, master, start_sim_process, stop_sim_process
+from tests.conftest import SimProcess, master
 
 #: Far longer than a resumed simulator needs to answer (a few ms at 115200 baud), so a
 #: loaded machine cannot fail the test; the old simulator never answered at all.
 TIMEOUT_S = 2.0
 BAY, NEXT_BAY = 3, 4
-
-
-@pytest.fixture
-def sim() -> Iterator[SimProcess]:
-    sim = start_sim_process("--baud", "115200", "--reply-ms", "0")
-    yield sim
-    stop_sim_process(sim)
 
 
 @contextlib.contextmanager
@@ -59,7 +52,9 @@ async def written(bus: ModbusBus, unit: int) -> None:
         await asyncio.sleep(0)
 
 
-def test_a_request_read_together_with_the_heartbeat_is_answered(sim: SimProcess) -> None:
+def test_a_request_read_together_with_the_heartbeat_is_answered(sim_process: SimProcess) -> None:
+    sim = sim_process
+
     async def scenario() -> None:
         async with master(sim.bus, timeout_s=TIMEOUT_S) as bus:
             with held_off_the_cpu(sim):
@@ -73,8 +68,10 @@ def test_a_request_read_together_with_the_heartbeat_is_answered(sim: SimProcess)
 
 
 def test_the_next_request_after_a_timeout_is_answered_though_read_with_the_late_one(
-    sim: SimProcess,
+    sim_process: SimProcess,
 ) -> None:
+    sim = sim_process
+
     async def scenario() -> None:
         async with master(sim.bus, timeout_s=TIMEOUT_S) as bus:
             with held_off_the_cpu(sim):

@@ -26,6 +26,8 @@ import types
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+from drivers.module_stand_in import standing_in
+
 _WRITERS = "segno.writers"
 #: modules of white around the code: phone cameras need the quiet zone to find it
 QUIET_ZONE = 4
@@ -37,13 +39,8 @@ def importing_segno() -> Iterator[bool]:
     if "segno" in sys.modules or _WRITERS in sys.modules:
         yield False  # imported already (a test, the demo): nothing to save
         return
-    stand_in = _WritersOnFirstUse(_WRITERS, "segno.writers, loaded when first read")
-    sys.modules[_WRITERS] = stand_in
-    try:
+    with standing_in(_WRITERS, _WritersOnFirstUse(_WRITERS, "loaded when first read")):
         yield True
-    finally:
-        if sys.modules.get(_WRITERS) is stand_in:
-            del sys.modules[_WRITERS]
 
 
 class _WritersOnFirstUse(types.ModuleType):

@@ -77,6 +77,25 @@ def cabinet_with_screen(
     env: dict[str, str] | None = None,
 ) -> Iterator[tuple[Cabinet, Backend, str]]:
     """Broker + simulator + daemon with the display on; yields (cabinet, backend, page URL)."""
+    with screen_and_broker(tmp, seed=seed, display=display, require=require, env=env) as (
+        cab,
+        backend,
+        url,
+        _,
+    ):
+        yield cab, backend, url
+
+
+@contextmanager
+def screen_and_broker(
+    tmp: Path,
+    *,
+    seed: int = 3,
+    display: dict[str, Any] | None = None,
+    require: bool = True,
+    env: dict[str, str] | None = None,
+) -> Iterator[tuple[Cabinet, Backend, str, Mosquitto]]:
+    """``cabinet_with_screen``, and its broker (to stop and start it)."""
     broker = Mosquitto(tmp)
     broker.start()
     try:
@@ -92,7 +111,9 @@ def cabinet_with_screen(
                 url = f"http://127.0.0.1:{port}/"
                 wait_until("the screen to answer", lambda: _answers(url))
                 wait_online(cab, backend)
-                yield cab, backend, url
+                # the screen follows within its tick: its code is up once the link is
+                wait_until("the code on the screen", lambda: _shows_code(url))
+                yield cab, backend, url, broker
         finally:
             backend.close()
     finally:
@@ -114,6 +135,10 @@ def wait_online(cab: Cabinet, backend: Backend) -> None:
         return bool(status.get("online")) and status.get("boot_id") == boot_id
 
     wait_until("the cabinet online", online)
+
+
+def _shows_code(url: str) -> bool:
+    return bool(get_json(url + "screen.json")["qr_svg"])
 
 
 def _answers(url: str) -> bool:

@@ -96,6 +96,17 @@ class Mosquitto:
             self.proc = None
 
 
+@contextmanager
+def running_broker(workdir: Path) -> Iterator[Mosquitto]:
+    """A mosquitto of its own on a free port, stopped whatever happens."""
+    broker = Mosquitto(workdir)
+    broker.start()
+    try:
+        yield broker
+    finally:
+        broker.stop()
+
+
 def tls_listener(port: int, ca: Path, cert: Path, key: Path) -> str:
     """Config lines of a listener that requires a client certificate (its CN is the user)."""
     return (

@@ -7,13 +7,14 @@ in order, smoke and the restart last. Every check is on the text a rider would r
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from tests.browser import kiosk, needs_browser
 from tests.daemon_harness import Cabinet, running_cabinet, wait_until
-from tests.mqtt_broker import free_port
+from tests.mqtt_broker import free_port, running_broker
 from tests.test_swap_end_to_end import collect, deposit
 
 pytestmark = needs_browser
@@ -74,10 +75,18 @@ def return_begins(cab: Cabinet, rider: str) -> dict[str, Any]:
 def rig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Cabinet, Screen]]:
     tmp = tmp_path_factory.mktemp("browser")
     port = free_port()
-    extra: dict[str, dict[str, Any]] = {
-        "display": {"enabled": True, "port": port},
-        "swap": {"deposit_timeout_s": 10.0},  # a walk-away, yet room for a loaded CI
-    }
+    with running_broker(tmp) as broker:  # the fleet link: the screen shows its code
+        extra: dict[str, dict[str, Any]] = {
+            "mqtt": {"url": broker.url},
+            "display": {"enabled": True, "port": port},
+            "swap": {"deposit_timeout_s": 10.0},  # a walk-away, yet room for a loaded CI
+        }
+        yield from _rig(tmp, port, extra)
+
+
+def _rig(
+    tmp: Path, port: int, extra: dict[str, dict[str, Any]]
+) -> Iterator[tuple[Cabinet, Screen]]:
     with running_cabinet(tmp, seed=41, extra=extra) as cab:
         driver = kiosk(800, 480)
         try:

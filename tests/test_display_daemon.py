@@ -16,6 +16,7 @@ from tests.display_helpers import (
     ScreenWatcher,
     cabinet_with_screen,
     get_json,
+    screen_and_broker,
     text_of,
     wait_online,
 )
@@ -148,3 +149,26 @@ def test_a_restart_does_not_accept_a_code_shown_before_it(tmp_path: Path) -> Non
 
 def _read(path: Path) -> str:
     return path.read_text(encoding="utf-8") if path.exists() else ""
+
+
+def test_the_code_is_taken_down_while_the_fleet_link_is_down(tmp_path: Path) -> None:
+    """A broker outage: the app's swap.start cannot arrive, so riders are sent to the scanner."""
+    with screen_and_broker(tmp_path, seed=5) as (cab, backend, url, broker):
+        assert get_json(url + "screen.json")["qr_svg"].startswith("<svg")
+        broker.stop()
+
+        def without_code() -> dict[str, object] | None:
+            shown: dict[str, object] = get_json(url + "screen.json")
+            return shown if shown["qr_svg"] == "" else None
+
+        offline = wait_until("the screen without its code", without_code)
+        assert offline["kind"] == "idle"
+        assert offline["lines"][:2] == [  # type: ignore[index]
+            "Hold your pass to the scanner",
+            "The app cannot start a swap here right now",
+        ]
+        broker.start()
+        wait_online(cab, backend)
+        wait_until(
+            "the code back", lambda: get_json(url + "screen.json")["qr_svg"].startswith("<svg")
+        )

@@ -40,6 +40,20 @@ def test_idle_shows_the_code_the_pass_and_the_batteries() -> None:
     assert "1 full battery ready" in screen(replace(IDLE, ready_count=1)).lines
 
 
+def test_without_the_fleet_link_no_code_is_shown_only_the_pass() -> None:
+    """The app's swap.start cannot arrive: a rider scanning the screen would wait for nothing."""
+    shown = screen(replace(IDLE, app_online=False))
+    assert shown.qr_svg == ""
+    assert shown.lines[:2] == (
+        "Hold your pass to the scanner",
+        "The app cannot start a swap here right now",
+    )
+    assert "3 full batteries ready" in shown.lines
+    assert shown.prompt_code == "idle"  # not spoken again on every broker outage
+    chinese = screen(replace(IDLE, app_online=False, language="zh-CN"))
+    assert chinese.lines[:2] == ("请将您的通行码对准扫描器", "暂时无法通过App在此换电")
+
+
 def test_a_session_shows_the_bay_the_step_and_the_countdown() -> None:
     facts = replace(
         IDLE, active=True, prompt_code="insert", return_bay=7, dispense_bay=2, timer_left_s=41.2

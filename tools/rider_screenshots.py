@@ -20,7 +20,8 @@ sys.path.insert(0, str(REPO))
 
 from tests.browser import kiosk  # noqa: E402
 from tests.daemon_harness import Cabinet, running_cabinet, wait_until  # noqa: E402
-from tests.mqtt_broker import free_port  # noqa: E402
+from tests.display_helpers import get_json  # noqa: E402
+from tests.mqtt_broker import free_port, running_broker  # noqa: E402
 
 SIZES = {"landscape": (800, 480), "portrait": (1080, 1920)}
 
@@ -38,6 +39,10 @@ def shoot(drivers: dict[str, Any], out: Path, lang: str, name: str, kind: str) -
         print(f"wrote {path}")
 
 
+def _shows_code(port: int) -> bool:
+    return bool(get_json(f"http://127.0.0.1:{port}/screen.json")["qr_svg"])
+
+
 def session(cab: Cabinet, rider: str, mode: str) -> dict[str, Any]:
     """Scan a token for ``rider``; the swap.started event."""
     count = len(cab.events("swap.started"))
@@ -49,12 +54,23 @@ def session(cab: Cabinet, rider: str, mode: str) -> dict[str, Any]:
 def run(lang: str, out: Path) -> None:
     """One cabinet in ``lang``: every main screen, in both layouts."""
     port = free_port()
-    extra = {"display": {"enabled": True, "port": port, "language": lang}}
-    with tempfile.TemporaryDirectory() as tmp, running_cabinet(Path(tmp), extra=extra) as cab:
+    with (
+        tempfile.TemporaryDirectory() as tmp,
+        running_broker(Path(tmp)) as broker,  # the fleet link up: the idle screen has its code
+        running_cabinet(
+            Path(tmp),
+            extra={
+                "mqtt": {"url": broker.url},
+                "display": {"enabled": True, "port": port, "language": lang},
+            },
+        ) as cab,
+    ):
         drivers = {o: kiosk(*size) for o, size in SIZES.items()}
         try:
             for orientation, driver in drivers.items():
                 driver.get(f"http://127.0.0.1:{port}/?orientation={orientation}")
+            # the code is up once the fleet link is (without it the screen has none)
+            wait_until("the code on the screen", lambda: _shows_code(port))
             shoot(drivers, out, lang, "idle", "idle")
             ret = session(cab, "R-shot", "return")["return_bay"]
             cab.wait_door(ret, "open")

@@ -353,6 +353,7 @@ def rider_side(
     config: CabinetConfig,
     controller: CabinetController,
     start: Callable[[str, Callable[[], Awaitable[None]]], None],
+    app_online: Callable[[], bool],
 ) -> None:
     """The QR challenges (when shown or required) and the rider's kiosk page (when enabled).
 
@@ -383,7 +384,10 @@ def rider_side(
         volume=settings.volume,
         quiet_hours=settings.quiet_hours,
     )
-    start("display", DisplayServer(controller, settings, controller.challenges, voice).run)
+    server = DisplayServer(
+        controller, settings, controller.challenges, voice, app_online=app_online
+    )
+    start("display", server.run)
 
 
 async def run_daemon(config: CabinetConfig, config_path: Path | None = None) -> int:  # noqa: PLR0915
@@ -469,7 +473,13 @@ async def run_daemon(config: CabinetConfig, config_path: Path | None = None) -> 
                 ),
             )
             start("fleet_link", fleet.run)
-        rider_side(config, controller, start)
+        # the app's swap.start comes over the fleet link: no link, no code to scan
+        rider_side(
+            config,
+            controller,
+            start,
+            app_online=lambda: fleet is not None and fleet.link.connected.is_set(),
+        )
         await stop.wait()
         notifier.notify(stopping="1", status="stopping")
     finally:

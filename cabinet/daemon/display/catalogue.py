@@ -18,6 +18,11 @@ CATALOGUE: dict[str, dict[str, str]] = {
     "idle.title": {"en": "Battery swap", "zh-CN": "换电"},
     "idle.scan": {"en": "Scan this code with the app", "zh-CN": "请用App扫描此二维码"},
     "idle.pass": {"en": "or hold your pass to the scanner", "zh-CN": "或将您的通行码对准扫描器"},
+    "idle.pass_only": {"en": "Hold your pass to the scanner", "zh-CN": "请将您的通行码对准扫描器"},
+    "idle.app_offline": {
+        "en": "The app cannot start a swap here right now",
+        "zh-CN": "暂时无法通过App在此换电",
+    },
     "idle.ready": {"en": "{n} full batteries ready", "zh-CN": "{n} 块满电电池可用"},
     "idle.ready_one": {"en": "1 full battery ready", "zh-CN": "1 块满电电池可用"},
     "idle.none_ready": {"en": "No full battery right now", "zh-CN": "暂无满电电池"},

@@ -34,7 +34,7 @@ class FactsReader:
         self._prompt: tuple[str, str] = ("", "")
         self._prompt_at = controller.clock.monotonic()
 
-    def read(self, qr_svg: str) -> Facts:
+    def read(self, qr_svg: str, *, app_online: bool = True) -> Facts:
         """The facts now."""
         c = self.controller
         now = c.clock.monotonic()
@@ -84,4 +84,5 @@ class FactsReader:
                 or c.bus_lost is not None
             ),
             qr_svg=qr_svg,
+            app_online=app_online,
         )

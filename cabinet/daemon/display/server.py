@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import structlog
@@ -50,8 +51,13 @@ class DisplayServer:
         settings: DisplaySection,
         challenges: ChallengeBook,
         voice: Voice | None = None,
+        *,
+        app_online: Callable[[], bool] = lambda: True,
     ) -> None:
         self.controller = controller
+        #: whether the fleet link is up: without it the app's swap.start cannot arrive,
+        #: so the screen shows no code to scan (a rider would wait for nothing)
+        self.app_online = app_online
         self.settings = settings
         self.challenges = challenges
         self.voice = voice
@@ -69,7 +75,9 @@ class DisplayServer:
     def refresh(self) -> Screen:
         """Recompute the screen; push it (and speak its prompt) if it changed."""
         shown = self.challenges.shown()
-        new = screen(self.reader.read(self._qr_for(shown.payload)))
+        online = self.app_online()
+        qr = self._qr_for(shown.payload) if online else ""
+        new = screen(self.reader.read(qr, app_online=online))
         if new != self.current:
             spoken = self.current.prompt_code if self.current else None
             self.current = new

@@ -45,6 +45,8 @@ class Facts:
     lockout: bool = False
     out_of_service: bool = False
     qr_svg: str = ""  # the dynamic QR code, inline SVG (empty: none to show)
+    #: the fleet link is up: a code scanned with the app can reach the cabinet as swap.start
+    app_online: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -173,7 +175,10 @@ def _result(facts: Facts, code: str) -> Screen:
 
 def _idle(facts: Facts) -> Screen:
     lang = facts.language
-    lines = [text("idle.scan", lang), text("idle.pass", lang)]
+    if facts.app_online:
+        lines = [text("idle.scan", lang), text("idle.pass", lang)]
+    else:  # no code to scan: the app's swap.start could not reach the cabinet
+        lines = [text("idle.pass_only", lang), text("idle.app_offline", lang)]
     if facts.ready_count == 1:
         lines.append(text("idle.ready_one", lang))
     elif facts.ready_count:
@@ -190,5 +195,5 @@ def _idle(facts: Facts) -> Screen:
         tuple(lines),
         step="scan",
         prompt_code="idle",
-        qr_svg=facts.qr_svg,
+        qr_svg=facts.qr_svg if facts.app_online else "",
     )

@@ -290,7 +290,9 @@ class BayUpdater:
             except (BusError, ProtocolError):
                 if time.monotonic() > deadline:
                     raise UpdateFailedError(
-                        "board_lost", f"bay {self.unit} did not come back after activation"
+                        "board_lost",
+                        f"bay {self.unit} did not come back within {self._board_wait_s:g} s "
+                        "after activation",
                     ) from None
                 continue
             if status.state is fw.State.ROLLED_BACK:

@@ -76,7 +76,9 @@ def vendor(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def cab(tmp_path_factory: pytest.TempPathFactory, vendor: Path) -> Iterator[Cabinet]:
-    extra = {"firmware": {"public_keys": [f"{vendor}.pub"]}}
+    # a board that never comes back is given up on after 8 s, not the default minute: the
+    # simulator's boards reboot in 1.5 s (firmware.board_wait_s)
+    extra = {"firmware": {"public_keys": [f"{vendor}.pub"], "board_wait_s": 8.0}}
     with running_cabinet(tmp_path_factory.mktemp("reboot"), seed=5, extra=extra) as cabinet:
         yield cabinet
 
@@ -175,6 +177,7 @@ def test_a_board_that_does_not_come_back_is_lost_and_stays_out_of_service(
     assert f"bay {bay}: failed (board_lost" in result.stdout
     failed = cab.wait_event("firmware.failed", bay=bay)
     assert failed["reason"] == "board_lost"
+    assert "within 8 s" in failed["detail"], failed  # firmware.board_wait_s, not the minute
     types = [e["type"] for e in bay_events(cab, bay, before)]
     # once its reboot is over a silent board is news as any other
     assert "bay.offline" in types, types

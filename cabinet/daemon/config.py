@@ -179,6 +179,10 @@ class FirmwareSection(_Section):
     allowed_hosts: list[str] = Field(default_factory=list)
     #: the whole download (connect, redirects, body) must finish within this
     download_timeout_s: float = Field(default=120.0, ge=1.0, le=3600.0)
+    #: a board silent this long during an update (its reboot after ACTIVATE, a power cut)
+    #: is given up on: ``firmware.failed{reason: board_lost}``, the bay left out of service
+    #: (the default is firmware_bridge.updater.BOARD_WAIT_S, not imported: config stays light)
+    board_wait_s: float = Field(default=60.0, ge=5.0, le=3600.0)
 
     @field_validator("allowed_hosts")
     @classmethod

@@ -53,6 +53,7 @@ from firmware_bridge.image import (
 )
 from firmware_bridge.image_file import ImageSourceError, inside, open_image, read_image
 from firmware_bridge.updater import (
+    BOARD_WAIT_S,
     BayUpdater,
     Progress,
     UnconfirmedError,
@@ -93,9 +94,16 @@ async def _report_nothing(_item: dict[str, Any]) -> None:
 class FirmwareService:
     """Firmware status and updates for the running cabinet."""
 
-    def __init__(self, controller: CabinetController, keys: list[Ed25519PublicKey]) -> None:
+    def __init__(
+        self,
+        controller: CabinetController,
+        keys: list[Ed25519PublicKey],
+        *,
+        board_wait_s: float = BOARD_WAIT_S,
+    ) -> None:
         self.controller = controller
         self.keys = keys
+        self.board_wait_s = board_wait_s  # ``firmware.board_wait_s``
         self._busy = False  # claimed synchronously: no await between the check and the claim
 
     async def _submit(self, job: Callable[[ModbusBus], Awaitable[Any]]) -> Any:
@@ -257,6 +265,7 @@ class FirmwareService:
                 bay,
                 image,
                 on_progress=progress,
+                board_wait_s=self.board_wait_s,
                 submit_chunk=self._submit_chunk,
                 chunk_share=c.scheduler.bulk_share,
             ).run(board.firmware_version)

@@ -413,7 +413,7 @@ async def run_daemon(config: CabinetConfig, config_path: Path | None = None) -> 
             return None
         return FleetFacts(url=config.mqtt.url, connected=fleet.link.connected.is_set())
 
-    firmware = FirmwareService(controller, firmware_keys)
+    firmware = FirmwareService(controller, firmware_keys, board_wait_s=config.firmware.board_wait_s)
     control = ControlServer(
         controller,
         config=config,

@@ -28,6 +28,24 @@ from tests.mqtt_broker import Mosquitto
 REPO = Path(__file__).resolve().parent.parent
 
 
+def fresh_python(script: str, *, env: dict[str, str] | None = None) -> str:
+    """``script``'s output from a new interpreter in the checkout: what a fresh process loads.
+
+    It must exit 0 (its stderr is the failure's message) within a minute.
+    """
+    result = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=env,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
 class FakeClock:
     """Time that moves only when a test says so (DESIGN.md §3.6: time is injected)."""
 

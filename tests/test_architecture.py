@@ -13,11 +13,9 @@ only inside the commands that run them, so `cabinet run` never loads them.
 from __future__ import annotations
 
 import ast
-import subprocess
-import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+from tests.conftest import REPO, fresh_python
 
 #: package -> what it may import at module level (first-party names, by package)
 ALLOWED: dict[str, set[str]] = {
@@ -146,7 +144,4 @@ def test_building_the_command_line_loads_no_other_program() -> None:
         "print(sorted(m for m in sys.modules if m.split('.')[0] == 'sim' "
         "or m.startswith(('cabinet.demo', 'cabinet.operator'))))"
     )
-    out = subprocess.run(
-        [sys.executable, "-c", probe], capture_output=True, text=True, check=True, cwd=REPO
-    )
-    assert out.stdout.strip() == "[]"
+    assert fresh_python(probe).strip() == "[]"

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import importlib
-import subprocess
-import sys
 import textwrap
 
 from hypothesis import given, settings
@@ -12,7 +10,7 @@ from hypothesis import strategies as st
 
 from cabinet.daemon.display.challenges import payload
 from cabinet.daemon.display.qr_code import qr_svg
-from tests.conftest import REPO
+from tests.conftest import fresh_python
 
 #: the payload's alphabet: cabinet ids and ``secrets.token_urlsafe`` challenges
 URL_SAFE = st.text(
@@ -53,9 +51,7 @@ def test_drawing_the_code_loads_no_file_writer() -> None:
               {"gzip", "xml", "email", "urllib", "http"} or m == "segno.writers"))
         """
     )
-    out = subprocess.run(
-        [sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, check=True
-    ).stdout
+    out = fresh_python(script)
     assert out.strip() in {"['urllib', 'urllib.parse']", "[]"}, out
 
 
@@ -74,7 +70,5 @@ def test_segnos_own_writers_still_work_after_the_daemon_drew_a_code() -> None:
         print("ok")
         """
     )
-    out = subprocess.run(
-        [sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, check=True
-    ).stdout
+    out = fresh_python(script)
     assert out.strip() == "ok"

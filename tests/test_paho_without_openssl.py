@@ -13,7 +13,6 @@ import inspect
 import itertools
 import socket
 import ssl
-import subprocess
 import sys
 import textwrap
 import types
@@ -24,7 +23,7 @@ import pytest
 
 from drivers import paho_without_openssl, paho_without_proxy_support
 from drivers.paho_without_openssl import AUDITED_SSL_READERS, STAND_IN, PahoShapeError
-from tests.conftest import REPO
+from tests.conftest import fresh_python
 
 #: What each reader of paho's ``ssl`` reads from it, per the docstring's audit.
 AUDITED_NAMES = {
@@ -150,16 +149,7 @@ def test_a_plain_socket_works_in_paho_without_openssl() -> None:
 
     And paho came without ``urllib.request`` (drivers/paho_without_proxy_support.py).
     """
-    result = subprocess.run(
-        [sys.executable, "-c", _WITHOUT_OPENSSL],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        timeout=60,
-        check=False,
-    )
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == "plain socket ok"
+    assert fresh_python(_WITHOUT_OPENSSL).strip() == "plain socket ok"
 
 
 def _fake_paho(

@@ -7,13 +7,11 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
 
-from tests.conftest import REPO
+from tests.conftest import fresh_python
 
 _PROCESS = textwrap.dedent(
     """
@@ -48,17 +46,7 @@ def _report(switch: str | None) -> dict[str, object]:
     env = {k: v for k, v in os.environ.items() if k != "PYDANTIC_DISABLE_PLUGINS"}
     if switch is not None:
         env["PYDANTIC_DISABLE_PLUGINS"] = switch
-    result = subprocess.run(
-        [sys.executable, "-c", _PROCESS],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        env=env,
-        timeout=60,
-        check=False,
-    )
-    assert result.returncode == 0, result.stderr
-    report: dict[str, object] = json.loads(result.stdout)
+    report: dict[str, object] = json.loads(fresh_python(_PROCESS, env=env))
     return report
 
 

@@ -59,6 +59,16 @@ def missing_alarms(ctl: CabinetController) -> list[dict[str, Any]]:
     ]
 
 
+def missing_exactly_after(ctl: CabinetController, clock: VirtualTime, seconds: float) -> None:
+    """The unreadable pack in BAY: no alarm a second before ``seconds`` from now, one at it."""
+    clock.t += seconds - 1
+    ctl.observe_bay(BAY, UNREADABLE)
+    assert missing_alarms(ctl) == []
+    clock.t += 1
+    ctl.observe_bay(BAY, UNREADABLE)
+    assert len(missing_alarms(ctl)) == 1
+
+
 def run(scenario: Any) -> None:
     async def main() -> None:
         await scenario()
@@ -106,12 +116,8 @@ def test_after_a_restart_the_grace_starts_again_from_the_first_reading(tmp_path:
         clock.t += 120.0  # the daemon was down a while
         with controller(tmp_path / "journal.db", clock) as ctl:
             ctl.observe_bay(BAY, UNREADABLE)  # equal to the journaled baseline
-            clock.t += IDENTITY_GRACE_S - 1
-            ctl.observe_bay(BAY, UNREADABLE)
-            assert missing_alarms(ctl) == []  # conservative: the grace is counted again
-            clock.t += 1
-            ctl.observe_bay(BAY, UNREADABLE)
-            assert len(missing_alarms(ctl)) == 1
+            # conservative: the grace is counted again
+            missing_exactly_after(ctl, clock, IDENTITY_GRACE_S)
 
     run(scenario)
 
@@ -126,12 +132,7 @@ def test_a_board_silent_meanwhile_gives_the_pack_a_wake_window(tmp_path: Path) -
             ctl.observe_bay(BAY, OFFLINE)
             clock.t += 20.0
             ctl.observe_bay(BAY, UNREADABLE)  # back: its BMS link may be waking up too
-            clock.t += BOARD_WAKE_S - 1
-            ctl.observe_bay(BAY, UNREADABLE)
-            assert missing_alarms(ctl) == []
-            clock.t += 1
-            ctl.observe_bay(BAY, UNREADABLE)
-            assert len(missing_alarms(ctl)) == 1
+            missing_exactly_after(ctl, clock, BOARD_WAKE_S)
 
     run(scenario)
 

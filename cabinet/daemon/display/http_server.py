@@ -158,11 +158,7 @@ class HttpServer:
                     return
                 await _send(conn, writer, h11.EndOfMessage())
             else:
-                headers = (*answer.headers, ("Content-Length", str(len(answer.body))))
-                await _send(conn, writer, _response(answer.status, answer.content_type, headers))
-                if not head:
-                    await _send(conn, writer, h11.Data(data=answer.body))
-                await _send(conn, writer, h11.EndOfMessage())
+                await _send_reply(conn, writer, answer, head=head)
             if conn.our_state is not h11.DONE or conn.their_state is not h11.DONE:
                 return  # h11 says close (HTTP/1.0, "Connection: close")
             conn.start_next_cycle()
@@ -258,6 +254,17 @@ async def _send(conn: h11.Connection, writer: asyncio.StreamWriter, event: h11.E
             await writer.drain()
 
 
+async def _send_reply(
+    conn: h11.Connection, writer: asyncio.StreamWriter, reply: Reply, *, head: bool = False
+) -> None:
+    """A whole response: its head with the body's length, the body (not for HEAD), its end."""
+    headers = (*reply.headers, ("Content-Length", str(len(reply.body))))
+    await _send(conn, writer, _response(reply.status, reply.content_type, headers))
+    if not head:
+        await _send(conn, writer, h11.Data(data=reply.body))
+    await _send(conn, writer, h11.EndOfMessage())
+
+
 async def _refuse(
     conn: h11.Connection, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, status: int
 ) -> None:
@@ -268,12 +275,8 @@ async def _refuse(
     way to the client.
     """
     if conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):
-        reply = _plain(status, (("Connection", "close"),))
-        headers = (*reply.headers, ("Content-Length", str(len(reply.body))))
         with contextlib.suppress(h11.LocalProtocolError):
-            await _send(conn, writer, _response(status, reply.content_type, headers))
-            await _send(conn, writer, h11.Data(data=reply.body))
-            await _send(conn, writer, h11.EndOfMessage())
+            await _send_reply(conn, writer, _plain(status, (("Connection", "close"),)))
     with contextlib.suppress(TimeoutError):
         if writer.can_write_eof():
             writer.write_eof()

@@ -32,7 +32,7 @@ from cabinet.daemon.clock import Clock
 from cabinet.daemon.journal import Journal, JournalError
 from cabinet.daemon.journal_door import Record
 from drivers.boards import BayBoard
-from drivers.modbus_bus import BusError, ModbusBus
+from drivers.modbus_bus import BusError
 from protocol import bay_map
 from protocol.errors import ProtocolError
 
@@ -171,7 +171,7 @@ class HeartbeatKeeper:
     async def _write_direct(self, bay: int, priority: Priority) -> None:
         value = self.counter | DIRECT
         try:
-            await self.scheduler.submit(priority, lambda bus: _direct(bus, bay, value))
+            await self.scheduler.submit(priority, lambda bus: BayBoard(bus, bay).heartbeat(value))
         except BusError as exc:
             log.debug("heartbeat_direct_failed", bay=bay, error=str(exc))  # a silent board
             return
@@ -206,7 +206,3 @@ class HeartbeatKeeper:
         self.unheard = unheard
         (log.warning if raised else log.info)("heartbeat_unheard", bay=bay, active=raised)
         return True
-
-
-async def _direct(bus: ModbusBus, bay: int, counter: int) -> None:
-    await BayBoard(bus, bay).heartbeat(counter)

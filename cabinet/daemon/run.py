@@ -413,6 +413,10 @@ async def run_daemon(config: CabinetConfig, config_path: Path | None = None) -> 
             return None
         return FleetFacts(url=config.mqtt.url, connected=fleet.link.connected.is_set())
 
+    def fleet_connected() -> bool:
+        facts = fleet_facts()
+        return facts is not None and facts.connected
+
     firmware = FirmwareService(controller, firmware_keys, board_wait_s=config.firmware.board_wait_s)
     control = ControlServer(
         controller,
@@ -474,12 +478,7 @@ async def run_daemon(config: CabinetConfig, config_path: Path | None = None) -> 
             )
             start("fleet_link", fleet.run)
         # the app's swap.start comes over the fleet link: no link, no code to scan
-        rider_side(
-            config,
-            controller,
-            start,
-            app_online=lambda: fleet is not None and fleet.link.connected.is_set(),
-        )
+        rider_side(config, controller, start, app_online=fleet_connected)
         await stop.wait()
         notifier.notify(stopping="1", status="stopping")
     finally:

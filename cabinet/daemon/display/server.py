@@ -75,9 +75,8 @@ class DisplayServer:
     def refresh(self) -> Screen:
         """Recompute the screen; push it (and speak its prompt) if it changed."""
         shown = self.challenges.shown()
-        online = self.app_online()
-        qr = self._qr_for(shown.payload) if online else ""
-        new = screen(self.reader.read(qr, app_online=online))
+        qr = self._qr_for(shown.payload)  # drawn once per challenge, shown or not (view)
+        new = screen(self.reader.read(qr, app_online=self.app_online()))
         if new != self.current:
             spoken = self.current.prompt_code if self.current else None
             self.current = new

@@ -118,12 +118,10 @@ def _first_request(data: bytes) -> bytes:
     if len(data) < rtu_timing.READ_REQUEST_BYTES:
         return data
     function_code = data[1]
-    if function_code in READ_FUNCTIONS or function_code == WRITE_SINGLE:
-        size = rtu_timing.READ_REQUEST_BYTES
-    elif function_code == WRITE_MULTIPLE:
-        size = rtu_timing.write_multiple_request_bytes(int.from_bytes(data[4:6], "big"))
-    else:
+    if function_code not in READ_FUNCTIONS and function_code not in (WRITE_SINGLE, WRITE_MULTIPLE):
         return data  # pymodbus frames (or refuses) what the boards do not serve
+    # bytes 4-5: a read's or an FC16's register count (the only count a size depends on)
+    size, _ = _frame_bytes(function_code, int.from_bytes(data[4:6], "big"))
     return data[:size] if size < len(data) else data
 
 
